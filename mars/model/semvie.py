@@ -1,0 +1,397 @@
+"""SemVIE: a decoder-only LLM whose every layer holds a language expert and a visual expert.
+
+One file, read top to bottom: RMSNorm, RoPE, the KV cache, the expert, routing, the block, the
+fusion vocabulary, and the model (PAPER.md §1-2, DESIGN.md "Model rules").
+
+- Each layer has a *language expert* (the pretrained LLM's QKV projection, output projection and
+  SwiGLU FFN; frozen) and a *visual expert* (a copy of the same; trainable). Rows are routed by
+  modality with `image_mask`: each expert runs only on its own rows.
+- One joint causal attention (torch SDPA) runs over the whole mixed sequence, so text and image
+  tokens attend to each other in every layer. RMSNorms are shared.
+- Positions are 1-D RoPE over the flattened sequence (Qwen / Qwen2 / Llama `rotate_half` form).
+- The KV cache holds projected keys/values, so it does not care which expert made them.
+  Prefill and decode differ only in `input_pos`.
+- Vocabulary: frozen pretrained text rows + trainable new rows (image codes, specials), both for
+  the input embedding and for the output head (`mars.vocab.MultimodalVocab` owns the offsets).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mars.config import SemVIEConfig, from_dict
+from mars.errors import MarsError
+from mars.model.weights import atomic_write_text, check_state_dict, load_weights, save_weights
+from mars.vocab import MultimodalVocab
+
+MODEL_TYPE = "mars-semvie"
+
+# `image_mask` is a (B, T) bool tensor, or a Python bool when every row has that modality
+# (the image decode step passes True: no routing, no host sync).
+ImageMask = torch.Tensor | bool
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, as Qwen / Llama do."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for integer `positions` (B, T) -> two (B, 1, T, head_dim) fp32 tensors.
+
+    Computed on the fly (no buffers), so a model built on the meta device needs no re-init.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, D)
+    return emb.cos()[:, None], emb.sin()[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by the half-split convention of HF Qwen2 / Llama (`rotate_half`)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache:
+    """Static, pre-allocated keys and values of every layer, for a batch of left-padded sequences.
+
+    `pad_lengths[b]` leading slots of row b are padding: they are never attended to, and the
+    positions of row b start at 0 after them.
+    """
+
+    def __init__(
+        self,
+        config: SemVIEConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        pad_lengths: torch.Tensor | None = None,
+    ) -> None:
+        if max_len > config.max_seq_len:
+            raise MarsError(f"sequence of {max_len} tokens exceeds the model's context of {config.max_seq_len}")
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)  # (B, Hkv, S, D)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.max_len = max_len
+        if pad_lengths is None:
+            pad_lengths = torch.zeros(batch_size, dtype=torch.long)
+        self.pad_lengths = pad_lengths.to(device=device, dtype=torch.long)  # (B,)
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, Hkv, T, D) at slots `input_pos` (T,); return the full (B, Hkv, S, D) cache."""
+        self.k[layer].index_copy_(2, input_pos, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, input_pos, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
+
+
+def route(x: torch.Tensor, image_mask: ImageMask, text_fn: Callable, visual_fn: Callable) -> torch.Tensor:
+    """Apply `text_fn` to the text rows of x (B, T, C) and `visual_fn` to its image rows.
+
+    Each function sees only its own rows, so an expert costs nothing on the other modality's tokens.
+    """
+    if image_mask is True:
+        return visual_fn(x)
+    if image_mask is False:
+        return text_fn(x)
+    B, T, _ = x.shape
+    flat = x.reshape(B * T, -1)
+    is_image = image_mask.reshape(B * T)
+    image_rows = is_image.nonzero().squeeze(1)
+    text_rows = (~is_image).nonzero().squeeze(1)
+    image_out = visual_fn(flat.index_select(0, image_rows))  # (N_img, C_out)
+    text_out = text_fn(flat.index_select(0, text_rows))  # (N_txt, C_out)
+    out = text_out.new_empty(B * T, text_out.shape[-1])
+    out = out.index_copy(0, image_rows, image_out.to(out.dtype)).index_copy(0, text_rows, text_out)
+    return out.view(B, T, -1)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Expert(nn.Module):
+    """One modality's weights in one layer: fused QKV projection, output projection, SwiGLU FFN."""
+
+    def __init__(self, config: SemVIEConfig) -> None:
+        super().__init__()
+        qkv_dim = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, qkv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+
+class SemVIEBlock(nn.Module):
+    """Pre-norm decoder layer with two experts and one joint causal attention."""
+
+    def __init__(self, config: SemVIEConfig, layer_index: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.text = Expert(config)
+        self.visual = Expert(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        image_mask: ImageMask,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor | None,  # (B, 1, T, S) bool, or None for plain causal
+        kv_cache: KVCache | None,
+        input_pos: torch.Tensor | None,  # (T,) cache slots
+    ) -> torch.Tensor:
+        cfg = self.config
+        B, T, _ = x.shape
+        H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        qkv = route(self.attn_norm(x), image_mask, self.text.qkv, self.visual.qkv)  # (B, T, (H + 2Hkv) D)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_index, input_pos, k, v)  # (B, Hkv, S, D)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=H != Hkv
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        x = x + route(y, image_mask, self.text.o_proj, self.visual.o_proj)
+        x = x + route(self.mlp_norm(x), image_mask, self.text.mlp, self.visual.mlp)
+        return x
+
+
+class FusionRows(nn.Module):
+    """A (vocab, C) table split into frozen pretrained text rows and trainable new rows.
+
+    Used for the input embedding and for the output head (when embeddings are untied).
+    """
+
+    def __init__(self, text_rows: int, new_rows: int, dim: int) -> None:
+        super().__init__()
+        self.text_rows = text_rows
+        self.text_weight = nn.Parameter(torch.empty(text_rows, dim))
+        self.new_weight = nn.Parameter(torch.empty(new_rows, dim))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, C); a row's gradient reaches only the table it came from."""
+        is_new = ids >= self.text_rows
+        text = F.embedding(ids.clamp(max=self.text_rows - 1), self.text_weight)
+        new = F.embedding((ids - self.text_rows).clamp(min=0), self.new_weight)
+        return torch.where(is_new[..., None], new, text)
+
+    def project(self, h: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """Logits h @ W.T for all rows, or only for the vocabulary slice `rows`."""
+        if rows is None:
+            return torch.cat([h @ self.text_weight.t(), h @ self.new_weight.t()], dim=-1)
+        if rows.start >= self.text_rows:
+            return h @ self.new_weight[rows.start - self.text_rows : rows.stop - self.text_rows].t()
+        if rows.stop <= self.text_rows:
+            return h @ self.text_weight[rows].t()
+        raise ValueError(f"row slice {rows} straddles text and new rows")
+
+
+class SemVIE(nn.Module):
+    """The MARS transformer: `logits = model(input_ids, image_mask)`."""
+
+    def __init__(self, config: SemVIEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab = MultimodalVocab.from_config(config)
+        new_rows = self.vocab.num_new_rows
+        self.embed = FusionRows(config.text_vocab_size, new_rows, config.hidden_size)
+        self.layers = nn.ModuleList(SemVIEBlock(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else FusionRows(config.text_vocab_size, new_rows, config.hidden_size)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # --- initialisation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random text side (std `init_std`), then the MARS initialisation of the visual side."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for table in self.output_tables():
+            nn.init.normal_(table.text_weight, std=std)
+        self.init_visual_side()
+
+    @torch.no_grad()
+    def init_visual_side(self) -> None:
+        """Visual experts := copies of the language experts; new vocabulary rows := mean of the
+        text rows (PAPER.md §1-2). Right after this, an image token is processed exactly as the
+        language expert would process it."""
+        for block in self.layers:
+            block.visual.load_state_dict(block.text.state_dict())
+        for table in self.output_tables():
+            table.new_weight.copy_(self.vocab.new_rows_init(table.text_weight))
+
+    def output_tables(self) -> list[FusionRows]:
+        """The embedding table and, when untied, the output head."""
+        return [self.embed] if self.lm_head is None else [self.embed, self.lm_head]
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward_hidden(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        image_mask: ImageMask,  # (B, T) bool, or a bool for all rows
+        input_pos: torch.Tensor | None = None,  # (T,) cache slots; None = positions 0..T-1, no cache
+        kv_cache: KVCache | None = None,
+        pad_lengths: torch.Tensor | None = None,  # (B,) left padding, only without a cache
+    ) -> torch.Tensor:
+        """Final normed hidden states (B, T, C)."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        if kv_cache is not None:
+            if input_pos is None:
+                raise ValueError("a kv_cache needs input_pos (the cache slots of the new tokens)")
+            if pad_lengths is not None:
+                raise ValueError("with a kv_cache, padding is given to the cache, not to forward")
+            pad_lengths = kv_cache.pad_lengths
+            key_slots = torch.arange(kv_cache.max_len, device=device)
+        else:
+            if input_pos is not None:
+                raise ValueError("input_pos is only meaningful with a kv_cache")
+            input_pos = torch.arange(T, device=device)
+            key_slots = input_pos
+
+        positions = input_pos[None, :].expand(B, T)  # (B, T)
+        attn_mask = None
+        if pad_lengths is not None:
+            positions = (positions - pad_lengths[:, None]).clamp(min=0)
+        if pad_lengths is not None:  # always set with a cache
+            attn_mask = self._attention_mask(input_pos, key_slots, pad_lengths)
+        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+
+        x = self.embed.embed(input_ids)  # (B, T, C)
+        for block in self.layers:
+            x = block(x, image_mask, rope, attn_mask, kv_cache, input_pos)
+        return self.norm(x)
+
+    @staticmethod
+    def _attention_mask(query_slots: torch.Tensor, key_slots: torch.Tensor, pad_lengths: torch.Tensor):
+        """(B, 1, T, S) bool: causal over slots, padding keys hidden. A query always sees itself,
+        so padding rows never get an all-masked (NaN) softmax."""
+        causal = key_slots[None, :] <= query_slots[:, None]  # (T, S)
+        valid = key_slots[None, :] >= pad_lengths[:, None]  # (B, S)
+        itself = key_slots[None, :] == query_slots[:, None]  # (T, S)
+        return ((causal[None] & valid[:, None]) | itself[None])[:, None]
+
+    def logits(self, hidden: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """Output logits for all vocabulary rows, or only for `rows` (e.g. `vocab.image_ids`)."""
+        head = self.lm_head if self.lm_head is not None else self.embed
+        return head.project(hidden, rows)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        image_mask: ImageMask,
+        input_pos: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        pad_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size)."""
+        return self.logits(self.forward_hidden(input_ids, image_mask, input_pos, kv_cache, pad_lengths))
+
+    def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The routing mask of `input_ids`: True where the visual expert runs."""
+        return self.vocab.is_visual(input_ids)
+
+    # --- parameter groups --------------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Every parameter in exactly one group: text_expert, visual_expert, text_vocab,
+        new_vocab, norms. Stages choose which groups train (`mars.train.stages.set_trainable`)."""
+        groups: dict[str, dict[str, nn.Parameter]] = {
+            "text_expert": {}, "visual_expert": {}, "text_vocab": {}, "new_vocab": {}, "norms": {},
+        }
+        for name, param in self.named_parameters():
+            if ".text." in name:
+                groups["text_expert"][name] = param
+            elif ".visual." in name:
+                groups["visual_expert"][name] = param
+            elif name.endswith("text_weight"):
+                groups["text_vocab"][name] = param
+            elif name.endswith("new_weight"):
+                groups["new_vocab"][name] = param
+            elif "norm" in name:
+                groups["norms"][name] = param
+            else:
+                raise AssertionError(f"parameter {name} belongs to no group")
+        return groups
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # --- save / load -------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write `config.json` + `model.safetensors` (sharded with an index when large)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_weights(self.state_dict(), directory, max_shard_bytes)
+        config = {"model_type": MODEL_TYPE, **self.config.to_dict()}
+        atomic_write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> "SemVIE":
+        """Load a model saved by `save_pretrained`; the architecture comes from its `config.json`."""
+        directory = Path(directory)
+        config = load_model_config(directory)
+        state = load_weights(directory)
+        with torch.device("meta"):
+            model = cls(config)
+        check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, str(directory))
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        model.load_state_dict(state, assign=True)
+        return model.to(device)
+
+
+def load_model_config(directory: str | Path) -> SemVIEConfig:
+    """The `SemVIEConfig` stored in a model folder's `config.json`."""
+    file = Path(directory) / "config.json"
+    if not file.is_file():
+        raise MarsError(f"no MARS model at {directory} (config.json missing)")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MarsError(f"{file} is not valid JSON: {err}") from None
+    if data.pop("model_type", None) != MODEL_TYPE:
+        raise MarsError(f"{file} is not a MARS model config (model_type {MODEL_TYPE!r} expected); "
+                        f"to convert a Hugging Face checkpoint run `mars init --backbone DIR --out OUT`")
+    return from_dict(SemVIEConfig, data)

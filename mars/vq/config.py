@@ -1,0 +1,121 @@
+"""`VQConfig`: the architecture of a VQ-GAN image tokenizer, and its named presets.
+
+The field names follow taming-transformers' `ddconfig` (ch, ch_mult, num_res_blocks,
+attn_resolutions, z_channels, resolution) so a taming YAML translates one-to-one, plus the
+quantizer settings (LlamaGen's `codebook_l2_norm` / `codebook_embed_dim`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mars.config import apply_overrides, from_dict
+from mars.errors import MarsError
+
+
+@dataclass
+class VQConfig:
+    """Encoder/decoder geometry and quantizer of a VQ-GAN (taming `VQModel` layout)."""
+
+    ch: int = 128  # channels at full resolution
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # channel multiplier per level; f = 2 ** (levels - 1)
+    num_res_blocks: int = 2  # ResNet blocks per encoder level (the decoder has one more)
+    attn_resolutions: tuple[int, ...] = (16,)  # feature sizes (at `resolution` input) with attention
+    resolution: int = 256  # nominal input size; only used to place `attn_resolutions` (as taming)
+    z_channels: int = 256  # encoder output / decoder input channels
+    in_channels: int = 3
+    out_ch: int = 3
+    dropout: float = 0.0
+    norm_groups: int = 32  # GroupNorm groups (taming: 32)
+    codebook_size: int = 8192
+    codebook_embed_dim: int = 8  # code vector size (quant_conv maps z_channels -> this)
+    codebook_l2_norm: bool = True  # LlamaGen: match on the unit sphere (cosine similarity)
+    beta: float = 0.25  # commitment loss weight
+
+    def __post_init__(self) -> None:
+        self.ch_mult = tuple(self.ch_mult)
+        self.attn_resolutions = tuple(self.attn_resolutions)
+        if not self.ch_mult:
+            raise MarsError("VQConfig.ch_mult must not be empty")
+        for mult in self.ch_mult:
+            if (self.ch * mult) % self.norm_groups:
+                raise MarsError(f"VQConfig: {self.ch * mult} channels do not split into "
+                                f"{self.norm_groups} GroupNorm groups")
+        if self.z_channels % self.norm_groups:
+            raise MarsError(f"VQConfig: z_channels {self.z_channels} do not split into "
+                            f"{self.norm_groups} GroupNorm groups")
+        if self.codebook_size < 2 or self.codebook_embed_dim < 1:
+            raise MarsError("VQConfig: codebook_size must be >= 2 and codebook_embed_dim >= 1")
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per token side: 2 ** (len(ch_mult) - 1)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VQConfig:
+        """Build from a mapping; unknown keys and mistyped values raise `MarsError`."""
+        return from_dict(cls, data)
+
+    @classmethod
+    def from_name(cls, name: str) -> VQConfig:
+        """A named preset (see `PRESETS`)."""
+        if name not in PRESETS:
+            raise MarsError(f"unknown tokenizer preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return from_dict(cls, PRESETS[name])
+
+    @classmethod
+    def load(cls, spec: str | Path | dict[str, Any] | VQConfig) -> VQConfig:
+        """A config from a preset name, a YAML/JSON file, a mapping, or a config.
+
+        A mapping (or file) may name a base with `preset:` and override single fields.
+        """
+        if isinstance(spec, VQConfig):
+            return spec
+        if isinstance(spec, dict):
+            data = dict(spec)
+            preset = data.pop("preset", None)
+            base = cls.from_name(preset) if preset else cls()
+            return apply_overrides(base, data)
+        if isinstance(spec, str) and spec in PRESETS:
+            return cls.from_name(spec)
+        path = Path(spec)
+        if not path.is_file():
+            raise MarsError(f"{spec!r} is neither a tokenizer preset ({', '.join(sorted(PRESETS))}) "
+                            "nor a config file")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
+        except (yaml.YAMLError, json.JSONDecodeError) as err:
+            raise MarsError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise MarsError(f"{path} must hold a mapping of VQConfig keys")
+        return cls.load(data)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # MARS's tokenizer: f16, 8192 codes, taming/LlamaGen geometry with LlamaGen's 8-d l2 codes.
+    "f16-8192": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                     z_channels=256, codebook_size=8192, codebook_embed_dim=8, codebook_l2_norm=True),
+    # Public taming-transformers ImageNet checkpoints (vqgan_imagenet_f16_1024 / _16384).
+    "taming-f16-1024": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                            z_channels=256, codebook_size=1024, codebook_embed_dim=256,
+                            codebook_l2_norm=False),
+    "taming-f16-16384": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                             z_channels=256, codebook_size=16384, codebook_embed_dim=256,
+                             codebook_l2_norm=False),
+    # The built-in MARS-Shapes tokenizer: f16 (256 px -> 16x16 codes), small enough to train on CPU.
+    "shapes-small": dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(),
+                         z_channels=64, norm_groups=16, codebook_size=4096, codebook_embed_dim=8,
+                         codebook_l2_norm=True),
+}

@@ -1,0 +1,112 @@
+"""Vector quantizer (VQ-VAE) with a straight-through estimator, and dead-code restarts.
+
+Parameter name `embedding.weight` follows taming-transformers' `VectorQuantizer`, so its
+checkpoints load strictly. Two matching modes:
+- plain (taming): nearest code by Euclidean distance in `codebook_embed_dim` dimensions;
+- `l2_norm` (LlamaGen): encoder output and codes are unit-normalised, so the nearest code is the
+  one with the largest cosine similarity. With low-dimensional codes (8) this keeps most of the
+  codebook in use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class QuantizerOutput:
+    z_q: torch.Tensor  # (B, D, h, w) quantized vectors, gradients pass straight through to z
+    codes: torch.Tensor  # (B, h, w) long
+    codebook_loss: torch.Tensor  # scalar, || sg(z) - e ||^2: moves codes towards the encoder output
+    commit_loss: torch.Tensor  # scalar, beta * || z - sg(e) ||^2: keeps the encoder near its codes
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour quantizer over `codebook_size` codes of `embed_dim` dimensions."""
+
+    def __init__(self, codebook_size: int, embed_dim: int, beta: float = 0.25, l2_norm: bool = False):
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.embed_dim = embed_dim
+        self.beta = beta
+        self.l2_norm = l2_norm
+        self.embedding = nn.Embedding(codebook_size, embed_dim)
+        self.embedding.weight.data.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+
+    def codebook(self) -> torch.Tensor:
+        """The code vectors as used for matching, (K, D) float32."""
+        weight = self.embedding.weight.float()
+        return F.normalize(weight, dim=-1) if self.l2_norm else weight
+
+    def prepare(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder output in code space, float32 and (if l2_norm) unit length along dim 1."""
+        z = z.float()
+        return F.normalize(z, dim=1) if self.l2_norm else z
+
+    def nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code for each row of `z_flat` (N, D) -> (N,)."""
+        codebook = self.codebook()  # (K, D)
+        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; ||z||^2 is the same for every code.
+        scores = z_flat @ codebook.t()  # (N, K)
+        if self.l2_norm:
+            return scores.argmax(dim=1)  # unit vectors: nearest = most similar
+        return (codebook.square().sum(dim=1)[None, :] - 2 * scores).argmin(dim=1)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize `z` (B, D, h, w)."""
+        with torch.autocast(z.device.type, enabled=False):  # distances in float32
+            z = self.prepare(z)
+            B, D, h, w = z.shape
+            z_flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
+            codes = self.nearest(z_flat)
+            z_q = self.codebook()[codes].view(B, h, w, D).permute(0, 3, 1, 2)  # (B, D, h, w)
+            codebook_loss = F.mse_loss(z_q, z.detach())
+            commit_loss = self.beta * F.mse_loss(z, z_q.detach())
+            z_q = z + (z_q - z).detach()  # straight-through: forward z_q, backward identity
+        return QuantizerOutput(z_q, codes.view(B, h, w), codebook_loss, commit_loss)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code vectors for a grid of indices: (B, h, w) long -> (B, D, h, w)."""
+        if codes.min() < 0 or codes.max() >= self.codebook_size:
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}), "
+                             f"got [{int(codes.min())}, {int(codes.max())}]")
+        return self.codebook()[codes].permute(0, 3, 1, 2).contiguous()
+
+    @torch.no_grad()
+    def restart_codes(self, dead: torch.Tensor, candidates: torch.Tensor, generator: torch.Generator) -> int:
+        """Move the codes flagged in `dead` (K,) bool onto randomly chosen `candidates` (N, D).
+
+        Candidates are encoder outputs in code space (see `prepare`), so a restarted code is
+        immediately the nearest code for at least one real input. Returns how many moved.
+        """
+        index = dead.nonzero().flatten()
+        if index.numel() == 0 or candidates.shape[0] == 0:
+            return 0
+        pick = torch.randint(candidates.shape[0], (index.numel(),), generator=generator,
+                             device=generator.device).to(candidates.device)
+        self.embedding.weight[index.to(self.embedding.weight.device)] = (
+            candidates[pick].to(self.embedding.weight.dtype))
+        return int(index.numel())
+
+
+class CodeUsage:
+    """Counts how often each code was chosen since the last reset (for logging and restarts)."""
+
+    def __init__(self, codebook_size: int):
+        self.counts = torch.zeros(codebook_size, dtype=torch.long)
+
+    def update(self, codes: torch.Tensor) -> None:
+        self.counts += torch.bincount(codes.flatten().cpu(), minlength=self.counts.numel())
+
+    def fraction_used(self) -> float:
+        return float((self.counts > 0).float().mean())
+
+    def dead(self) -> torch.Tensor:
+        return self.counts == 0
+
+    def reset(self) -> None:
+        self.counts.zero_()
