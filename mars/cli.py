@@ -15,7 +15,6 @@ from mars.errors import MarsError
 
 # Modules that contribute verbs, in the order they appear in `mars --help`.
 COMMAND_MODULES = [
-    "mars.cli_model",
 ]
 
 
