@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from mars.data.shapes import (
     COLOURS, COLOURS_ZH, EVAL_CATEGORIES, INVERSE_RELATION, SHAPE_PLURALS, SHAPES, SHAPES_ZH,
-    HELD_OUT, Scene, sample_scene,
+    HELD_OUT, Scene, sample_scene, scene_for_index,
 )
 from mars.errors import MarsError
 
@@ -290,3 +290,15 @@ def canonical_prompts(category: str, lang: str, rng: random.Random, n: int = 1) 
     if category not in EVAL_CATEGORIES:
         raise MarsError(f"unknown category {category!r}; choose from {', '.join(EVAL_CATEGORIES)}")
     return [canonical_caption(sample_scene(rng, category, split="eval"), lang) for _ in range(n)]
+
+
+def shapes_example(seed: int, index: int, split: str = "train") -> tuple[Scene, str, str]:
+    """Sample `index` of a seeded MARS-Shapes stream: (scene, English caption, Chinese caption).
+
+    Training captions mix canonical forms and paraphrases; evaluation captions are canonical.
+    `mars data shapes` and the `shapes:N[:SEED]` data source both use this, so they agree.
+    """
+    scene = scene_for_index(seed, index, split)
+    rng = random.Random(f"mars-shapes-caption/{split}/{seed}/{index}")
+    fraction = 1.0 if split == "eval" else 0.5
+    return scene, caption_scene(scene, rng, "en", fraction), caption_scene(scene, rng, "zh", fraction)

@@ -10,11 +10,18 @@ checkpoints load strictly. Two matching modes:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def _no_autocast(device: torch.device):
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # e.g. the meta device, which has no autocast
 
 
 @dataclass
@@ -58,7 +65,7 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantize `z` (B, D, h, w)."""
-        with torch.autocast(z.device.type, enabled=False):  # distances in float32
+        with _no_autocast(z.device):  # distances in float32
             z = self.prepare(z)
             B, D, h, w = z.shape
             z_flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
