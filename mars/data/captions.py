@@ -154,8 +154,8 @@ def paraphrase(scene: Scene, lang: str, rng: random.Random) -> str:
         body = _join(phrases, lang, rng)
         frame = rng.choice(_FRAMES_EN if lang == "en" else _FRAMES_ZH)
     if lang == "en":
-        plural = scene.category == "counting" or len(phrases) > 1
-        text = frame.format(x=body, there="there are" if plural else "there is")
+        # "there is a red circle and a blue square", but "there are three red circles"
+        text = frame.format(x=body, there="there are" if scene.category == "counting" else "there is")
         text = text[0].upper() + text[1:] + "."
         if rng.random() < 0.25:
             text += " " + rng.choice(_SECOND_SENTENCE_EN)
