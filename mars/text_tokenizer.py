@@ -150,3 +150,29 @@ def load_text_tokenizer(spec: str | Path) -> TextTokenizer:
     if path.is_dir() and (path / "qwen.tiktoken").is_file():
         return QwenTokenizer()
     raise MarsError(f"no text tokenizer found at {spec} (expected 'qwen', 'bytes', or a folder with tokenizer.json)")
+
+
+def train_bpe_tokenizer(texts, vocab_size: int, directory: str | Path) -> HFTokenizer:
+    """Train a byte-level BPE `tokenizer.json` on `texts` and save it to `directory`.
+
+    Byte-level, so any text (English, Chinese, unseen words) still encodes; `<|endoftext|>` is id 0.
+    Used for the built-in model's small bilingual language model.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    eos_id = tok.token_to_id("<|endoftext|>")
+    (directory / MARKER_FILE).write_text(json.dumps({"kind": "hf", "eos_id": eos_id}) + "\n")
+    return HFTokenizer(directory)

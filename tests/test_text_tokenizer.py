@@ -55,3 +55,15 @@ def test_saved_builtin_kinds_reload(tmp_path):
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(MarsError, match="no text tokenizer found"):
         load_text_tokenizer(tmp_path / "nothing")
+
+
+def test_trained_bpe_tokenizer_is_bilingual_and_reloads(tmp_path):
+    from mars.text_tokenizer import train_bpe_tokenizer
+
+    corpus = ["a red circle to the left of a blue square", "一个红色的圆形在一个蓝色的正方形的左边"] * 50
+    tok = train_bpe_tokenizer(corpus, vocab_size=400, directory=tmp_path)
+    assert tok.eos_id == 0 and tok.vocab_size <= 400
+    for text in ("a red circle", "一个蓝色的正方形", "an unseen word: zebra 斑马"):
+        assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode("a red circle to the left of a blue square")) < 12  # merges were learned
+    assert load_text_tokenizer(tmp_path).encode("a red circle") == tok.encode("a red circle")
