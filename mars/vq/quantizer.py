@@ -30,6 +30,7 @@ class QuantizerOutput:
     codes: torch.Tensor  # (B, h, w) long
     codebook_loss: torch.Tensor  # scalar, || sg(z) - e ||^2: moves codes towards the encoder output
     commit_loss: torch.Tensor  # scalar, beta * || z - sg(e) ||^2: keeps the encoder near its codes
+    z: torch.Tensor  # (B, D, h, w) encoder output in code space, before matching
 
 
 class VectorQuantizer(nn.Module):
@@ -66,15 +67,15 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantize `z` (B, D, h, w)."""
         with _no_autocast(z.device):  # distances in float32
-            z = self.prepare(z)
+            z = self.prepare(z)  # (B, D, h, w)
             B, D, h, w = z.shape
             z_flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
             codes = self.nearest(z_flat)
             z_q = self.codebook()[codes].view(B, h, w, D).permute(0, 3, 1, 2)  # (B, D, h, w)
             codebook_loss = F.mse_loss(z_q, z.detach())
             commit_loss = self.beta * F.mse_loss(z, z_q.detach())
-            z_q = z + (z_q - z).detach()  # straight-through: forward z_q, backward identity
-        return QuantizerOutput(z_q, codes.view(B, h, w), codebook_loss, commit_loss)
+            z_st = z + (z_q - z).detach()  # straight-through: forward z_q, backward identity
+        return QuantizerOutput(z_st, codes.view(B, h, w), codebook_loss, commit_loss, z.detach())
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors for a grid of indices: (B, h, w) long -> (B, D, h, w)."""
