@@ -8,6 +8,14 @@ blue -> purple); along curved or slanted edges such a fringe touches itself only
 4-connectivity breaks it into pieces below 150 px instead of one ring-shaped false object.
 Clean renders are unaffected: every shape is a solid blob.
 
+Colour: by default each foreground pixel takes the palette colour nearest in RGB, as the spec
+says. With `edge_aware=True` the distance is to the segment from white to each palette colour
+instead: a soft edge pixel is a mix of white and its shape's colour, and lies on that segment,
+while plain nearest colour gives it a wrong neighbour (half-covered red reads as orange). The two
+agree on flat-colour renders; on images blurred by a Gaussian of sigma 1 px, the spec rule scores
+about half of correct scenes as wrong (fringe "objects") and the edge-aware one scores all of them
+right. Scores meant to be compared with other MARS-Shapes checkers use the default.
+
 Shape from geometry: fill = area / box area, solidity = area / convex hull area,
 aspect = short / long box side. Rendered shapes give (fill, solidity):
 circle ~(0.78, 0.98), square (1.0, 1.0), triangle ~(0.5, 0.97), star ~(0.43, 0.63).
@@ -103,34 +111,47 @@ def to_canvas(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.asarray(image)
 
 
-def detect_objects(image: Image.Image | np.ndarray) -> list[DetectedObject]:
+def nearest_palette(pixels: np.ndarray, edge_aware: bool = False) -> np.ndarray:
+    """Palette index (N,) of RGB pixels (N, 3): nearest colour, or nearest white-to-colour segment."""
+    if not edge_aware:
+        # squared distance up to the per-pixel constant |x|^2: (N, 7)
+        return ((_PALETTE**2).sum(axis=1) - 2.0 * pixels @ _PALETTE.T).argmin(axis=1)
+    ink, palette_ink = 255.0 - pixels, 255.0 - _PALETTE  # offsets from white: (N, 3), (7, 3)
+    dots = ink @ palette_ink.T  # (N, 7)
+    norms = (palette_ink**2).sum(axis=1)  # (7,)
+    t = np.clip(dots / norms, 0.0, 1.0)  # position of the closest point on each segment
+    return (t * t * norms - 2.0 * t * dots).argmin(axis=1)  # |ink - t * palette_ink|^2 - |ink|^2
+
+
+def detect_objects(image: Image.Image | np.ndarray, edge_aware: bool = False) -> list[DetectedObject]:
     """Find the objects of a picture, sorted top-to-bottom then left-to-right by centre."""
     rgb = to_canvas(image).astype(np.float32)
     ink = 255.0 - rgb  # (256, 256, 3) distance from white per channel
     foreground = np.einsum("hwc,hwc->hw", ink, ink) > FOREGROUND_DISTANCE**2
     ys, xs = np.nonzero(foreground)
-    pixels = rgb[ys, xs]  # (N, 3)
-    # squared distance to each palette colour up to the per-pixel constant |x|^2: (N, 7)
-    distances = (_PALETTE**2).sum(axis=1) - 2.0 * pixels @ _PALETTE.T
-    colour_index = np.full(foreground.shape, -1, dtype=np.int64)
-    colour_index[ys, xs] = distances.argmin(axis=1)
+    colours = nearest_palette(rgb[ys, xs], edge_aware)  # (N,)
 
     objects = []
-    for ci in np.unique(colour_index[ys, xs]):
-        labels, n = ndimage.label(colour_index == ci, structure=_FOUR_CONNECTED)
-        if n == 0:
+    for ci in np.unique(colours):
+        if (colours == ci).sum() < MIN_REGION_PX:
             continue
+        # Label this colour's pixels inside their own bounding box: a much smaller array.
+        cys, cxs = ys[colours == ci], xs[colours == ci]
+        oy, ox = cys.min(), cxs.min()
+        mask = np.zeros((cys.max() - oy + 1, cxs.max() - ox + 1), dtype=bool)
+        mask[cys - oy, cxs - ox] = True
+        labels, _ = ndimage.label(mask, structure=_FOUR_CONNECTED)
         for label, box in enumerate(ndimage.find_objects(labels), start=1):
             crop = labels[box] == label
             area = int(crop.sum())
             if area < MIN_REGION_PX:
                 continue
-            y0, y1 = box[0].start, box[0].stop - 1
-            x0, x1 = box[1].start, box[1].stop - 1
+            y0, y1 = oy + box[0].start, oy + box[0].stop - 1
+            x0, x1 = ox + box[1].start, ox + box[1].stop - 1
             objects.append(DetectedObject(
                 colour=_PALETTE_NAMES[ci], shape=classify_shape(crop),
-                cx=(x0 + x1) / 2, cy=(y0 + y1) / 2,
-                size=max(x1 - x0, y1 - y0) + 1, bbox=(x0, y0, x1, y1), area=area))
+                cx=float(x0 + x1) / 2, cy=float(y0 + y1) / 2, size=int(max(x1 - x0, y1 - y0)) + 1,
+                bbox=(int(x0), int(y0), int(x1), int(y1)), area=area))
     return sorted(objects, key=lambda o: (o.cy, o.cx))
 
 
@@ -140,14 +161,22 @@ def _describe(objs: list[DetectedObject]) -> str:
     return ", ".join(f"{o.colour} {o.shape}" for o in objs)
 
 
+def _describe_pairs(pairs) -> str:
+    return ", ".join(f"{c} {s}" for c, s in pairs)
+
+
 def _find(objs: list[DetectedObject], pair: tuple[str, str]) -> DetectedObject:
     return next(o for o in objs if (o.colour, o.shape) == pair)
 
 
-def check_prompt(image: Image.Image | np.ndarray, prompt: str | ParsedPrompt) -> Verdict:
+def check_prompt(image: Image.Image | np.ndarray, prompt: str | ParsedPrompt, edge_aware: bool = False) -> Verdict:
     """Judge whether `image` shows a canonical prompt, by the rules of its category."""
+    return check_detected(detect_objects(image, edge_aware), prompt)
+
+
+def check_detected(objs: list[DetectedObject], prompt: str | ParsedPrompt) -> Verdict:
+    """`check_prompt` on objects already detected (to judge one image against several prompts)."""
     parsed = parse_canonical(prompt) if isinstance(prompt, str) else prompt
-    objs = detect_objects(image)
     seen = Counter((o.colour, o.shape) for o in objs)
     wanted = Counter(parsed.objects)
 
@@ -170,7 +199,3 @@ def check_prompt(image: Image.Image | np.ndarray, prompt: str | ParsedPrompt) ->
             return verdict(False, f"small {a.colour} {a.shape} ({a.size} px) is not <= {SIZE_RATIO} x "
                                   f"large {b.colour} {b.shape} ({b.size} px)")
     return verdict(True, "ok")
-
-
-def _describe_pairs(pairs) -> str:
-    return ", ".join(f"{c} {s}" for c, s in pairs)

@@ -1,0 +1,221 @@
+"""MARS-Shapes world: spec constants, exact geometry, sampler rules, captions, `mars data shapes`."""
+
+import argparse
+import math
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from mars.data.captions import (
+    canonical_caption, canonical_prompts, caption_objects, caption_scene, paraphrase, parse_canonical,
+    shapes_example,
+)
+from mars.data.cli import add_commands
+from mars.data.shapes import (
+    COLOURS, COLOURS_ZH, HELD_OUT, SHAPES_ZH, SIZE_RANGES, Scene, ShapeObject, render_scene, sample_scene,
+    scene_for_index,
+)
+from mars.errors import MarsError
+
+
+def scenes(split, n, seed=0):
+    return [scene_for_index(seed, i, split) for i in range(n)]
+
+
+def test_constants_match_spec_tables():
+    assert COLOURS["red"] == (220, 40, 40)
+    assert COLOURS["orange"] == (245, 140, 30)
+    assert COLOURS["purple"] == (140, 70, 190)
+    assert COLOURS["black"] == (30, 30, 30)
+    assert len(COLOURS) == 7 and COLOURS_ZH["yellow"] == "黄色" and COLOURS_ZH["green"] == "绿色"
+    assert SHAPES_ZH == {"circle": "圆形", "square": "正方形", "triangle": "三角形", "star": "星形"}
+    assert SIZE_RANGES == {"small": (36, 48), "large": (76, 92), "any": (40, 84)}
+    assert HELD_OUT == {("purple", "star"), ("orange", "triangle")}
+
+
+def mask_of(obj: ShapeObject) -> np.ndarray:
+    img = np.asarray(render_scene(Scene((obj,), "single")))
+    return (img != 255).any(axis=-1)
+
+
+@pytest.mark.parametrize("s", [40, 41, 76, 92])
+def test_rendered_geometry(s):
+    cx, cy = 120, 130
+    # Pillow draws both box edges: circle, square and triangle cover s + 1 columns and rows.
+    for shape in ("circle", "square", "triangle"):
+        ys, xs = np.nonzero(mask_of(ShapeObject("blue", shape, cx, cy, s)))
+        assert xs.max() - xs.min() + 1 == s + 1 and ys.max() - ys.min() + 1 == s + 1, shape
+    assert mask_of(ShapeObject("blue", "square", cx, cy, s)).sum() == (s + 1) ** 2
+    circle = mask_of(ShapeObject("blue", "circle", cx, cy, s)).sum()
+    assert abs(circle - math.pi * ((s + 1) / 2) ** 2) < 0.03 * circle  # pixel centres inside
+    tri = mask_of(ShapeObject("blue", "triangle", cx, cy, s))
+    assert tri[cy - s // 2 + 1, cx] and not tri[cy - s // 2 + 1, cx - 5]  # apex on top
+    assert abs(tri.sum() - s * s / 2) < 0.05 * s * s
+    # Star: 5 points, outer radius s/2, inner radius s/4, one point straight up.
+    star = mask_of(ShapeObject("blue", "star", cx, cy, s))
+    ys, xs = np.nonzero(star)
+    r = s / 2
+    assert abs((xs.max() - xs.min()) - 2 * r * math.cos(math.radians(18))) <= 1.5
+    assert abs((ys.max() - ys.min()) - r * (1 + math.cos(math.radians(36)))) <= 1.5
+    assert ys.min() == math.ceil(cy - r) or ys.min() == math.floor(cy - r)
+    assert star[cy, cx] and star[round(cy + r / 2) - 2, cx] and not star[round(cy + r / 2) + 2, cx]
+    area = 5 * r * (r / 2) * math.sin(math.radians(36))  # 10 triangles (centre, outer, inner)
+    perimeter = 10 * r * math.sqrt(1.25 - math.cos(math.radians(36)))
+    # Pillow also paints the pixels that the edges cross: about half a pixel along the perimeter.
+    assert abs(star.sum() - (area + perimeter / 2)) < 0.04 * area
+
+
+def test_render_size_is_nearest_resize():
+    scene = scene_for_index(0, 3)
+    big = np.asarray(render_scene(scene))
+    assert np.array_equal(np.asarray(render_scene(scene, 512))[::2, ::2], big)
+    assert render_scene(scene, 128).size == (128, 128)
+
+
+def test_held_out_pairs_never_in_train():
+    rng = random.Random(0)
+    for _ in range(6000):
+        assert not set(sample_scene(rng).pairs()) & HELD_OUT
+    with pytest.raises(ValueError):
+        sample_scene(rng, "novel", "train")
+    novel = [sample_scene(rng, "novel", "eval") for _ in range(50)]
+    assert {p for s in novel for p in s.pairs()} == set(HELD_OUT)
+    for cat in ("single", "two", "counting", "position", "size"):
+        assert not any(set(sample_scene(rng, cat, "eval").pairs()) & HELD_OUT for _ in range(200))
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_placement_rules(split):
+    for scene in scenes(split, 1500, seed=7):
+        objs = scene.objects
+        assert 1 <= len(objs) <= 4
+        for o in objs:
+            assert o.cx - o.size / 2 >= 8 and o.cy - o.size / 2 >= 8
+            assert o.cx + o.size / 2 <= 247 and o.cy + o.size / 2 <= 247
+        for i, a in enumerate(objs):
+            for b in objs[i + 1:]:
+                gap_x = max(b.cx - b.size / 2 - (a.cx + a.size / 2), a.cx - a.size / 2 - (b.cx + b.size / 2))
+                gap_y = max(b.cy - b.size / 2 - (a.cy + a.size / 2), a.cy - a.size / 2 - (b.cy + b.size / 2))
+                assert max(gap_x, gap_y) >= 10
+        if scene.category in ("two", "position", "size"):
+            assert len(objs) == 2 and scene.pairs()[0] != scene.pairs()[1]
+        if scene.category == "counting":
+            assert len(objs) in (2, 3, 4) and len(set(scene.pairs())) == 1
+        if scene.category == "position":
+            dx, dy = objs[1].cx - objs[0].cx, objs[1].cy - objs[0].cy
+            named, other = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[scene.relation]
+            assert named >= 48 and named >= 2 * abs(other)
+        if scene.category == "size":
+            assert 36 <= objs[0].size <= 48 and 76 <= objs[1].size <= 92
+        else:
+            assert all(40 <= o.size <= 84 for o in objs)
+
+
+def test_all_categories_drawn():
+    assert {s.category for s in scenes("train", 200)} == {"single", "two", "counting", "position", "size"}
+    assert {s.category for s in scenes("eval", 200)} == {"single", "two", "counting", "position", "size", "novel"}
+
+
+def test_canonical_captions_exact():
+    def obj(c, s, x=60, y=60):
+        return ShapeObject(c, s, x, y, 50)
+
+    cases = [
+        (Scene((obj("orange", "circle"),), "single"), "an orange circle", "一个橙色的圆形"),
+        (Scene((obj("purple", "star"),), "novel"), "a purple star", "一个紫色的星形"),
+        (Scene((obj("red", "circle"), obj("blue", "square", 160)), "two"),
+         "a red circle and a blue square", "一个红色的圆形和一个蓝色的正方形"),
+        (Scene((obj("red", "star"), obj("red", "star", 160), obj("red", "star", 60, 160)), "counting"),
+         "three red stars", "三个红色的星形"),
+        (Scene((obj("red", "star"), obj("red", "star", 160)), "counting"), "two red stars", "两个红色的星形"),
+        (Scene((obj("green", "triangle"), obj("orange", "square", 160)), "position", "left of"),
+         "a green triangle to the left of an orange square", "一个绿色的三角形在一个橙色的正方形的左边"),
+        (Scene((obj("green", "triangle", 60, 160), obj("black", "square")), "position", "below"),
+         "a green triangle below a black square", "一个绿色的三角形在一个黑色的正方形的下方"),
+        (Scene((obj("red", "circle"), obj("blue", "square", 160)), "size"),
+         "a small red circle and a large blue square", "一个小的红色圆形和一个大的蓝色正方形"),
+    ]
+    for scene, en, zh in cases:
+        assert canonical_caption(scene, "en") == en
+        assert canonical_caption(scene, "zh") == zh
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_captions_parse_back(split):
+    rng = random.Random(1)
+    for scene in scenes(split, 1000, seed=3):
+        for lang in ("en", "zh"):
+            parsed = parse_canonical(canonical_caption(scene, lang))
+            assert parsed.category == scene.category and list(parsed.objects) == scene.pairs()
+            assert parsed.relation == scene.relation and parsed.lang == lang
+            for _ in range(3):
+                text = paraphrase(scene, lang, rng)
+                assert caption_objects(text) == Counter(scene.pairs()), text
+
+
+def test_parse_rejects_and_tolerates():
+    assert parse_canonical("A red circle.").objects == (("red", "circle"),)
+    assert parse_canonical(" 一个红色的圆形。").lang == "zh"
+    for bad in ("a red circle on a table", "five red circles", "a pink circle", "一个红色的圆"):
+        with pytest.raises(MarsError):
+            parse_canonical(bad)
+
+
+def test_caption_objects_reads_free_text():
+    assert caption_objects("There are 3 red circles and an orange star.") == Counter(
+        {("red", "circle"): 3, ("orange", "star"): 1})
+    assert caption_objects("图中有两个蓝色正方形和一个小的黑色的三角形。") == Counter(
+        {("blue", "square"): 2, ("black", "triangle"): 1})
+    assert caption_objects("nothing here") == Counter()
+
+
+def test_canonical_fraction_of_training_captions():
+    for lang_index, lang in ((1, "en"), (2, "zh")):
+        hits = 0
+        for i in range(600):
+            example = shapes_example(0, i)
+            hits += example[lang_index] == canonical_caption(example[0], lang)
+        assert 0.4 <= hits / 600 <= 0.65  # the spec asks for >= 30%
+    rng = random.Random(0)
+    scene = scene_for_index(0, 0)
+    assert caption_scene(scene, rng, "zh", canonical_fraction=1.0) == canonical_caption(scene, "zh")
+
+
+def test_canonical_prompts_align_across_languages():
+    for cat in ("single", "two", "counting", "position", "size", "novel"):
+        en = canonical_prompts(cat, "en", random.Random(5), n=8)
+        zh = canonical_prompts(cat, "zh", random.Random(5), n=8)
+        assert [parse_canonical(p).objects for p in en] == [parse_canonical(p).objects for p in zh]
+        assert {parse_canonical(p).category for p in en} == {cat}
+    with pytest.raises(MarsError):
+        canonical_prompts("colours", "en", random.Random(0))
+
+
+def run_cli(*argv):
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(required=True))
+    args = parser.parse_args(["data", "shapes", *argv])
+    return args.func(args)
+
+
+def test_cli_is_deterministic(tmp_path):
+    import json
+
+    run_cli("--n", "40", "--out", str(tmp_path / "a"), "--seed", "3")
+    run_cli("--n", "40", "--out", str(tmp_path / "b"), "--seed", "3", "--workers", "2")
+    a, b = tmp_path / "a", tmp_path / "b"
+    names = sorted(p.name for p in (a / "images").iterdir())
+    assert names == [f"{i:05d}.png" for i in range(40)]
+    assert all((a / "images" / n).read_bytes() == (b / "images" / n).read_bytes() for n in names)
+    assert (a / "captions.jsonl").read_bytes() == (b / "captions.jsonl").read_bytes()
+    lines = [json.loads(x) for x in (a / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert lines[7]["image"] == "images/00007.png"
+    assert {"text", "text_zh", "category", "objects"} <= set(lines[7])
+    assert Scene.from_dict(lines[7]) == scene_for_index(3, 7)
+
+    with pytest.raises(MarsError, match="not empty"):
+        run_cli("--n", "5", "--out", str(a))
+    run_cli("--n", "5", "--out", str(a), "--overwrite", "--split", "eval")
+    assert len(list((a / "images").iterdir())) == 5
