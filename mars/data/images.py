@@ -46,7 +46,10 @@ def load_image(source: str | os.PathLike | bytes, min_side: int = MIN_SIDE) -> I
             img = ImageOps.exif_transpose(img)
             rgb = _to_rgb(img)
     except Exception as err:  # decoders of untrusted files raise many types; none may end an epoch
-        raise UnusableImage(str(err) or type(err).__name__) from err
+        reason = str(err) or type(err).__name__
+        if not isinstance(source, (bytes, bytearray)):
+            reason = reason.replace(f" {str(source)!r}", "")  # reports name the file already
+        raise UnusableImage(reason) from err
     if min(rgb.size) < min_side:
         raise UnusableImage(f"too small: {rgb.size[0]}x{rgb.size[1]} < {min_side} px")
     return rgb
