@@ -1,0 +1,423 @@
+"""Sampling and decoding: filters, classifier-free guidance, prefill/decode, T2I, I2T, image + text.
+
+Everything here works on token ids; `mars.pipeline.MarsPipeline` adds the text tokenizer, the VQ
+decoder and PIL images on top.
+
+Sequences (PAPER.md §2, §4):
+
+    text-to-image    prompt <img> c_1 .. c_N                 (then </img>, never sampled)
+    image + text     prompt <img> c_1 .. c_N </img> t_1 ..    (text until eos)
+    image-to-text    <img> c_1 .. c_N </img> instruction t_1 ..
+
+How the engine is fast:
+- one prefill of the left-padded prompts fills a static `KVCache` sized exactly to what the
+  request needs; each decode step feeds one token per row;
+- an image decode step runs the visual expert alone (`image_mask=True`, no routing) and computes
+  logits only for the image rows of the head (`vocab.image_ids`), so image mode also cannot emit a
+  text id or a special;
+- classifier-free guidance runs the conditional and the unconditional (null prompt: `<img>` alone)
+  rows in ONE batch and combines them on the small image slice; `cfg_scale == 1` skips the doubling;
+- the loop keeps every token on the device (no host sync per image step);
+- optionally the decode step is compiled (`torch.compile`; CUDA graphs on CUDA).
+
+Reproducibility: each image has its own `torch.Generator` (seeded from its seed), and every random
+number of row i comes from generator i, so an image is the same whether made alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from mars.errors import MarsError
+from mars.model.semvie import KVCache, SemVIE
+
+# Instruction that follows `</img>` in image-to-text sequences (training uses the same strings).
+CAPTION_INSTRUCTIONS = {"en": "Describe the image.", "zh": "描述这张图片。"}
+PAD_ID = 0  # id written into left padding; padded slots are never attended to
+
+Generators = list[torch.Generator] | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: pure functions of the logits (no in-place edits)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How tokens are drawn. Filters apply in the order top-k -> temperature -> top-p (DESIGN.md).
+
+    temperature 0 = greedy; top_k 0 = off; top_p 1 = off; cfg_scale 1 = no guidance (no extra rows),
+    0 = the unconditional model alone.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # also rejects NaN
+            raise MarsError(f"temperature must be >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise MarsError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise MarsError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if not self.cfg_scale >= 0:
+            raise MarsError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+
+    @property
+    def guided(self) -> bool:
+        """Whether the unconditional rows run (anything but cfg_scale 1)."""
+        return self.cfg_scale != 1.0
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept), -inf elsewhere.
+
+    k <= 0 or k >= vocabulary: no filtering.
+    """
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches p.
+
+    A token is kept when the probability of the tokens strictly more likely than it is below p,
+    so the most likely token always survives. p >= 1: no filtering.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.float().softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+    drop_sorted = mass_before >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample(
+    logits: torch.Tensor,  # (B, V)
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generators: Generators = None,
+) -> torch.Tensor:
+    """Draw one id per row -> (B,) long. top-k -> temperature -> top-p; temperature 0 = argmax.
+
+    Row b uses only `generators[b]` (None: the global RNG), so a row's draw does not depend on
+    the other rows of the batch. Drawing is the exponential race `argmax(p / E)`, E ~ Exp(1),
+    which samples exactly from p and needs no host sync.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_k_filter(logits, top_k)
+    logits = logits.float() / temperature
+    logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    if generators is None:
+        noise = torch.empty_like(probs).exponential_()
+    else:
+        if len(generators) != probs.shape[0]:
+            raise ValueError(f"{probs.shape[0]} rows but {len(generators)} generators")
+        noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
+    return (probs / noise).argmax(dim=-1)
+
+
+def make_generators(seeds: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per image, on the device where its random numbers are drawn."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """(2B, V) stacked [cond; uncond] rows -> (B, V) guided logits `u + s * (c - u)`."""
+    cond, uncond = logits.chunk(2, dim=0)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches, prefill and the decode steps
+# ---------------------------------------------------------------------------------------------
+
+
+def left_pad(rows: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of different lengths -> ids (B, L) padded on the left, pad_lengths (B,)."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, length - len(row):] = torch.tensor(row, dtype=torch.long)
+    pad = torch.tensor([length - len(r) for r in rows], dtype=torch.long)
+    return ids.to(device), pad.to(device)
+
+
+def model_device_dtype(model: SemVIE) -> tuple[torch.device, torch.dtype]:
+    weight = model.norm.weight
+    return weight.device, weight.dtype
+
+
+def prefill(model: SemVIE, rows: list[list[int]], cache_len: int, round_to: int = 1) -> tuple[KVCache, torch.Tensor, int]:
+    """Run the left-padded `rows` once, filling a new static cache.
+
+    The cache holds `cache_len` slots beyond the longest row (rounded up to a multiple of
+    `round_to`, so compiled steps see few distinct shapes). Returns the cache, the hidden state of
+    each row's last token (R, C) and the first free slot.
+    """
+    device, dtype = model_device_dtype(model)
+    ids, pad = left_pad(rows, device)  # (R, L)
+    length = ids.shape[1]
+    max_len = length + cache_len
+    max_len = max(max_len, min(-(-max_len // round_to) * round_to, model.config.max_seq_len))
+    cache = KVCache(model.config, ids.shape[0], max_len, device, dtype, pad)
+    hidden = model.forward_hidden(ids, model.image_mask(ids), torch.arange(length, device=device), cache)
+    return cache, hidden[:, -1], length
+
+
+def keep_rows(cache: KVCache, n: int) -> KVCache:
+    """A view of the first n rows of a cache (drops the unconditional rows after an image)."""
+    view = copy.copy(cache)
+    view.k = [k[:n] for k in cache.k]
+    view.v = [v[:n] for v in cache.v]
+    view.pad_lengths = cache.pad_lengths[:n]
+    return view
+
+
+def image_step(model: SemVIE, ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache, cfg_scale: float) -> torch.Tensor:
+    """One cached image decode step: ids (R, 1) at slot input_pos (1,) -> guided image logits (B, K).
+
+    Every fed token is an image code, so the visual expert runs alone (`image_mask=True`), and
+    only the image rows of the head are computed.
+    """
+    hidden = model.forward_hidden(ids, True, input_pos, cache)  # (R, 1, C)
+    logits = model.logits(hidden[:, -1], rows=model.vocab.image_ids).float()  # (R, K)
+    return guide(logits, cfg_scale) if cfg_scale != 1.0 else logits
+
+
+@functools.cache
+def compiled_image_step(device_type: str) -> Callable:
+    """`image_step` under torch.compile; on CUDA as CUDA graphs (the cache tensors are static)."""
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(image_step, mode=mode, dynamic=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-to-image
+# ---------------------------------------------------------------------------------------------
+
+
+def image_rows(model: SemVIE, prompts: list[list[int]], guided: bool) -> list[list[int]]:
+    """`prompt <img>` per prompt, followed, with guidance, by the null prompt `<img>` per prompt."""
+    boi = model.vocab.boi_id
+    rows = [list(p) + [boi] for p in prompts]
+    return rows + [[boi] for _ in prompts] if guided else rows
+
+
+@torch.inference_mode()
+def generate_image_tokens(
+    model: SemVIE,
+    prompts: list[list[int]],
+    generators: Generators,
+    num_tokens: int,
+    sampling: SampleConfig = SampleConfig(),
+    use_cache: bool = True,
+    compile: bool = False,
+    progress: bool = False,
+    return_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sample `num_tokens` image codes after each prompt -> codes (B, num_tokens) in [0, K).
+
+    `prompts` are text token ids (without `<img>`), of any lengths. `use_cache=False` recomputes
+    the whole sequence at every step (the reference the cache is tested and benchmarked against).
+    With `return_logits`, also the guided logits each code was drawn from, (B, num_tokens, K).
+    """
+    tokens, logits, _, _ = _decode_image(model, prompts, generators, num_tokens, sampling, use_cache,
+                                         compile, progress, return_logits, extra_slots=0)
+    return (tokens, logits) if return_logits else tokens
+
+
+def _decode_image(model, prompts, generators, num_tokens, sampling, use_cache, compile, progress,
+                  return_logits, extra_slots):
+    """The image loop shared by T2I and joint generation.
+
+    Returns codes (B, N), the stacked logits (or None), and, for a cached run, the cache and the
+    slot of the last sampled code (not yet fed), so text can continue in the same cache.
+    """
+    if num_tokens < 1:
+        raise MarsError(f"num_tokens must be >= 1, got {num_tokens}")
+    vocab, B = model.vocab, len(prompts)
+    guided = sampling.guided
+    rows = image_rows(model, prompts, guided)
+    device, _ = model_device_dtype(model)
+    copies = 2 if guided else 1
+
+    if use_cache:
+        step = compiled_image_step(device.type) if compile else image_step
+        mark_step = compile and device.type == "cuda"
+        # codes 1..N-1 are fed (code N only with `extra_slots`, for joint generation)
+        cache, hidden, slot = prefill(model, rows, num_tokens - 1 + extra_slots, round_to=128 if compile else 1)
+        if compile:
+            for t in (*cache.k, *cache.v):
+                torch._dynamo.mark_static_address(t)
+        logits = model.logits(hidden, rows=vocab.image_ids).float()  # (R, K)
+        logits = guide(logits, sampling.cfg_scale) if guided else logits
+        positions = torch.arange(slot, slot + num_tokens, device=device)
+
+        def next_logits(new_ids: torch.Tensor, t: int) -> torch.Tensor:
+            if mark_step:
+                torch.compiler.cudagraph_mark_step_begin()
+            out = step(model, new_ids, positions[t - 1 : t], cache, sampling.cfg_scale)
+            return out.clone() if mark_step else out  # a CUDA graph overwrites its output next step
+    else:
+        cache, slot = None, None
+        ids, pad = left_pad(rows, device)  # (R, L)
+        length = ids.shape[1]
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], num_tokens), PAD_ID)], dim=1)  # (R, L + N)
+
+        def full_logits(end: int) -> torch.Tensor:
+            seq = ids[:, :end]
+            hidden = model.forward_hidden(seq, model.image_mask(seq), pad_lengths=pad)[:, -1]
+            out = model.logits(hidden, rows=vocab.image_ids).float()
+            return guide(out, sampling.cfg_scale) if guided else out
+
+        def next_logits(new_ids: torch.Tensor, t: int) -> torch.Tensor:
+            ids[:, length + t - 1] = new_ids[:, 0]
+            return full_logits(length + t)
+
+        logits = full_logits(length)
+
+    codes = torch.empty(B, num_tokens, dtype=torch.long, device=device)
+    kept = []
+    for t in tqdm(range(num_tokens), desc="image tokens", disable=not progress, leave=False):
+        if t:
+            new_ids = (codes[:, t - 1] + vocab.image_offset).repeat(copies)[:, None]  # (R, 1)
+            logits = next_logits(new_ids, t)
+        if return_logits:
+            kept.append(logits)
+        codes[:, t] = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, generators)
+    stacked = torch.stack(kept, dim=1) if return_logits else None
+    last_slot = slot + num_tokens - 1 if use_cache else None
+    return codes, stacked, cache, last_slot
+
+
+# ---------------------------------------------------------------------------------------------
+# Text decoding (image-to-text, and the text after a generated image)
+# ---------------------------------------------------------------------------------------------
+
+
+def _decode_text(model, cache, hidden, slot, generators, sampling, eos_id, vocab_limit, max_new_tokens):
+    """Text tokens after `hidden` (R, C) until each row's eos or `max_new_tokens`.
+
+    Generated text is fed through the language expert alone (`image_mask=False`); logits cover
+    only the first `vocab_limit` text rows. Returns one list per row, without the eos.
+    """
+    rows = slice(0, vocab_limit)
+    R = hidden.shape[0]
+    device = hidden.device
+    out = torch.full((R, max_new_tokens), eos_id, dtype=torch.long, device=device)
+    done = torch.zeros(R, dtype=torch.bool, device=device)
+    positions = torch.arange(slot, slot + max_new_tokens, device=device)
+    logits = model.logits(hidden, rows=rows).float()  # (R, V_text)
+    for t in range(max_new_tokens):
+        token = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, generators)
+        out[:, t] = token  # a finished row goes on, but its text is cut at its first eos
+        done = done | (token == eos_id)
+        if t + 1 == max_new_tokens or bool(done.all()):  # one host sync per text token
+            break
+        hidden = model.forward_hidden(token[:, None], False, positions[t : t + 1], cache)[:, -1]
+        logits = model.logits(hidden, rows=rows).float()
+    texts = []
+    for row in out.tolist():
+        texts.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return texts
+
+
+def _check_text_settings(model: SemVIE, eos_id: int, vocab_limit: int, max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise MarsError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0 <= eos_id < vocab_limit <= model.vocab.text_size:
+        raise MarsError(f"text tokenizer (eos {eos_id}, {vocab_limit} ids) does not fit the model's "
+                        f"{model.vocab.text_size} text rows")
+
+
+@torch.inference_mode()
+def generate_text(
+    model: SemVIE,
+    prefixes: list[list[int]],
+    generators: Generators,
+    eos_id: int,
+    vocab_limit: int,
+    max_new_tokens: int = 64,
+    sampling: SampleConfig = SampleConfig(temperature=0.0, cfg_scale=1.0),
+) -> list[list[int]]:
+    """Continue each prefix (any mix of text and image ids) with text, one list of ids per row.
+
+    Rows stop independently at `eos_id` (not included) or after `max_new_tokens`; only ids below
+    `vocab_limit` (the text tokenizer's size) can be drawn.
+    """
+    _check_text_settings(model, eos_id, vocab_limit, max_new_tokens)
+    cache, hidden, slot = prefill(model, prefixes, max_new_tokens - 1)
+    return _decode_text(model, cache, hidden, slot, generators, sampling, eos_id, vocab_limit, max_new_tokens)
+
+
+def caption_prefix(model: SemVIE, codes: torch.Tensor, instruction: list[int]) -> list[int]:
+    """`<img> c_1 .. c_N </img> instruction` for one image's codes (h, w) or (N,)."""
+    vocab = model.vocab
+    ids = vocab.codes_to_ids(codes.flatten().cpu()).tolist()
+    return [vocab.boi_id, *ids, vocab.eoi_id, *instruction]
+
+
+@torch.inference_mode()
+def generate_image_and_text(
+    model: SemVIE,
+    prompts: list[list[int]],
+    generators: Generators,
+    num_tokens: int,
+    eos_id: int,
+    vocab_limit: int,
+    max_new_tokens: int = 64,
+    sampling: SampleConfig = SampleConfig(),
+    text_sampling: SampleConfig = SampleConfig(temperature=0.0, cfg_scale=1.0),
+    compile: bool = False,
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """Joint generation: `prompt <img> c_1..c_N </img>` then text in the same sequence and cache.
+
+    Returns the codes (B, N) and the text ids after `</img>` per prompt. With guidance, the
+    unconditional rows are dropped once the image is done; the text continues from the prompt's rows.
+    """
+    _check_text_settings(model, eos_id, vocab_limit, max_new_tokens)
+    vocab, B = model.vocab, len(prompts)
+    # slots beyond the image: c_N and </img> are fed, then up to max_new_tokens - 1 text tokens
+    codes, _, cache, slot = _decode_image(model, prompts, generators, num_tokens, sampling, True, compile,
+                                          progress, False, extra_slots=max_new_tokens + 1)
+    cache = keep_rows(cache, B)
+    tail = torch.stack([codes[:, -1] + vocab.image_offset, torch.full_like(codes[:, -1], vocab.eoi_id)], dim=1)
+    positions = torch.arange(slot, slot + 2, device=codes.device)
+    hidden = model.forward_hidden(tail, True, positions, cache)[:, -1]  # c_N and </img> are visual
+    texts = _decode_text(model, cache, hidden, slot + 2, generators, text_sampling, eos_id, vocab_limit,
+                         max_new_tokens)
+    return codes, texts
+
+
+__all__ = [
+    "CAPTION_INSTRUCTIONS",
+    "SampleConfig",
+    "caption_prefix",
+    "generate_image_and_text",
+    "generate_image_tokens",
+    "generate_text",
+    "guide",
+    "left_pad",
+    "make_generators",
+    "sample",
+    "top_k_filter",
+    "top_p_filter",
+]

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny random MARS model, in memory and as a complete model folder.
+
+`tiny_model_dir` is a folder laid out like a real model (mars/model_dir.py): config.json +
+model.safetensors (the `debug` preset: byte-level text, 64 px images = 4 x 4 codes of 256), a
+`tokenizer/` (bytes) and a `vq/` (a tiny random VQ-GAN with the same codebook size and f16).
+Build it once per session; copy it before changing anything in it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mars.config import SemVIEConfig
+from mars.model.semvie import SemVIE
+from mars.text_tokenizer import ByteTokenizer
+from mars.vq.config import VQConfig
+from mars.vq.model import VQModel
+
+TINY_VQ = dict(ch=8, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), z_channels=8,
+               norm_groups=4, codebook_size=256, codebook_embed_dim=4)
+
+
+def random_tiny_model(seed: int = 0, **overrides) -> SemVIE:
+    """A `debug` SemVIE whose visual side and new vocabulary rows are random.
+
+    The MARS initialisation copies the language expert and gives every image code the same
+    embedding and head row, so every code would get the same logit; the noise added here makes
+    image logits spread (std ~1.5), so greedy and sampled decoding have something to choose.
+    """
+    torch.manual_seed(seed)
+    model = SemVIE(SemVIEConfig.from_name("debug", **overrides))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".visual." in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+            elif name.endswith("new_weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def random_tiny_vq(seed: int = 0, codebook_size: int = 256) -> VQModel:
+    torch.manual_seed(seed)
+    return VQModel(VQConfig(**{**TINY_VQ, "codebook_size": codebook_size})).eval()
+
+
+def write_model_dir(directory: Path, model: SemVIE, vq: VQModel) -> Path:
+    """A complete model folder: weights + config, tokenizer/ (bytes), vq/."""
+    model.save_pretrained(directory)
+    ByteTokenizer().save(directory / "tokenizer")
+    vq.save_pretrained(directory / "vq")
+    return directory
+
+
+@pytest.fixture
+def tiny_model() -> SemVIE:
+    """A fresh tiny random model (CPU, fp32, eval mode); free to modify."""
+    return random_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A complete tiny model folder (read-only by convention: copy it before changing it)."""
+    return write_model_dir(tmp_path_factory.mktemp("tiny-model"), random_tiny_model(), random_tiny_vq())
