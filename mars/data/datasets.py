@@ -164,8 +164,8 @@ class ImageTextSource(IterableDataset):
 # --------------------------------------------------------------------------- files on disk
 
 def _caption_from_json(data: dict) -> tuple[str | None, str | None]:
-    text = data.get("text", data.get("caption"))
-    return (text if isinstance(text, str) else None), data.get("text_zh")
+    text, text_zh = data.get("text", data.get("caption")), data.get("text_zh")
+    return (text if isinstance(text, str) else None), (text_zh if isinstance(text_zh, str) else None)
 
 
 class FileSource(ImageTextSource):

@@ -9,6 +9,7 @@ from PIL import Image, ImageFilter
 from mars.data.captions import canonical_caption, parse_canonical
 from mars.data.checker import check_detected, check_prompt, detect_objects
 from mars.data.shapes import Scene, ShapeObject, render_scene, scene_for_index
+from mars.errors import MarsError
 
 
 @pytest.mark.parametrize("split", ["train", "eval"])
@@ -54,7 +55,6 @@ def test_check_prompt_accepts_and_reports():
 def test_wrong_pictures_are_incorrect(prompt, reason):
     image = render_scene(scene(("red", "circle", 60, 128, 50), ("blue", "square", 180, 128, 80)))
     if reason is None:
-        from mars.errors import MarsError
         with pytest.raises(MarsError):
             check_prompt(image, prompt)
         return

@@ -1,6 +1,7 @@
 """MARS-Shapes world: spec constants, exact geometry, sampler rules, captions, `mars data shapes`."""
 
 import argparse
+import json
 import math
 import random
 from collections import Counter
@@ -201,8 +202,6 @@ def run_cli(*argv):
 
 
 def test_cli_is_deterministic(tmp_path):
-    import json
-
     run_cli("--n", "40", "--out", str(tmp_path / "a"), "--seed", "3")
     run_cli("--n", "40", "--out", str(tmp_path / "b"), "--seed", "3", "--workers", "2")
     a, b = tmp_path / "a", tmp_path / "b"
