@@ -15,7 +15,9 @@ from mars.errors import MarsError
 
 # Modules that contribute verbs, in the order they appear in `mars --help`.
 COMMAND_MODULES = [
+    "mars.model.cli",
     "mars.data.preprocess_cli",
+    "mars.train.cli",
 ]
 
 

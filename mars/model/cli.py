@@ -1,0 +1,51 @@
+"""`mars init`: a MARS model folder from a Hugging Face Qwen (v1) / Qwen2 / Llama checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from mars.errors import MarsError
+from mars.model.convert import DTYPES, init_model_dir, parameter_counts
+
+
+def add_commands(subparsers) -> None:
+    """Register `mars init`."""
+    init = subparsers.add_parser(
+        "init", help="make a MARS model from a Qwen / Qwen2 / Llama checkpoint",
+        description="Convert a local Hugging Face checkpoint folder (config.json + safetensors or .bin "
+                    "weights + tokenizer) into a MARS model folder: the LLM becomes the frozen language "
+                    "expert of every layer, the visual experts start as its copies and the new image / "
+                    "special vocabulary rows as the mean of its text rows.")
+    init.add_argument("--backbone", required=True, metavar="HF_DIR", help="Hugging Face checkpoint folder")
+    init.add_argument("--out", required=True, metavar="DIR", help="MARS model folder to write")
+    init.add_argument("--image-vocab-size", type=int, default=8192,
+                      help="VQ codebook size: image-code rows added to the vocabulary (default 8192)")
+    init.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                      help="weight dtype of the written model (default: the checkpoint's)")
+    init.add_argument("--max-seq-len", type=int, default=None,
+                      help="context length recorded in the config (default: the checkpoint's)")
+    init.add_argument("--overwrite", action="store_true", help="replace a model already in DIR")
+    init.set_defaults(func=run_init)
+
+
+def run_init(args: argparse.Namespace) -> None:
+    if args.image_vocab_size <= 0:
+        raise MarsError(f"--image-vocab-size must be positive, got {args.image_vocab_size}")
+    start = time.time()
+    print(f"converting {args.backbone} ...", flush=True)
+    model = init_model_dir(args.backbone, args.out, image_vocab_size=args.image_vocab_size,
+                           dtype=DTYPES[args.dtype] if args.dtype else None, max_seq_len=args.max_seq_len,
+                           overwrite=args.overwrite)
+    cfg = model.config
+    counts = parameter_counts(model)
+    dtype = next(model.parameters()).dtype
+    print(f"backbone: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads "
+          f"({cfg.num_kv_heads} kv) x {cfg.head_dim}, FFN {cfg.intermediate_size}, {cfg.text_vocab_size} text rows, "
+          f"{dtype}")
+    print(f"vocabulary: {cfg.text_vocab_size} text + {cfg.image_vocab_size} image codes + "
+          f"{cfg.num_special_tokens} specials = {cfg.vocab_size}")
+    print(f"parameters: {counts['total']:,} total, {counts['trainable']:,} trainable "
+          f"(visual experts {counts['visual_expert']:,} + new vocabulary rows {counts['new_vocab']:,}), "
+          f"{counts['frozen']:,} frozen")
+    print(f"wrote {args.out} in {time.time() - start:.1f}s")
