@@ -112,11 +112,8 @@ def _object_phrases(scene: Scene, lang: str, rng: random.Random) -> list[str]:
     if scene.category == "counting":
         c, s = scene.objects[0].colour, scene.objects[0].shape
         return [phrase(rng, c, s, len(scene.objects))]
-    if scene.category == "size":
-        small, large = ("small", "large") if lang == "en" else ("小", "大")
-        if lang == "en":
-            large = rng.choice(["large", "big"])
-        adjectives = [small, large]
+    if scene.category == "size":  # objects are (small, large)
+        adjectives = ["small", rng.choice(["large", "big"])] if lang == "en" else ["小", "大"]
     else:
         adjectives = [""] * len(scene.objects)
     return [phrase(rng, o.colour, o.shape, 1, adj) for o, adj in zip(scene.objects, adjectives)]
