@@ -1,0 +1,122 @@
+"""`TrainConfig`: one dataclass per training run, read from a stage YAML plus `key=value` overrides.
+
+    cfg = load_train_config("configs/debug/stage1.yaml", ["out_dir=runs/x", "max_steps=10"])
+
+Unknown keys and mistyped values are rejected with a one-line `MarsError` (`mars.config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mars.config import load_config
+from mars.errors import MarsError
+
+STAGES = ("stage0", "stage1", "stage2", "stage3")
+TASKS = ("lm", "t2i", "i2t")
+
+
+@dataclass
+class DataConfig:
+    """Where training samples come from and how sequences are built."""
+
+    shards: str | None = None  # folder of preprocessed code shards (`mars preprocess` output)
+    synthetic: int = 0  # > 0: N MARS-Shapes scenes tokenized by a fixed colour-palette quantizer (debug)
+    text: str | None = None  # stage 0 corpus: .txt (one document per line) or .jsonl {"text": ...}
+    seed: int = 0  # data order and per-sample choices are a function of (seed, step) only
+    cfg_dropout: float = 0.1  # T2I: fraction of prompts replaced by the null (empty) prompt
+    zh_fraction: float = 0.5  # T2I/I2T: fraction of samples using the Chinese caption when present
+    max_text_len: int = 64  # caption tokens kept (prompt or I2T target)
+    seq_len: int = 256  # stage 0: tokens kept per LM document
+
+    def __post_init__(self) -> None:
+        if self.shards and self.synthetic:
+            raise MarsError("data: set only one of data.shards (a folder) or data.synthetic (N > 0)")
+        for key in ("cfg_dropout", "zh_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise MarsError(f"data.{key} must lie in [0, 1], got {getattr(self, key)}")
+        if self.max_text_len <= 0 or self.seq_len <= 1:
+            raise MarsError("data.max_text_len must be > 0 and data.seq_len > 1")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; `mars train CONFIG.yaml key=value ...` builds one."""
+
+    stage: str = "stage1"  # stage0 (text LM) | stage1 (T2I + I2T) | stage2 (T2I) | stage3 (T2I, 512 px)
+    out_dir: str = "runs/train"
+    init_from: str | None = None  # a MARS model folder (`mars init` output or a previous stage's final/)
+    model: str | dict[str, Any] | None = None  # preset name or mapping: build from scratch (stage 0, debug)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # only image_size / max_seq_len (stage 3)
+    init_visual: bool = False  # re-copy the visual side from the text side after loading
+    tokenizer: str | None = None  # text tokenizer for a scratch model (default: the config's kind)
+    vq: str | None = None  # VQ-GAN folder copied into final/vq (default: init_from/vq)
+    data: DataConfig = field(default_factory=lambda: DataConfig(synthetic=64))
+    tasks: dict[str, float] = field(default_factory=lambda: {"t2i": 0.5, "i2t": 0.5})  # task of each step ~ weights
+
+    # optimisation
+    batch_size: int = 8  # global sequences per optimizer step (all ranks, all micro-batches)
+    micro_batch_size: int = 8  # sequences per forward on one rank (gradient accumulation above it)
+    max_steps: int = 100
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1  # on matrices only; never on norms, biases
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 = off
+    t2i_loss_vocab: str = "full"  # full: softmax over the whole vocabulary; visual: new rows only
+
+    # execution
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # bf16 (autocast / FSDP mixed precision) | fp32
+    activation_checkpointing: bool = False
+    compile: bool = False
+    prefix_no_grad: bool = True  # T2I: text prefix once without autograd into a KV cache
+    seed: int = 0
+
+    # checkpoints and feedback
+    save_every: int = 100  # 0 = only the final model
+    keep_last: int = 2
+    resume: str = "never"  # never | auto | PATH of a checkpoint folder
+    log_every: int = 1
+    tensorboard: bool = True
+    sample_every: int = 0  # 0 = never; needs a VQ (init_from/vq or vq:)
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "一个蓝色的正方形"])
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise MarsError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if (self.init_from is None) == (self.model is None):
+            raise MarsError("set exactly one of init_from (a model folder) or model (a preset to build from scratch)")
+        unknown = set(self.model_overrides) - {"image_size", "max_seq_len"}
+        if unknown:
+            raise MarsError(f"model_overrides may only change image_size and max_seq_len, got {sorted(unknown)}")
+        allowed = ("lm",) if self.stage == "stage0" else ("t2i", "i2t")
+        if not self.tasks or any(t not in allowed or w <= 0 for t, w in self.tasks.items()):
+            raise MarsError(f"{self.stage} tasks must be positive weights over {', '.join(allowed)}, got {self.tasks}")
+        if not (self.data.shards or self.data.synthetic or (self.stage == "stage0" and self.data.text)):
+            raise MarsError("no training data: set data.shards (or data.synthetic; data.text for stage0)")
+        if self.micro_batch_size <= 0 or self.batch_size <= 0 or self.max_steps <= 0:
+            raise MarsError("batch_size, micro_batch_size and max_steps must be positive")
+        if self.t2i_loss_vocab not in ("full", "visual"):
+            raise MarsError(f"t2i_loss_vocab must be full or visual, got {self.t2i_loss_vocab!r}")
+        if self.precision not in ("bf16", "fp32"):
+            raise MarsError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise MarsError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.save_every < 0 or self.keep_last < 1:
+            raise MarsError("save_every must be >= 0 and keep_last >= 1")
+
+    def accumulation(self, world_size: int = 1) -> int:
+        """Micro-batches per rank per optimizer step."""
+        if self.batch_size % (world_size * self.micro_batch_size):
+            raise MarsError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
+                            f"{self.micro_batch_size} x {world_size} rank(s)")
+        return self.batch_size // (world_size * self.micro_batch_size)
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A `TrainConfig` from a YAML file and `key=value` overrides (dotted keys reach `data.`)."""
+    return load_config(TrainConfig, path, overrides)

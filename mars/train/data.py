@@ -1,0 +1,143 @@
+"""Training data for the trainer: code shards in, per-rank micro-batches of each task out.
+
+The task and the samples of a step are a pure function of (data seed, step): the data position of
+a run is just its step, a resumed run sees exactly the batches it would have seen, and N ranks
+see the same global batch as one process.
+
+Sequences, batches and the task mixer are `mars.data.sequences` (T2I left-padded so `<img>` sits
+at column P; I2T and LM right-padded; `targets` already shifted, -100 = no loss).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from mars.data.sequences import IGNORE, I2TBatch, LMBatch, SequenceBuilder, T2IBatch
+from mars.errors import MarsError
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Debug data: MARS-Shapes scenes tokenized by a fixed colour palette (no VQ-GAN needed)
+# ---------------------------------------------------------------------------------------------
+
+
+class PaletteQuantizer:
+    """A training-free image tokenizer for debug runs: each f x f patch -> its mean colour,
+    rounded to an L x L x L palette (L = floor(codebook_size ** (1/3))); code = (r * L + g) * L + b.
+
+    It has the interface `mars.data.preprocess.preprocess` needs (`encode_to_codes`,
+    `identity_hash`, `config.codebook_size`, `config.downsample`), so debug shards are written by
+    the same code as real ones, and the codes are a learnable function of the caption's scene.
+    """
+
+    def __init__(self, codebook_size: int, downsample: int = 16) -> None:
+        self.levels = round(codebook_size ** (1 / 3))
+        while self.levels**3 > codebook_size:
+            self.levels -= 1
+        if self.levels < 2:
+            raise MarsError(f"a palette needs a codebook of at least 8 codes, got {codebook_size}")
+        self.config = SimpleNamespace(codebook_size=codebook_size, downsample=downsample)
+
+    @torch.no_grad()
+    def encode_to_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, H/f, W/f) long codes."""
+        f, L = self.config.downsample, self.levels
+        mean = torch.nn.functional.avg_pool2d(images.float(), f)  # (B, 3, h, w)
+        q = ((mean + 1) / 2 * (L - 1)).round().clamp(0, L - 1).long()
+        return (q[:, 0] * L + q[:, 1]) * L + q[:, 2]
+
+    def identity_hash(self) -> str:
+        return f"palette-{self.config.codebook_size}-{self.config.downsample}"
+
+
+def synthetic_shards(out: Path, n: int, seed: int, model_config, text_tokenizer) -> Path:
+    """Write (once) N MARS-Shapes training scenes as code shards under `out`, palette-tokenized."""
+    from mars.data.preprocess import preprocess
+
+    if not (out / "index.json").is_file():
+        quantizer = PaletteQuantizer(model_config.image_vocab_size, model_config.image_downsample)
+        preprocess(quantizer, text_tokenizer, f"shapes:{n}:{seed}", out, resolution=model_config.image_size,
+                   shard_size=max(n, 1), batch_size=64, progress=False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The step -> micro-batches function
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MicroBatch:
+    batch: T2IBatch | I2TBatch | LMBatch  # tensors on the CPU
+    num_tokens: int  # loss tokens in it
+
+
+class StepData:
+    """This rank's micro-batches of the global batch of a step, from `mars.data.sequences`.
+
+    The `SequenceBuilder` picks one task per step and maps (step, rank, world_size) to samples.
+    Micro-batch a of rank r is asked for as virtual rank r * A + a of world_size * A, so a global
+    batch holds the same sequences however it is split over ranks and accumulation steps.
+    """
+
+    def __init__(self, dataset, builder: SequenceBuilder, batch_size: int, micro_batch_size: int,
+                 rank: int = 0, world_size: int = 1):
+        if len(dataset) == 0:
+            raise MarsError("the training data set is empty")
+        if batch_size % (world_size * micro_batch_size):
+            raise MarsError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro_batch_size} "
+                            f"x {world_size} rank(s)")
+        self.dataset, self.builder = dataset, builder
+        self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
+        self.accumulation = batch_size // (world_size * micro_batch_size)
+
+    def micro_batches(self, step: int) -> tuple[str, list[MicroBatch]]:
+        """(task of `step`, this rank's micro-batches); step is 0-based."""
+        A, out, task = self.accumulation, [], self.builder.task(step)
+        for a in range(A):
+            task_a, batch = self.builder.batch(self.dataset, step, self.micro_batch_size,
+                                               rank=self.rank * A + a, world_size=self.world_size * A)
+            assert task_a == task
+            out.append(MicroBatch(batch, int((batch.targets != IGNORE).sum())))
+        return task, out
+
+
+class TextCorpus:
+    """Documents of a text file as samples the `SequenceBuilder` understands (LM task only)."""
+
+    def __init__(self, docs: list[list[int]]):
+        self.docs = docs
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"text_ids": self.docs[i], "text_zh_ids": None}
+
+
+def read_text_corpus(path: str | Path, text_tokenizer) -> list[list[int]]:
+    """Documents of a .txt (one per non-empty line) or .jsonl ({"text": ...} per line) file, tokenized."""
+    path = Path(path)
+    if not path.is_file():
+        raise MarsError(f"text corpus not found: {path}")
+    docs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                line = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise MarsError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
+        docs.append(text_tokenizer.encode(line))
+    if not docs:
+        raise MarsError(f"text corpus {path} holds no documents")
+    return docs

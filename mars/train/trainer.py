@@ -1,0 +1,367 @@
+"""One trainer for every stage, in one process or under `torchrun` (FSDP2).
+
+    cfg = load_train_config("configs/debug/stage1.yaml", ["out_dir=runs/x"])
+    Trainer(cfg, init_distributed(cfg.device)).run()     # -> runs/x/final (a MARS model folder)
+
+A step: this rank's micro-batches of the global batch (`mars.train.data.StepData`), each task's
+summed token loss divided by the task's token count over the WHOLE global batch (all ranks, all
+micro-batches) and weighted by the task weight, backward per micro-batch, clip, AdamW, schedule.
+That normalisation makes the loss and gradients independent of how the batch is split, so N
+ranks reproduce one process. Outputs under `out_dir`: metrics.jsonl (one line per step), tb/,
+train.log, checkpoints/, final/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mars.config import apply_overrides, model_config_from, to_dict
+from mars.data.sequences import SequenceBuilder
+from mars.errors import MarsError
+from mars.model.semvie import SemVIE, load_model_config
+from mars.model_dir import TOKENIZER_DIR, VQ_DIR, load_model_text_tokenizer
+from mars.text_tokenizer import load_text_tokenizer
+from mars.train import checkpoint, parallel
+from mars.train.config import TrainConfig
+from mars.train.data import StepData, TextCorpus, read_text_corpus, synthetic_shards
+from mars.train.losses import task_loss
+from mars.train.parallel import DistEnv
+from mars.train.stages import set_trainable, text_path_frozen
+from mars.vocab import MultimodalVocab
+
+logger = logging.getLogger("mars.train")
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup to 1, then cosine decay to `min_lr_ratio` at `max_steps`."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only; weight decay on matrices, never on norms or biases."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+
+
+def resolve_model_config(cfg: TrainConfig):
+    """The architecture: from init_from's config.json, or a preset / mapping; then model_overrides."""
+    if cfg.init_from is not None:
+        base = load_model_config(cfg.init_from)
+    else:
+        base = model_config_from(cfg.model)
+    return apply_overrides(base, dict(cfg.model_overrides)) if cfg.model_overrides else base
+
+
+class Trainer:
+    """Set up model, data, optimizer and checkpoints from a `TrainConfig`; `run()` trains."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None) -> None:
+        self.cfg = cfg
+        self.env = env or DistEnv()
+        self.out = Path(cfg.out_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self._setup_logging()
+        torch.manual_seed(cfg.seed)
+        self.model_config = resolve_model_config(cfg)
+        self.text_tokenizer = self._text_tokenizer()
+        self.bf16 = cfg.precision == "bf16"
+        self.model = self._build_model()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.data = self._build_data()
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.start_step = self._maybe_resume()
+
+    # --- setup -----------------------------------------------------------------------------------
+    def _setup_logging(self) -> None:
+        if self.env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(self.out / "train.log")]
+            for h in handlers:
+                h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            for name in ("mars.train", "mars.train.stages", "mars.train.data"):
+                log = logging.getLogger(name)
+                log.handlers[:] = handlers if name == "mars.train" else []
+                log.setLevel(logging.INFO)
+                log.propagate = name != "mars.train"
+        else:  # rank-0 logging only
+            logging.getLogger("mars.train").setLevel(logging.WARNING)
+
+    def _text_tokenizer(self):
+        if self.cfg.init_from is not None:
+            return load_model_text_tokenizer(self.cfg.init_from, self.model_config.text_tokenizer)
+        return load_text_tokenizer(self.cfg.tokenizer or self.model_config.text_tokenizer)
+
+    def _initial_state(self) -> dict[str, torch.Tensor]:
+        """The starting weights, on rank 0's CPU: init_from's, or a seeded fresh init."""
+        cfg = self.cfg
+        if cfg.init_from is not None:
+            model = SemVIE.from_pretrained(cfg.init_from)
+        else:
+            torch.manual_seed(cfg.seed)
+            model = SemVIE(self.model_config)
+        if cfg.init_visual:
+            model.init_visual_side()
+        return model.state_dict()
+
+    def _build_model(self) -> torch.nn.Module:
+        """meta -> set_trainable -> activation checkpointing -> compile -> FSDP -> materialise -> load."""
+        cfg, env = self.cfg, self.env
+        with torch.device("meta"):
+            model = SemVIE(self.model_config)
+        counts = set_trainable(model, cfg.stage)
+        if self.env.is_main:
+            logger.info("trainable per group: %s", {k: f"{v:,}" for k, v in counts.items()})
+        self.prefix_no_grad = cfg.prefix_no_grad and text_path_frozen(model)
+        if cfg.prefix_no_grad and not self.prefix_no_grad and "t2i" in cfg.tasks:
+            raise MarsError("prefix_no_grad needs a frozen text side; set prefix_no_grad=false for this stage")
+        if cfg.activation_checkpointing:
+            parallel.apply_activation_checkpointing(model)
+        if cfg.compile:
+            parallel.apply_compile(model)
+        if env.distributed:
+            parallel.apply_fsdp(model, self.bf16)
+        model.to_empty(device=env.device)
+        state = self._initial_state() if env.is_main else None
+        parallel.load_full_state(model, state, env)
+        model.train()
+        return model
+
+    def _build_data(self) -> StepData:
+        cfg, env = self.cfg, self.env
+        mc = self.model_config
+        if cfg.data.text:
+            dataset = TextCorpus(read_text_corpus(cfg.data.text, self.text_tokenizer))
+        else:
+            dataset = self._code_shards()
+        lm = "lm" in cfg.tasks
+        builder = SequenceBuilder(
+            MultimodalVocab.from_config(mc), self.text_tokenizer,
+            t2i_weight=cfg.tasks.get("t2i", 0.0), i2t_weight=cfg.tasks.get("i2t", 0.0),
+            lm_weight=cfg.tasks.get("lm", 0.0), null_prompt_prob=cfg.data.cfg_dropout, zh_prob=cfg.data.zh_fraction,
+            seed=cfg.data.seed, max_text_len=cfg.data.seq_len if lm else cfg.data.max_text_len)
+        if env.is_main:
+            logger.info("data: %d samples from %s; tasks %s; %d sequences per step = %d rank(s) x %d x %d micro-batch",
+                        len(dataset), cfg.data.text or cfg.data.shards or "synthetic shards", cfg.tasks, cfg.batch_size, env.world_size,
+                        cfg.accumulation(env.world_size), cfg.micro_batch_size)
+        instruction = max(len(ids) for ids in builder.instruction_ids.values())
+        longest = {"lm": cfg.data.seq_len + 1, "t2i": cfg.data.max_text_len + mc.image_tokens + 2,
+                   "i2t": mc.image_tokens + 2 + instruction + cfg.data.max_text_len + 1}
+        worst = max(longest[t] for t in cfg.tasks)
+        if worst > mc.max_seq_len:
+            raise MarsError(f"sequences of up to {worst} tokens exceed max_seq_len {mc.max_seq_len}; "
+                            "lower data.max_text_len / data.seq_len")
+        return StepData(dataset, builder, cfg.batch_size, cfg.micro_batch_size, env.rank, env.world_size)
+
+    def _code_shards(self):
+        """The preprocessed code shards (written first for `data.synthetic`), checked against the model."""
+        cfg, env, mc = self.cfg, self.env, self.model_config
+        from mars.data.shards import open_shards
+
+        if cfg.data.synthetic:
+            folder = self.out / "data"
+            if env.is_main:
+                synthetic_shards(folder, cfg.data.synthetic, cfg.data.seed, mc, self.text_tokenizer)
+            parallel.barrier(env)
+        else:
+            folder = Path(cfg.data.shards)
+        records = open_shards(folder, expect_text_tokenizer=self.text_tokenizer)
+        grid_len = records.grid[0] * records.grid[1]
+        if grid_len != mc.image_tokens and "lm" not in cfg.tasks:
+            raise MarsError(f"{folder} holds {grid_len} codes per image but the model is set for "
+                            f"{mc.image_tokens} ({mc.image_size} px); set model_overrides.image_size "
+                            "or use matching shards")
+        return records
+
+    def _maybe_resume(self) -> int:
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            checkpoint.clean_partial(self.ckpt_root)
+        parallel.barrier(env)
+        if cfg.resume == "never":
+            path = None
+        elif cfg.resume == "auto":
+            path = checkpoint.latest_checkpoint(self.ckpt_root)
+            if path is None and env.is_main:
+                logger.info("resume=auto: no checkpoint in %s, starting fresh", self.ckpt_root)
+        else:
+            path = Path(cfg.resume)
+        if path is None:
+            if env.is_main:
+                (self.out / "metrics.jsonl").write_text("")
+            return 0
+        meta = checkpoint.read_meta(path)
+        if meta["stage"] != cfg.stage:
+            raise MarsError(f"checkpoint {path} is from {meta['stage']}, this run is {cfg.stage}")
+        checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler, env)
+        step = meta["step"]
+        if env.is_main:
+            logger.info("resumed from %s (step %d)", path, step)
+            self._truncate_metrics(step)
+        return step
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines of steps after the checkpoint: they will be redone."""
+        file = self.out / "metrics.jsonl"
+        lines = file.read_text().splitlines() if file.is_file() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        file.write_text("".join(line + "\n" for line in kept))
+
+    # --- training ----------------------------------------------------------------------------------
+    def autocast(self):
+        """bf16 autocast in one process; under FSDP its mixed-precision policy casts instead."""
+        if not self.bf16 or self.env.distributed:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step; returns its metrics (identical on every rank)."""
+        cfg, env, model = self.cfg, self.env, self.model
+        task, micro = self.data.micro_batches(step)
+        local = torch.tensor([float(sum(m.num_tokens for m in micro))], dtype=torch.float64)
+        num_targets = float(parallel.all_reduce_sum(local, env).item())  # loss tokens of the global batch
+        ce_total, tokens = 0.0, 0
+        cache_dtype = torch.bfloat16 if self.bf16 else torch.float32
+        for i, mb in enumerate(micro):
+            parallel.set_grad_sync(model, i == len(micro) - 1)
+            batch = mb.batch.to(env.device)
+            with self.autocast():
+                ce_sum, _ = task_loss(model, batch, prefix_no_grad=self.prefix_no_grad, vocab=cfg.t2i_loss_vocab,
+                                      cache_dtype=cache_dtype)
+            # Mean over the global batch's loss tokens; x world_size because FSDP averages over ranks.
+            (ce_sum * (env.world_size / num_targets)).backward()
+            ce_total += float(ce_sum.detach())
+            tokens += batch.input_ids.numel()
+        grad_norm = parallel.clip_grad_norm(self.trainable, cfg.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        sums = parallel.all_reduce_sum(torch.tensor([ce_total, float(tokens)], dtype=torch.float64), env).cpu()
+        loss = float(sums[0]) / num_targets
+        return {"step": step + 1, "task": task, "loss": loss, f"loss_{task}": loss, "lr": lr,
+                "grad_norm": grad_norm, "tokens": int(sums[1])}
+
+    def run(self) -> Path:
+        """Train from `start_step` to `max_steps`; returns the final model folder."""
+        cfg, env = self.cfg, self.env
+        writer = self._tensorboard()
+        bar = tqdm(total=cfg.max_steps, initial=self.start_step, desc=cfg.stage, unit="step",
+                   disable=not env.is_main, dynamic_ncols=True)
+        metrics_file = self.out / "metrics.jsonl"
+        for step in range(self.start_step, cfg.max_steps):
+            start = time.perf_counter()
+            metrics = self.train_step(step)
+            metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - start)
+            if not math.isfinite(metrics["loss"]):
+                raise MarsError(f"loss became {metrics['loss']} at step {step + 1}; lower lr or check the data")
+            if env.is_main:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if writer is not None:
+                    for key, value in metrics.items():
+                        if key not in ("step", "task"):
+                            writer.add_scalar(f"train/{key}", value, metrics["step"])
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                bar.update(1)
+                if cfg.log_every and metrics["step"] % cfg.log_every == 0:
+                    logger.debug("%s", metrics)
+            done = step + 1
+            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+                self.save_checkpoint(done)
+            if cfg.sample_every and done % cfg.sample_every == 0:
+                self.sample(done, writer)
+        bar.close()
+        if cfg.save_every:
+            self.save_checkpoint(cfg.max_steps)
+        final = self.save_final()
+        if writer is not None:
+            writer.close()
+        return final
+
+    def _tensorboard(self):
+        if not (self.cfg.tensorboard and self.env.is_main):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.out / "tb"))
+
+    # --- outputs -----------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        meta = {"stage": self.cfg.stage, "data_position": {"step": step}, "model_config": self.model_config.to_dict(),
+                "train_config": to_dict(self.cfg)}
+        path = checkpoint.save_checkpoint(self.ckpt_root, step, self.model, self.optimizer, self.scheduler, meta,
+                                          self.env, self.cfg.keep_last)
+        if self.env.is_main:
+            logger.info("checkpoint %s", path)
+        return path
+
+    def save_final(self) -> Path:
+        """`out_dir/final`: save_pretrained + tokenizer/ + vq/, loadable by MarsPipeline."""
+        state = parallel.full_state_dict(self.model, self.env)
+        final = self.out / "final"
+        if self.env.is_main:
+            with torch.device("meta"):
+                model = SemVIE(self.model_config)
+            model.load_state_dict(state, assign=True)
+            if self.cfg.stage == "stage0":
+                # Stage 0 trained only the text side: start the visual side from the trained one.
+                model.init_visual_side()
+            tmp = self.out / ".tmp-final"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            model.save_pretrained(tmp)
+            self.text_tokenizer.save(tmp / TOKENIZER_DIR)
+            vq = self._vq_dir()
+            if vq is not None:
+                shutil.copytree(vq, tmp / VQ_DIR)
+            else:
+                logger.info("no VQ-GAN (set vq: or init_from with a vq/ folder): %s has no vq/", final)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            logger.info("final model: %s", final)
+        parallel.barrier(self.env)
+        return final
+
+    def _vq_dir(self) -> Path | None:
+        if self.cfg.vq is not None:
+            path = Path(self.cfg.vq)
+            if not (path / "config.json").is_file():
+                raise MarsError(f"vq {path} is not a VQ-GAN folder (no config.json)")
+            return path
+        if self.cfg.init_from is not None and (Path(self.cfg.init_from) / VQ_DIR).is_dir():
+            return Path(self.cfg.init_from) / VQ_DIR
+        return None
+
+    def sample(self, step: int, writer) -> None:
+        """Generate images for `sample_prompts` (needs mars.generate and a VQ-GAN)."""
+        try:
+            from mars import generate  # noqa: F401
+        except ImportError:
+            if self.env.is_main and not getattr(self, "_sample_note", False):
+                logger.info("sampling skipped: mars.generate is not available in this checkout")
+            self._sample_note = True
+            return
+        raise NotImplementedError
