@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "mars.model.cli",
     "mars.data.preprocess_cli",
     "mars.train.cli",
+    "mars.train.cli",
 ]
 
 
