@@ -18,7 +18,6 @@ COMMAND_MODULES = [
     "mars.model.cli",
     "mars.data.preprocess_cli",
     "mars.train.cli",
-    "mars.train.cli",
 ]
 
 
