@@ -16,8 +16,10 @@ from mars.errors import MarsError
 # Modules that contribute verbs, in the order they appear in `mars --help`.
 COMMAND_MODULES = [
     "mars.model.cli",
+    "mars.data.cli",
     "mars.data.preprocess_cli",
     "mars.train.cli",
+    "mars.eval.cli",
 ]
 
 
