@@ -11,4 +11,13 @@ from mars.vocab import MultimodalVocab
 
 __version__ = "0.1.0"
 
-__all__ = ["MultimodalVocab", "SemVIE", "SemVIEConfig", "__version__"]
+__all__ = ["MarsPipeline", "MultimodalVocab", "SemVIE", "SemVIEConfig", "__version__"]
+
+
+def __getattr__(name: str):
+    # The pipeline pulls in the VQ-GAN, image IO and tqdm: import it only when it is asked for.
+    if name == "MarsPipeline":
+        from mars.pipeline import MarsPipeline
+
+        return MarsPipeline
+    raise AttributeError(f"module 'mars' has no attribute {name!r}")

@@ -34,11 +34,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from mars.data.sequences import INSTRUCTION_EN, INSTRUCTION_ZH
 from mars.errors import MarsError
 from mars.model.semvie import KVCache, SemVIE
 
-# Instruction that follows `</img>` in image-to-text sequences (training uses the same strings).
-CAPTION_INSTRUCTIONS = {"en": "Describe the image.", "zh": "描述这张图片。"}
+# Instruction that follows `</img>` in image-to-text sequences: the strings training used.
+CAPTION_INSTRUCTIONS = {"en": INSTRUCTION_EN, "zh": INSTRUCTION_ZH}
 PAD_ID = 0  # id written into left padding; padded slots are never attended to
 
 Generators = list[torch.Generator] | None

@@ -3,12 +3,14 @@
 `tiny_model_dir` is a folder laid out like a real model (mars/model_dir.py): config.json +
 model.safetensors (the `debug` preset: byte-level text, 64 px images = 4 x 4 codes of 256), a
 `tokenizer/` (bytes) and a `vq/` (a tiny random VQ-GAN with the same codebook size and f16).
-Build it once per session; copy it before changing anything in it.
+Build it once per session; copy it before changing anything in it. `tiny_builders` hands out the
+functions that build them (tests run in importlib mode and cannot import this file).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +20,10 @@ from mars.model.semvie import SemVIE
 from mars.text_tokenizer import ByteTokenizer
 from mars.vq.config import VQConfig
 from mars.vq.model import VQModel
+
+# Tiny models gain nothing from intra-op threads, and on a busy shared machine OpenMP workers
+# spinning for a core make each small matmul ~20x slower: run the test process on one thread.
+torch.set_num_threads(1)
 
 TINY_VQ = dict(ch=8, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), z_channels=8,
                norm_groups=4, codebook_size=256, codebook_embed_dim=4)
@@ -65,3 +71,9 @@ def tiny_model() -> SemVIE:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A complete tiny model folder (read-only by convention: copy it before changing it)."""
     return write_model_dir(tmp_path_factory.mktemp("tiny-model"), random_tiny_model(), random_tiny_vq())
+
+
+@pytest.fixture(scope="session")
+def tiny_builders() -> SimpleNamespace:
+    """`.model(seed, **config_overrides)`, `.vq(seed, codebook_size)`, `.write_dir(path, model, vq)`."""
+    return SimpleNamespace(model=random_tiny_model, vq=random_tiny_vq, write_dir=write_model_dir)

@@ -1,0 +1,277 @@
+"""`MarsPipeline`: the user-facing API. Load a model folder, generate images, caption images.
+
+    from mars import MarsPipeline
+    pipe = MarsPipeline.from_pretrained("shapes-demo")        # built-in name or a model folder
+    images = pipe.generate(["a red circle", "一个蓝色的正方形"], cfg_scale=4.0, seed=0)
+    texts = pipe.caption(images)
+    image, text = pipe.generate_with_text("a red circle")
+
+Seeds: image i of a call (prompt-major: every image of the first prompt, then of the second, ...)
+is drawn from its own generator seeded with `seed + i`, so it does not depend on `batch_size` or
+on the other prompts of the call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mars.data.images import UnusableImage, load_image, pil_to_tensor, resize_center_crop, tensor_to_pil
+from mars.errors import MarsError
+from mars.generate import (
+    CAPTION_INSTRUCTIONS,
+    SampleConfig,
+    caption_prefix,
+    generate_image_and_text,
+    generate_image_tokens,
+    generate_text,
+    make_generators,
+)
+from mars.model.semvie import SemVIE
+from mars.model_dir import DEFAULT_MODEL, VQ_DIR, load_model_text_tokenizer, resolve_model_path
+from mars.text_tokenizer import TextTokenizer
+from mars.vq.io import load_tokenizer
+from mars.vq.model import VQModel
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+ImageInput = Image.Image | str | os.PathLike
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None = CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise MarsError(f"unknown device {device!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MarsError("device cuda was asked for, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None = bf16 on CUDA, fp32 elsewhere."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise MarsError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class MarsPipeline:
+    """A SemVIE model with its text tokenizer and VQ-GAN: prompts -> images, images -> text."""
+
+    def __init__(self, model: SemVIE, text_tokenizer: TextTokenizer, vq: VQModel) -> None:
+        config = model.config
+        if vq.config.codebook_size != config.image_vocab_size:
+            raise MarsError(f"the VQ-GAN has {vq.config.codebook_size} codes but the model "
+                            f"{config.image_vocab_size} image rows (config image_vocab_size)")
+        if vq.config.downsample != config.image_downsample:
+            raise MarsError(f"the VQ-GAN downsamples by {vq.config.downsample} but the model expects "
+                            f"{config.image_downsample} (config image_downsample)")
+        if text_tokenizer.vocab_size > config.text_vocab_size:
+            raise MarsError(f"the text tokenizer has {text_tokenizer.vocab_size} ids but the model only "
+                            f"{config.text_vocab_size} text rows")
+        self.model = model.eval()
+        self.tokenizer = text_tokenizer
+        self.vq = vq.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_dir: str | os.PathLike = DEFAULT_MODEL,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> "MarsPipeline":
+        """Load a model folder (config.json, weights, tokenizer/, vq/) or a built-in model by name.
+
+        `device` None = CUDA when available; `dtype` None = bf16 on CUDA, fp32 on CPU (the VQ-GAN
+        always runs in fp32).
+        """
+        path = resolve_model_path(name_or_dir)
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        if not (path / VQ_DIR).is_dir():
+            raise MarsError(f"{path} has no {VQ_DIR}/ folder (the VQ-GAN image tokenizer)")
+        model = SemVIE.from_pretrained(path, device=device, dtype=dtype)
+        text_tokenizer = load_model_text_tokenizer(path, model.config.text_tokenizer)
+        vq = load_tokenizer(path / VQ_DIR, device=device)
+        return cls(model, text_tokenizer, vq)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write a folder `from_pretrained` reads: config + weights, tokenizer/, vq/."""
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save(directory / "tokenizer")
+        self.vq.save_pretrained(directory / VQ_DIR)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    # --- text to image ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        cfg_scale: float = 4.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+        seed: int = 0,
+        num_images_per_prompt: int = 1,
+        batch_size: int = 8,
+        image_size: int | None = None,
+        progress: bool = False,
+        compile: bool = False,
+    ) -> list[Image.Image]:
+        """Images for `prompts` (English, Chinese, any text the tokenizer reads).
+
+        Returns `num_images_per_prompt` images per prompt, prompt-major; image i uses seed
+        `seed + i`. `batch_size` images are made at once (twice the rows with guidance).
+        `image_size` defaults to the model's; `compile` compiles the decode step (worth it for
+        many batches of the same shape).
+        """
+        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+        sampling = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+        grid = self._grid(image_size)
+        ids = self._encode_prompts(prompt_list, grid * grid)
+        _check_count("num_images_per_prompt", num_images_per_prompt)
+        _check_count("batch_size", batch_size)
+        jobs = [p for p in ids for _ in range(num_images_per_prompt)]
+        images: list[Image.Image] = []
+        with tqdm(total=len(jobs), desc="images", disable=not progress) as bar:
+            for start in range(0, len(jobs), batch_size):
+                chunk = jobs[start : start + batch_size]
+                seeds = [int(seed) + start + i for i in range(len(chunk))]
+                codes = generate_image_tokens(self.model, chunk, make_generators(seeds, self.device), grid * grid,
+                                              sampling, compile=compile, progress=progress)
+                images.extend(self.decode_codes(codes.view(-1, grid, grid)))
+                bar.update(len(chunk))
+        return images
+
+    def generate_with_text(
+        self,
+        prompt: str,
+        cfg_scale: float = 4.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+        seed: int = 0,
+        text_temperature: float = 0.0,
+        max_new_tokens: int = 64,
+        image_size: int | None = None,
+    ) -> tuple[Image.Image, str]:
+        """Joint generation: an image for `prompt`, then the text the model writes after `</img>`."""
+        sampling = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+        text_sampling = SampleConfig(temperature=text_temperature, top_k=top_k, top_p=top_p, cfg_scale=1.0)
+        grid = self._grid(image_size)
+        _check_count("max_new_tokens", max_new_tokens)
+        ids = self._encode_prompts([prompt], grid * grid + max_new_tokens)
+        codes, texts = generate_image_and_text(
+            self.model, ids, make_generators([seed], self.device), grid * grid, self.tokenizer.eos_id,
+            self.tokenizer.vocab_size, max_new_tokens, sampling, text_sampling)
+        return self.decode_codes(codes.view(-1, grid, grid))[0], self.tokenizer.decode(texts[0]).strip()
+
+    @torch.inference_mode()
+    def decode_codes(self, codes: torch.Tensor) -> list[Image.Image]:
+        """VQ codes (B, h, w) -> PIL images."""
+        return [tensor_to_pil(img) for img in self.vq.decode_codes(codes)]
+
+    # --- image to text ---------------------------------------------------------------------------
+    def caption(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        lang: str = "en",
+        temperature: float = 0.0,
+        max_new_tokens: int = 64,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 16,
+    ) -> list[str]:
+        """A caption per image (PIL images or file paths), in English (`lang="en"`) or Chinese ("zh").
+
+        Greedy by default; with `temperature > 0` caption i is drawn with seed `seed + i`.
+        """
+        if lang not in CAPTION_INSTRUCTIONS:
+            raise MarsError(f"lang must be one of {', '.join(CAPTION_INSTRUCTIONS)}, got {lang!r}")
+        sampling = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=1.0)
+        _check_count("max_new_tokens", max_new_tokens)
+        _check_count("batch_size", batch_size)
+        items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
+        if not items:
+            raise MarsError("no images to caption")
+        instruction = self.tokenizer.encode(CAPTION_INSTRUCTIONS[lang])
+        config = self.model.config
+        length = config.image_tokens + 2 + len(instruction) + max_new_tokens
+        if length > config.max_seq_len:
+            raise MarsError(f"max_new_tokens {max_new_tokens} is too many: an image, the instruction and the "
+                            f"caption need {length} tokens, the model's context holds {config.max_seq_len}")
+        captions: list[str] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            codes = self.encode_images(chunk)  # (B, h, w)
+            prefixes = [caption_prefix(self.model, c, instruction) for c in codes]
+            seeds = [int(seed) + start + i for i in range(len(chunk))]
+            texts = generate_text(self.model, prefixes, make_generators(seeds, self.device), self.tokenizer.eos_id,
+                                  self.tokenizer.vocab_size, max_new_tokens, sampling)
+            captions.extend(self.tokenizer.decode(t).strip() for t in texts)
+        return captions
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Images (PIL or paths) -> VQ codes (B, h, w) at the model's resolution (center crop)."""
+        size = self.model.config.image_size
+        tensors = []
+        for item in images:
+            if not isinstance(item, Image.Image):
+                try:
+                    item = load_image(item)
+                except UnusableImage as err:
+                    raise MarsError(f"cannot read image {item}: {err}") from None
+            tensors.append(pil_to_tensor(resize_center_crop(item.convert("RGB"), size)))
+        return self.vq.encode_to_codes(torch.stack(tensors))
+
+    # --- checks ----------------------------------------------------------------------------------
+    def _grid(self, image_size: int | None) -> int:
+        config = self.model.config
+        size = config.image_size if image_size is None else image_size
+        f = config.image_downsample
+        if isinstance(size, bool) or not isinstance(size, int) or size < f or size % f:
+            raise MarsError(f"image_size must be a positive multiple of {f} (the VQ-GAN's downsampling), got {size!r}")
+        return size // f
+
+    def _encode_prompts(self, prompts: list[str], extra_tokens: int) -> list[list[int]]:
+        """Token ids of each prompt; each must leave room for `<img>`, `extra_tokens` and `</img>`."""
+        if not prompts:
+            raise MarsError("no prompts given")
+        limit = self.model.config.max_seq_len - extra_tokens - 2
+        if limit < 1:
+            raise MarsError(f"an image of this size does not fit the model's context of {self.model.config.max_seq_len} tokens")
+        ids = []
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise MarsError(f"prompt {i} is empty" if isinstance(prompt, str) else f"prompt {i} is not a string")
+            tokens = self.tokenizer.encode(prompt)
+            if len(tokens) > limit:
+                raise MarsError(f"prompt {i} is too long: {len(tokens)} tokens, the model's context of "
+                                f"{self.model.config.max_seq_len} leaves room for {limit} beside the image")
+            ids.append(tokens)
+        return ids
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MarsError(f"{name} must be a positive integer, got {value!r}")
+
+
+__all__ = ["MarsPipeline", "resolve_device", "resolve_dtype"]

@@ -1,0 +1,120 @@
+"""MarsPipeline end to end on the tiny model folder: load, generate, caption, joint, save, errors."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mars import MarsPipeline
+from mars.errors import MarsError
+from mars.generate import CAPTION_INSTRUCTIONS, SampleConfig, caption_prefix, generate_text, make_generators
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return MarsPipeline.from_pretrained(tiny_model_dir, device="cpu")
+
+
+def pixels(images):
+    return [np.asarray(im, dtype=np.int16) for im in images]
+
+
+def test_english_and_chinese_prompts_give_images_of_the_model_size(pipe):
+    images = pipe.generate(["a red circle", "一个蓝色的正方形"], cfg_scale=4.0, seed=0)
+    assert len(images) == 2
+    for im in images:
+        assert isinstance(im, Image.Image) and im.mode == "RGB" and im.size == (64, 64)
+    small = pipe.generate("a red circle", image_size=32, cfg_scale=1.0)
+    assert len(small) == 1 and small[0].size == (32, 32)
+
+
+def test_image_i_uses_seed_plus_i_whatever_the_batching(pipe):
+    prompts = ["a red circle", "一个蓝色的正方形"]
+    together = pipe.generate(prompts, seed=7, num_images_per_prompt=2, batch_size=3, top_k=50)
+    assert len(together) == 4
+    expected = [("a red circle", 7), ("a red circle", 8), ("一个蓝色的正方形", 9), ("一个蓝色的正方形", 10)]
+    for got, (prompt, seed) in zip(pixels(together), expected):
+        alone = pixels(pipe.generate(prompt, seed=seed, top_k=50, batch_size=1))[0]
+        assert np.abs(got - alone).max() <= 1  # same codes; the VQ decoder may round one level apart
+    assert np.abs(pixels(together)[0] - pixels(together)[1]).max() > 10  # different seeds, different images
+
+
+def test_caption_reads_images_and_paths_in_both_languages(pipe, tmp_path):
+    images = pipe.generate(["a red circle", "x"], seed=1)
+    path = tmp_path / "img.png"
+    images[0].save(path)
+    en = pipe.caption([images[0], path, images[1]], max_new_tokens=8)
+    assert len(en) == 3 and all(isinstance(t, str) for t in en)
+    assert en[0] == en[1]  # a PNG round trip keeps the pixels
+    # the caption is the greedy continuation of `<img> codes </img> instruction`
+    instruction = pipe.tokenizer.encode(CAPTION_INSTRUCTIONS["zh"])
+    prefix = caption_prefix(pipe.model, pipe.encode_images([images[1]])[0], instruction)
+    ids = generate_text(pipe.model, [prefix], None, pipe.tokenizer.eos_id, pipe.tokenizer.vocab_size, 8,
+                        SampleConfig(temperature=0.0, cfg_scale=1.0))[0]
+    assert pipe.caption(images[1], lang="zh", max_new_tokens=8) == [pipe.tokenizer.decode(ids).strip()]
+
+
+def test_generate_with_text_gives_an_image_and_text(pipe):
+    image, text = pipe.generate_with_text("a red circle", seed=3, max_new_tokens=6)
+    assert image.size == (64, 64) and isinstance(text, str)
+    (same,) = pipe.generate("a red circle", seed=3)
+    assert np.abs(pixels([image])[0] - pixels([same])[0]).max() <= 1
+
+
+def test_save_pretrained_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "copy")
+    again = MarsPipeline.from_pretrained(tmp_path / "copy", device="cpu")
+    a = pipe.generate("a red circle", seed=5)
+    b = again.generate("a red circle", seed=5)
+    assert np.array_equal(pixels(a)[0], pixels(b)[0])
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(prompts=""), dict(prompts=["ok", "   "]), dict(prompts=[]), dict(prompts="x" * 300),
+    dict(prompts="ok", temperature=-1.0), dict(prompts="ok", top_p=0.0), dict(prompts="ok", top_p=1.01),
+    dict(prompts="ok", cfg_scale=-0.5), dict(prompts="ok", top_k=-2), dict(prompts="ok", num_images_per_prompt=0),
+    dict(prompts="ok", image_size=30), dict(prompts="ok", batch_size=0),
+])
+def test_bad_requests_raise_one_line_errors(pipe, kwargs):
+    with pytest.raises(MarsError) as err:
+        pipe.generate(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_caption_requests(pipe, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    for kwargs in (dict(images=tmp_path / "broken.png"), dict(images=[]), dict(images=tmp_path / "missing.png"),
+                   dict(images=Image.new("RGB", (64, 64)), lang="fr"),
+                   dict(images=Image.new("RGB", (64, 64)), max_new_tokens=10_000)):
+        with pytest.raises(MarsError) as err:
+            pipe.caption(**kwargs)
+        assert "\n" not in str(err.value)
+
+
+def test_loading_checks_the_folder(tmp_path, tiny_model_dir, tiny_builders):
+    with pytest.raises(MarsError, match="model not found"):
+        MarsPipeline.from_pretrained(tmp_path / "nothing")
+    no_vq = tmp_path / "no-vq"
+    shutil.copytree(tiny_model_dir, no_vq)
+    shutil.rmtree(no_vq / "vq")
+    with pytest.raises(MarsError, match="vq/"):
+        MarsPipeline.from_pretrained(no_vq)
+    wrong = tiny_builders.write_dir(tmp_path / "wrong-vq", tiny_builders.model(), tiny_builders.vq(codebook_size=128))
+    with pytest.raises(MarsError, match="128 codes"):
+        MarsPipeline.from_pretrained(wrong)
+
+
+def test_default_dtype_and_device():
+    from mars.pipeline import resolve_device, resolve_dtype
+
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(MarsError):
+        resolve_dtype("int3", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        assert resolve_device(None).type == "cpu"
+        with pytest.raises(MarsError):
+            resolve_device("cuda")
