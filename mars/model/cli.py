@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from mars.errors import MarsError
 from mars.model.convert import DTYPES, init_model_dir, parameter_counts
 
 
@@ -21,6 +20,8 @@ def add_commands(subparsers) -> None:
     init.add_argument("--out", required=True, metavar="DIR", help="MARS model folder to write")
     init.add_argument("--image-vocab-size", type=int, default=8192,
                       help="VQ codebook size: image-code rows added to the vocabulary (default 8192)")
+    init.add_argument("--image-size", type=int, default=256,
+                      help="default generation resolution in pixels; the VQ-GAN downsamples it 16x (default 256)")
     init.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                       help="weight dtype of the written model (default: the checkpoint's)")
     init.add_argument("--max-seq-len", type=int, default=None,
@@ -30,11 +31,9 @@ def add_commands(subparsers) -> None:
 
 
 def run_init(args: argparse.Namespace) -> None:
-    if args.image_vocab_size <= 0:
-        raise MarsError(f"--image-vocab-size must be positive, got {args.image_vocab_size}")
     start = time.time()
     print(f"converting {args.backbone} ...", flush=True)
-    model = init_model_dir(args.backbone, args.out, image_vocab_size=args.image_vocab_size,
+    model = init_model_dir(args.backbone, args.out, image_vocab_size=args.image_vocab_size, image_size=args.image_size,
                            dtype=DTYPES[args.dtype] if args.dtype else None, max_seq_len=args.max_seq_len,
                            overwrite=args.overwrite)
     cfg = model.config

@@ -169,6 +169,7 @@ def semvie_config_from_hf(
     name: str = "custom",
     image_vocab_size: int = 8192,
     num_special_tokens: int = 8,
+    image_size: int = 256,
     max_seq_len: int | None = None,
     text_tokenizer: str | None = None,
 ) -> SemVIEConfig:
@@ -184,7 +185,7 @@ def semvie_config_from_hf(
                         f"logn-attention / dynamic NTK (not implemented here) would change the attention")
     return SemVIEConfig(
         name=name, **fields, image_vocab_size=image_vocab_size, num_special_tokens=num_special_tokens,
-        max_seq_len=max_seq_len, text_tokenizer=text_tokenizer or ("qwen" if arch == "qwen" else "hf"),
+        image_size=image_size, max_seq_len=max_seq_len, text_tokenizer=text_tokenizer or ("qwen" if arch == "qwen" else "hf"),
     )
 
 
@@ -291,7 +292,7 @@ def convert_hf_state_dict(
     unexpected = sorted(set(state) - set(wanted))
     if unexpected:
         raise MarsError(f"{source}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected in all) "
-                        f"for a {arch} model of {config.num_layers} layers")
+                        f"for a {arch} model with num_hidden_layers={config.num_layers}")
     for rule in rules:
         shape = shapes[rule.mars]
         for key, rows in zip(rule.hf, _part_sizes(rule, config, shape[0])):
@@ -329,6 +330,7 @@ def load_hf_backbone(
     *,
     image_vocab_size: int = 8192,
     num_special_tokens: int = 8,
+    image_size: int = 256,
     dtype: torch.dtype | None = None,
     max_seq_len: int | None = None,
     text_tokenizer: str | None = None,
@@ -343,8 +345,8 @@ def load_hf_backbone(
     hf = read_hf_config(folder)
     arch = hf_architecture(hf)
     config = semvie_config_from_hf(hf, name=folder.name or arch, image_vocab_size=image_vocab_size,
-                                   num_special_tokens=num_special_tokens, max_seq_len=max_seq_len,
-                                   text_tokenizer=text_tokenizer)
+                                   num_special_tokens=num_special_tokens, image_size=image_size,
+                                   max_seq_len=max_seq_len, text_tokenizer=text_tokenizer)
     with torch.device("meta"):
         model = SemVIE(config)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -399,6 +401,7 @@ def init_model_dir(
     out: str | Path,
     *,
     image_vocab_size: int = 8192,
+    image_size: int = 256,
     dtype: torch.dtype | None = None,
     max_seq_len: int | None = None,
     overwrite: bool = False,
@@ -413,13 +416,15 @@ def init_model_dir(
         raise MarsError("--out must differ from --backbone")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise MarsError(f"{out} is not empty; pass --overwrite to replace the model in it")
+    # Config and tokenizer first: they are cheap, and a bad one fails before the weights are read.
     hf = read_hf_config(backbone)
-    tokenizer = backbone_tokenizer(backbone, hf_architecture(hf))  # before the weights: fail fast
-    if tokenizer.vocab_size > _field(hf, "vocab_size"):
+    config = semvie_config_from_hf(hf, image_vocab_size=image_vocab_size, image_size=image_size, max_seq_len=max_seq_len)
+    tokenizer = backbone_tokenizer(backbone, hf_architecture(hf))
+    if tokenizer.vocab_size > config.text_vocab_size:
         raise MarsError(f"the tokenizer of {backbone} has {tokenizer.vocab_size} ids but the checkpoint only "
-                        f"{hf['vocab_size']} embedding rows")
-    model = load_hf_backbone(backbone, image_vocab_size=image_vocab_size, dtype=dtype, max_seq_len=max_seq_len,
-                             text_tokenizer=tokenizer.kind)
+                        f"{config.text_vocab_size} embedding rows")
+    model = load_hf_backbone(backbone, image_vocab_size=image_vocab_size, image_size=image_size, dtype=dtype,
+                             max_seq_len=max_seq_len, text_tokenizer=tokenizer.kind)
     out.mkdir(parents=True, exist_ok=True)
     _clear_model_files(out)
     model.save_pretrained(out, max_shard_bytes=max_shard_bytes)
