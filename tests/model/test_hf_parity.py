@@ -172,7 +172,7 @@ def test_text_logits_match_hf(converted):
 def test_image_tokens_follow_the_language_expert_after_init(converted):
     """Visual expert == copy of the language expert and new rows == mean text row, so a sequence with
     image ids must give the HF model's hidden states for the mean embedding at those positions."""
-    _, hf, model, _, _ = converted
+    variant, hf, model, _, _ = converted
     vocab = model.vocab
     ids = _text_ids(1, 10)
     ids[0, 3] = vocab.boi_id
@@ -185,7 +185,9 @@ def test_image_tokens_follow_the_language_expert_after_init(converted):
     embeds = F.embedding(ids.clamp(max=TEXT_ROWS - 1), table)
     embeds[mask] = table.mean(dim=0)
     expected = hf.model(inputs_embeds=embeds).last_hidden_state
-    assert _max_diff(got, expected) <= TOL
+    diff = _max_diff(got, expected)
+    print(f"{variant}: max |hidden - HF(mean embedding at image positions)| = {diff:.2e}")
+    assert diff <= TOL
 
 
 def _perturbed_visual_side(model: SemVIE) -> SemVIE:
