@@ -15,6 +15,7 @@ from mars.errors import MarsError
 
 # Modules that contribute verbs, in the order they appear in `mars --help`.
 COMMAND_MODULES = [
+    "mars.cli_generate",
     "mars.model.cli",
     "mars.data.cli",
     "mars.data.preprocess_cli",

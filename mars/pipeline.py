@@ -143,7 +143,7 @@ class MarsPipeline:
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         sampling = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
         grid = self._grid(image_size)
-        ids = self._encode_prompts(prompt_list, grid * grid)
+        ids = self.encode_prompts(prompt_list, grid * grid)
         _check_count("num_images_per_prompt", num_images_per_prompt)
         _check_count("batch_size", batch_size)
         jobs = [p for p in ids for _ in range(num_images_per_prompt)]
@@ -175,7 +175,7 @@ class MarsPipeline:
         text_sampling = SampleConfig(temperature=text_temperature, top_k=top_k, top_p=top_p, cfg_scale=1.0)
         grid = self._grid(image_size)
         _check_count("max_new_tokens", max_new_tokens)
-        ids = self._encode_prompts([prompt], grid * grid + max_new_tokens)
+        ids = self.encode_prompts([prompt], grid * grid + max_new_tokens)
         codes, texts = generate_image_and_text(
             self.model, ids, make_generators([seed], self.device), grid * grid, self.tokenizer.eos_id,
             self.tokenizer.vocab_size, max_new_tokens, sampling, text_sampling)
@@ -242,6 +242,10 @@ class MarsPipeline:
         return self.vq.encode_to_codes(torch.stack(tensors))
 
     # --- checks ----------------------------------------------------------------------------------
+    def image_tokens(self, image_size: int | None = None) -> int:
+        """Codes per image at `image_size` (None: the model's default resolution)."""
+        return self._grid(image_size) ** 2
+
     def _grid(self, image_size: int | None) -> int:
         config = self.model.config
         size = config.image_size if image_size is None else image_size
@@ -250,8 +254,9 @@ class MarsPipeline:
             raise MarsError(f"image_size must be a positive multiple of {f} (the VQ-GAN's downsampling), got {size!r}")
         return size // f
 
-    def _encode_prompts(self, prompts: list[str], extra_tokens: int) -> list[list[int]]:
-        """Token ids of each prompt; each must leave room for `<img>`, `extra_tokens` and `</img>`."""
+    def encode_prompts(self, prompts: list[str], extra_tokens: int) -> list[list[int]]:
+        """Token ids of each prompt; each must leave room for `<img>`, `extra_tokens` (the image
+        tokens, and any text after it) and `</img>`. Empty or over-long prompts raise MarsError."""
         if not prompts:
             raise MarsError("no prompts given")
         limit = self.model.config.max_seq_len - extra_tokens - 2
