@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "mars.data.preprocess_cli",
     "mars.train.cli",
     "mars.eval.cli",
+    "mars.serve.cli",
 ]
 
 

@@ -1,0 +1,117 @@
+"""The MARS-Shapes benchmark: canonical prompts of every category, generated and checked.
+
+For each category of SHAPES_SPEC (single, two, counting, position, size, novel), `n` canonical
+prompts are drawn from a seeded stream of evaluation scenes; the English and Chinese prompt of
+index i describe the same scene and get the same generator seed, so the two languages are
+compared on identical requests. Every image is saved and judged by the spec's checker
+(`mars.data.checker.check_prompt`); the score of a category is the fraction of correct images and
+the overall score the mean of the categories (GenEval style), per language.
+
+Layout of the output folder:
+
+    DIR/images/{lang}/{category}/{i:04d}.png
+    DIR/settings.json        generation settings (a resumed run must use the same)
+    DIR/results.json         summary + every image's verdict (prompt, file, correct, reason, detected)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mars.data.captions import LANGS, canonical_prompts
+from mars.data.checker import check_prompt
+from mars.data.shapes import EVAL_CATEGORIES
+from mars.errors import MarsError
+from mars.eval.io import format_table, write_json_atomic
+from mars.eval.runner import GenerateFn, ImageJob, Shard, run_image_jobs
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass(frozen=True)
+class ShapesItem:
+    """One evaluation image: its prompt, where it is saved (relative to DIR) and its seed."""
+
+    lang: str
+    category: str
+    index: int
+    prompt: str
+    file: str
+    seed: int
+
+
+def shapes_items(n_per_category: int, seed: int = 0, langs: tuple[str, ...] = LANGS) -> list[ShapesItem]:
+    """The benchmark's prompts: `n_per_category` per category and language, fixed by `seed`."""
+    if n_per_category < 1:
+        raise MarsError(f"--n-per-category must be >= 1, got {n_per_category}")
+    for lang in langs:
+        if lang not in LANGS:
+            raise MarsError(f"unknown language {lang!r}; choose from {', '.join(LANGS)}")
+    items = []
+    for c, category in enumerate(EVAL_CATEGORIES):
+        for lang in langs:
+            # one stream per (seed, category), the same for every language: paired prompts
+            rng = random.Random(f"mars-eval-shapes/{seed}/{category}")
+            for i, prompt in enumerate(canonical_prompts(category, lang, rng, n_per_category)):
+                items.append(ShapesItem(lang, category, i, prompt, f"images/{lang}/{category}/{i:04d}.png",
+                                        seed=seed + c * n_per_category + i))
+    return items
+
+
+def score_items(out_dir: str | Path, items: list[ShapesItem]) -> dict:
+    """Judge every saved image -> {"summary": {lang: {category: acc, "overall": mean}}, "images": [...]}."""
+    out_dir = Path(out_dir)
+    records = []
+    for item in tqdm(items, desc="check", unit="img"):
+        with Image.open(out_dir / item.file) as img:
+            verdict = check_prompt(img, item.prompt)
+        records.append({"lang": item.lang, "category": item.category, "index": item.index,
+                        "prompt": item.prompt, "file": item.file, "seed": item.seed,
+                        "correct": verdict.correct, "reason": verdict.reason,
+                        "detected": [asdict(o) for o in verdict.detected]})
+    summary: dict[str, dict[str, float]] = {}
+    for lang in dict.fromkeys(r["lang"] for r in records):
+        per_category = {}
+        for category in EVAL_CATEGORIES:
+            marks = [r["correct"] for r in records if r["lang"] == lang and r["category"] == category]
+            per_category[category] = sum(marks) / len(marks)
+        per_category["overall"] = sum(per_category.values()) / len(EVAL_CATEGORIES)
+        summary[lang] = per_category
+    return {"summary": summary, "images": records}
+
+
+def summary_table(summary: dict[str, dict[str, float]]) -> str:
+    """Categories as rows, languages as columns."""
+    langs = list(summary)
+    rows = [[category] + [summary[lang][category] for lang in langs]
+            for category in (*EVAL_CATEGORIES, "overall")]
+    return format_table(["category", *langs], rows)
+
+
+def run_shapes_eval(generate: GenerateFn | None, out_dir: str | Path, n_per_category: int = 50,
+                    seed: int = 0, langs: tuple[str, ...] = LANGS, batch_size: int = 8,
+                    shard: Shard = Shard(), settings: dict | None = None) -> dict | None:
+    """Generate the missing images of this shard, then score the whole benchmark.
+
+    Returns the results (also written to DIR/results.json), or None while images of other
+    shards are still missing. `generate` may be None to only (re-)score images on disk.
+    """
+    out_dir = Path(out_dir)
+    items = shapes_items(n_per_category, seed, langs)
+    if generate is not None:
+        jobs = [ImageJob(out_dir / it.file, it.prompt, it.seed) for it in items]
+        run_image_jobs(generate, jobs, out_dir, shard, batch_size, desc="shapes")
+    missing = [it.file for it in items if not (out_dir / it.file).is_file()]
+    if missing:
+        print(f"{len(missing)} of {len(items)} images are not there yet (first: {missing[0]}); "
+              "score once every shard is done")
+        return None
+    results = {"settings": settings or {}, "n_per_category": n_per_category, "seed": seed,
+               **score_items(out_dir, items)}
+    write_json_atomic(out_dir / RESULTS_FILE, results)
+    return results
