@@ -100,6 +100,8 @@ class TrainConfig:
             raise MarsError("no training data: set data.shards (or data.synthetic; data.text for stage0)")
         if self.micro_batch_size <= 0 or self.batch_size <= 0 or self.max_steps <= 0:
             raise MarsError("batch_size, micro_batch_size and max_steps must be positive")
+        if self.batch_size % self.micro_batch_size:
+            raise MarsError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
         if self.t2i_loss_vocab not in ("full", "visual"):
             raise MarsError(f"t2i_loss_vocab must be full or visual, got {self.t2i_loss_vocab!r}")
         if self.precision not in ("bf16", "fp32"):

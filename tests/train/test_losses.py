@@ -1,0 +1,94 @@
+"""The no-autograd text prefix of T2I gives the same loss and gradients as the full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mars.config import SemVIEConfig
+from mars.data.sequences import IGNORE, build_i2t, build_t2i, collate_i2t, collate_t2i
+from mars.model.semvie import SemVIE
+from mars.train import parallel
+from mars.train.losses import i2t_loss, t2i_loss
+from mars.train.stages import set_trainable, text_path_frozen
+
+
+def _model(seed: int = 0) -> SemVIE:
+    torch.manual_seed(seed)
+    model = SemVIE(SemVIEConfig.from_name("debug"))
+    with torch.no_grad():  # a visual side that differs from the text side, so routing matters
+        for name, p in model.named_parameters():
+            if ".visual." in name or name.endswith("new_weight"):
+                p.add_(torch.randn_like(p) * 0.05)
+    set_trainable(model, "stage1")
+    return model
+
+
+def _t2i_batch(model: SemVIE, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.vocab
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (7, 3, 0, 11)]  # 0 = null prompt
+    seqs = [build_t2i(vocab, p, torch.randint(0, vocab.image_size, (16,), generator=g)) for p in prompts]
+    return collate_t2i(seqs, pad_id=256)
+
+
+def _loss_and_grads(model, batch, prefix_no_grad):
+    model.zero_grad(set_to_none=True)
+    ce_sum, n = t2i_loss(model, batch, prefix_no_grad=prefix_no_grad)
+    (ce_sum / n).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    return float(ce_sum.detach() / n), n, grads
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_prefix_no_grad_equals_full_forward(checkpointing):
+    model = _model()
+    if checkpointing:
+        parallel.apply_activation_checkpointing(model)
+    batch = _t2i_batch(model)
+    assert text_path_frozen(model)
+    full_loss, full_n, full_grads = _loss_and_grads(model, batch, prefix_no_grad=False)
+    fast_loss, fast_n, fast_grads = _loss_and_grads(model, batch, prefix_no_grad=True)
+    assert fast_n == full_n == 4 * 17  # 16 codes + </img> per row
+    assert fast_loss == pytest.approx(full_loss, rel=1e-6, abs=1e-6)
+    assert full_grads.keys() == fast_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(fast_grads[name], full_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    # the gradient is real: the visual expert of every layer and the new rows receive some
+    assert all(full_grads[k].abs().sum() > 0 for k in full_grads)
+
+
+def test_prefix_loss_equals_plain_cross_entropy_of_model_forward():
+    """Independent reference: `model(...)` logits over the whole sequence, cross-entropy with ignore."""
+    model = _model(1)
+    batch = _t2i_batch(model, seed=1)
+    with torch.no_grad():
+        logits = model(batch.input_ids, model.image_mask(batch.input_ids), pad_lengths=batch.pad_lengths)
+        ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+        ce_sum, n = t2i_loss(model, batch, prefix_no_grad=True)
+    assert float(ce_sum / n) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_visual_vocab_loss_is_softmax_over_new_rows():
+    model = _model(2)
+    batch = _t2i_batch(model, seed=2)
+    text = model.vocab.text_size
+    with torch.no_grad():
+        logits = model(batch.input_ids, model.image_mask(batch.input_ids), pad_lengths=batch.pad_lengths)[..., text:]
+        keep = batch.targets != IGNORE
+        ref = torch.nn.functional.cross_entropy(logits[keep], batch.targets[keep] - text)
+        ce_sum, n = t2i_loss(model, batch, prefix_no_grad=True, vocab="visual")
+    assert float(ce_sum / n) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_i2t_loss_reaches_visual_expert_only_through_attention():
+    model = _model(3)
+    vocab = model.vocab
+    seqs = [build_i2t(vocab, torch.arange(16) + 3 * i, [10, 11], [20 + i, 30, 40], 256) for i in range(3)]
+    batch = collate_i2t(seqs, pad_id=256)
+    ce_sum, n = i2t_loss(model, batch)
+    assert n == 3 * 4  # caption (3) + eos per row
+    ce_sum.backward()
+    visual = [p.grad for name, p in model.named_parameters() if ".visual." in name and "qkv.weight" in name]
+    assert all(g is not None and g.abs().sum() > 0 for g in visual)
+    assert all(p.grad is None for name, p in model.named_parameters() if ".text." in name)
