@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 
 from mars.errors import MarsError
@@ -14,19 +13,20 @@ def add_commands(subparsers) -> None:
         description="Encode every image of --data into VQ codes and every caption into text ids, "
                     "written as memory-mappable shards plus index.json under --out. Re-running with the "
                     "same arguments resumes an interrupted run. Under torchrun (RANK / WORLD_SIZE set) "
-                    "each rank encodes the shards s with s %% WORLD_SIZE == RANK; the output is the same "
-                    "as a single-process run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "each rank encodes the shards s with s % WORLD_SIZE == RANK; the output is the same "
+                    "as a single-process run.")
     p.add_argument("--tokenizer", required=True, help="VQ tokenizer directory, or a MARS model directory (its vq/)")
     p.add_argument("--text-tokenizer", required=True,
                    help="text tokenizer: qwen, bytes, or a folder with tokenizer.json (or a MARS model's tokenizer/)")
     p.add_argument("--data", required=True,
                    help="data source: shapes:N[:SEED], a folder, a .jsonl manifest or webdataset .tar shards")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resolution", type=int, default=256, help="image side in pixels")
-    p.add_argument("--shard-size", type=int, default=4096, help="samples per shard")
-    p.add_argument("--batch-size", type=int, default=32, help="images per tokenizer batch")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader processes that read and resize images")
+    p.add_argument("--resolution", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--shard-size", type=int, default=4096, help="samples per shard (default 4096)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per tokenizer batch (default: 32 on a GPU, 8 on CPU, where big batches "
+                        "of 256 px activations run slower per image)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes that read and resize images (default 0: in the main process)")
     p.add_argument("--device", default=None, help="device of the tokenizer (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run's shards in --out first")
     p.set_defaults(func=run)
@@ -54,8 +54,9 @@ def run(args) -> int:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     vq = load_tokenizer(args.tokenizer, device=device)
     text_tokenizer = load_text_tokenizer(args.text_tokenizer)
+    batch_size = args.batch_size or (32 if device.startswith("cuda") else 8)
     result = preprocess(vq, text_tokenizer, args.data, args.out, resolution=args.resolution,
-                        shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers,
+                        shard_size=args.shard_size, batch_size=batch_size, workers=args.workers,
                         rank=rank, world_size=world, overwrite=args.overwrite)
     who = f"rank {rank}: " if world > 1 else ""
     print(f"{who}encoded {result.images} images in {result.shards_written} shards in {result.seconds:.1f} s "
