@@ -126,7 +126,7 @@ class MarsPipeline:
         top_k: int = 0,
         top_p: float = 1.0,
         temperature: float = 1.0,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         num_images_per_prompt: int = 1,
         batch_size: int = 8,
         image_size: int | None = None,
@@ -136,7 +136,9 @@ class MarsPipeline:
         """Images for `prompts` (English, Chinese, any text the tokenizer reads).
 
         Returns `num_images_per_prompt` images per prompt, prompt-major; image i uses seed
-        `seed + i`. `batch_size` images are made at once (twice the rows with guidance).
+        `seed + i`, or `seed[i]` when `seed` is a list with one seed per image (the server batches
+        requests with different seeds this way). `batch_size` images are made at once (twice the
+        rows with guidance).
         `image_size` defaults to the model's; `compile` compiles the decode step (worth it for
         many batches of the same shape).
         """
@@ -147,11 +149,12 @@ class MarsPipeline:
         _check_count("num_images_per_prompt", num_images_per_prompt)
         _check_count("batch_size", batch_size)
         jobs = [p for p in ids for _ in range(num_images_per_prompt)]
+        image_seeds = _image_seeds(seed, len(jobs))
         images: list[Image.Image] = []
         with tqdm(total=len(jobs), desc="images", disable=not progress) as bar:
             for start in range(0, len(jobs), batch_size):
                 chunk = jobs[start : start + batch_size]
-                seeds = [int(seed) + start + i for i in range(len(chunk))]
+                seeds = image_seeds[start : start + batch_size]
                 codes = generate_image_tokens(self.model, chunk, make_generators(seeds, self.device), grid * grid,
                                               sampling, compile=compile, progress=progress)
                 images.extend(self.decode_codes(codes.view(-1, grid, grid)))
@@ -272,6 +275,15 @@ class MarsPipeline:
                                 f"{self.model.config.max_seq_len} leaves room for {limit} beside the image")
             ids.append(tokens)
         return ids
+
+
+def _image_seeds(seed: int | Sequence[int], count: int) -> list[int]:
+    """The seed of each of `count` images: `seed + i`, or a list given one per image."""
+    if isinstance(seed, Sequence):
+        if len(seed) != count:
+            raise MarsError(f"seed: {len(seed)} seeds given for {count} images (one per image, or one int)")
+        return [int(s) for s in seed]
+    return [int(seed) + i for i in range(count)]
 
 
 def _check_count(name: str, value: int) -> None:

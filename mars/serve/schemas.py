@@ -1,0 +1,121 @@
+"""Request and response bodies of the HTTP API, and the server's limits.
+
+Requests are strict: wrong types (`"n": "2"`, `"n": 1.5`, `"n": true`), unknown fields (a typo like
+`"cfg"` would otherwise be silently ignored), NaN/inf and out-of-range numbers are rejected with a
+422 that names the field. Limits that depend on the model (prompt tokens, n, top_k) are checked
+in app.py against `ServeLimits`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**31 - 1  # fits every client's integer type (JavaScript numbers included)
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask for. `max_images` is at most the batch size: a request runs in one batch."""
+
+    max_prompt_chars: int = 2000
+    max_images: int = 8
+    max_upload_bytes: int = 10 * 2**20
+    max_upload_pixels: int = 4096 * 4096  # Pillow decodes lazily; refuse decompression bombs before decoding
+    upload_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class GenerationRequest(_Strict):
+    prompt: str = Field(min_length=1, description="What to draw (English or Chinese).")
+    n: int = Field(1, ge=1, description="Number of images; image i uses seed + i.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; omitted: the server picks one.")
+    cfg_scale: float = Field(4.0, ge=0.0, le=50.0, allow_inf_nan=False,
+                             description="Classifier-free guidance; 1 = off, 0 = unconditional.")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely codes; 0 = off.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling; 1 = off.")
+    temperature: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False, description="0 = greedy.")
+
+
+class GeneratedImage(BaseModel):
+    b64_json: str = Field(description="The PNG file, base64-encoded.")
+    seed: int
+    width: int
+    height: int
+
+
+class Timings(BaseModel):
+    queue_ms: float = Field(description="From arrival to the start of the batch that ran the request.")
+    generation_ms: float = Field(description="Run time of that batch (shared with the other requests in it).")
+    total_ms: float = Field(description="From arrival to the response (includes PNG encoding).")
+    batch_size: int = Field(description="Images or captions in that batch, this request's and others'.")
+
+
+class GenerationSettings(BaseModel):
+    cfg_scale: float
+    top_k: int
+    top_p: float
+    temperature: float
+
+
+class GenerationResponse(BaseModel):
+    created: int
+    model: str
+    prompt: str
+    seeds: list[int]
+    settings: GenerationSettings
+    data: list[GeneratedImage]
+    timings: Timings
+
+
+class CaptionResponse(BaseModel):
+    created: int
+    model: str
+    lang: str
+    caption: str
+    timings: Timings
+
+
+class QueueStatus(BaseModel):
+    queued: int = Field(description="Images and captions waiting for a batch.")
+    max_queue: int
+    max_batch_size: int
+    batch_wait_ms: float
+    batches_run: int
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model: str
+    device: str
+    queue: QueueStatus
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    image_size: int = Field(description="Width and height of generated images, in pixels.")
+    max_prompt_tokens: int
+    max_prompt_chars: int
+    max_images: int
+    caption_languages: list[str]
+    upload_formats: list[str]
+    max_upload_bytes: int
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,244 @@
+"""Every endpoint and every validation error, through FastAPI's TestClient and the tiny model.
+
+Generated images are checked against the pipeline called directly (the server must give the
+same pixels as `pipeline.generate` for the same prompt, seed and settings), captions likewise.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from mars.data.images import load_image
+from mars.serve.app import create_app
+from mars.serve.schemas import MAX_SEED, ServeLimits
+
+GEN = "/v1/images/generations"
+CAP = "/v1/captions"
+
+
+def png_image(b64: str) -> Image.Image:
+    data = base64.b64decode(b64)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    return image.convert("RGB")
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def assert_error(response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type"}
+    for word in words:
+        assert word in body["error"]["message"], body
+    return body["error"]
+
+
+def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def picture() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+# --- generation -----------------------------------------------------------------------------
+
+
+def test_generate_returns_the_pipelines_images_with_their_seeds(client, tiny_pipeline):
+    body = {"prompt": "a red circle", "n": 2, "seed": 7, "cfg_scale": 3.0, "top_k": 50, "top_p": 0.9, "temperature": 0.8}
+    r = client.post(GEN, json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["seeds"] == [7, 8] and [d["seed"] for d in out["data"]] == [7, 8]
+    assert out["prompt"] == "a red circle" and out["model"] == "tiny"
+    assert out["settings"] == {"cfg_scale": 3.0, "top_k": 50, "top_p": 0.9, "temperature": 0.8}
+    size = tiny_pipeline.model.config.image_size
+    expected = tiny_pipeline.generate(["a red circle"] * 2, cfg_scale=3.0, top_k=50, top_p=0.9, temperature=0.8, seed=7)
+    for item, want in zip(out["data"], expected):
+        image = png_image(item["b64_json"])
+        assert image.size == (size, size) == (item["width"], item["height"])
+        np.testing.assert_array_equal(pixels(image), pixels(want))
+    assert not np.array_equal(pixels(png_image(out["data"][0]["b64_json"])), pixels(png_image(out["data"][1]["b64_json"])))
+    t = out["timings"]
+    assert t["queue_ms"] >= 0 and t["generation_ms"] > 0 and t["total_ms"] >= t["generation_ms"] and t["batch_size"] == 2
+
+
+def test_server_picks_a_seed_that_reproduces_the_image(client):
+    first = client.post(GEN, json={"prompt": "一个蓝色的正方形"}).json()
+    (seed,) = first["seeds"]
+    assert 0 <= seed <= MAX_SEED
+    again = client.post(GEN, json={"prompt": "一个蓝色的正方形", "seed": seed}).json()
+    assert again["data"][0]["b64_json"] == first["data"][0]["b64_json"]
+
+
+def test_settings_reach_the_sampler(client):
+    def image(**kw):
+        return client.post(GEN, json={"prompt": "a square", **kw}).json()["data"][0]["b64_json"]
+
+    # greedy decoding ignores the seed; sampling does not
+    assert image(temperature=0.0, seed=1) == image(temperature=0.0, seed=2)
+    assert image(seed=1) != image(seed=2)
+    assert image(seed=1, cfg_scale=1.0) != image(seed=1, cfg_scale=4.0)
+
+
+@pytest.mark.parametrize("body, words", [
+    ({}, ["prompt", "Field required"]),
+    ({"prompt": ""}, ["prompt", "at least 1 character"]),
+    ({"prompt": "   "}, ["prompt", "blank"]),
+    ({"prompt": "x" * 2001}, ["prompt", "2001 characters"]),
+    ({"prompt": "x" * 300}, ["prompt", "300 tokens"]),  # bytes tokenizer: 1 token per ASCII char
+    ({"prompt": 5}, ["prompt", "valid string"]),
+    ({"prompt": "a", "n": 0}, ["n", "greater than or equal to 1"]),
+    ({"prompt": "a", "n": 9}, ["n", "at most 8"]),
+    ({"prompt": "a", "n": "2"}, ["n", "valid integer"]),
+    ({"prompt": "a", "n": 1.5}, ["n", "valid integer"]),
+    ({"prompt": "a", "n": True}, ["n", "valid integer"]),
+    ({"prompt": "a", "seed": -1}, ["seed"]),
+    ({"prompt": "a", "seed": MAX_SEED + 1}, ["seed"]),
+    ({"prompt": "a", "cfg_scale": -0.5}, ["cfg_scale"]),
+    ({"prompt": "a", "cfg_scale": 51}, ["cfg_scale"]),
+    ({"prompt": "a", "top_k": -1}, ["top_k"]),
+    ({"prompt": "a", "top_p": 0}, ["top_p"]),
+    ({"prompt": "a", "top_p": 1.01}, ["top_p"]),
+    ({"prompt": "a", "temperature": -0.1}, ["temperature"]),
+    ({"prompt": "a", "temperature": 11}, ["temperature"]),
+    ({"prompt": "a", "cfg": 2}, ["cfg", "Extra inputs"]),
+])
+def test_generation_validation_errors(client, recording, body, words):
+    error = assert_error(client.post(GEN, json=body), 422, *words)
+    assert error["type"] == "invalid_request_error"
+    assert recording.generate_calls == []  # nothing reached the model
+
+
+@pytest.mark.parametrize("content, words", [
+    (b'{"prompt": "a", "temperature": NaN}', ["temperature", "finite"]),
+    (b'{"prompt": "a", "top_p": Infinity}', ["top_p", "finite"]),
+    (b'{"prompt": "a",', ["JSON"]),
+    (b'["a red circle"]', ["valid dictionary"]),
+    (b"", ["Field required"]),
+])
+def test_malformed_json_bodies(client, content, words):
+    assert_error(client.post(GEN, content=content, headers={"content-type": "application/json"}), 422, *words)
+
+
+def test_wrong_method_and_unknown_path_answer_json(client):
+    assert assert_error(client.get(GEN), 405)["type"] == "method_not_allowed"
+    assert assert_error(client.get("/v1/nothing"), 404)["type"] == "not_found"
+
+
+def test_prompt_at_the_token_limit_is_accepted(client):
+    limit = client.get("/v1/models").json()["data"][0]["max_prompt_tokens"]
+    assert client.post(GEN, json={"prompt": "x" * limit, "seed": 0}).status_code == 200
+    assert_error(client.post(GEN, json={"prompt": "x" * (limit + 1)}), 422, "tokens")
+
+
+# --- captions -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt, mime", [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")])
+def test_caption_matches_the_pipeline(client, tiny_pipeline, picture, fmt, mime):
+    data = encoded(picture, fmt)
+    r = client.post(CAP, files={"image": (f"x.{fmt.lower()}", data, mime)}, data={"lang": "en"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["lang"] == "en" and out["model"] == "tiny" and out["timings"]["batch_size"] == 1
+    assert out["caption"] == tiny_pipeline.caption([load_image(data)], lang="en")[0]
+
+
+def test_caption_in_chinese(client, tiny_pipeline, picture):
+    data = encoded(picture, "PNG")
+    out = client.post(CAP, files={"image": ("x.png", data, "image/png")}, data={"lang": "zh"}).json()
+    assert out["lang"] == "zh"
+    assert out["caption"] == tiny_pipeline.caption([load_image(data)], lang="zh")[0]
+
+
+def test_caption_upload_errors(client, recording, picture):
+    def post(data, name="x.png", mime="image/png", lang="en"):
+        return client.post(CAP, files={"image": (name, data, mime)}, data={"lang": lang})
+
+    png = encoded(picture, "PNG")
+    assert_error(post(encoded(picture, "GIF"), "x.gif", "image/gif"), 415, "PNG, JPEG, WEBP")
+    assert_error(post(b"hello, not an image"), 415)
+    assert_error(post(png[: len(png) // 2]), 400, "cannot use")  # truncated
+    assert_error(post(b""), 400, "empty")
+    assert_error(post(encoded(Image.new("RGB", (4, 4)), "PNG")), 400, "too small")
+    assert_error(post(png, lang="fr"), 422, "lang")
+    assert_error(client.post(CAP, data={"lang": "en"}), 422, "image", "Field required")
+    assert_error(client.post(CAP, json={"image": "abc"}), 422, "image")
+    assert recording.caption_calls == []
+
+
+def test_upload_size_and_pixel_limits(recording, picture):
+    limits = ServeLimits(max_upload_bytes=20_000, max_upload_pixels=100 * 100)
+    app = create_app(recording, model_name="tiny", limits=limits)
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 90, 3), dtype=np.uint8))
+    big = encoded(noise, "PNG")  # ~24 kB: over the file limit, under the form limit
+    huge = big * 5  # over the form limit: refused before it is parsed
+    wide = encoded(Image.new("RGB", (200, 60)), "PNG")  # 12,000 pixels in a small file
+    with TestClient(app) as c:
+        for data, words in [(big, ["bytes"]), (huge, ["upload larger"]), (wide, ["200x60 pixels"])]:
+            r = c.post(CAP, files={"image": ("x.png", data, "image/png")})
+            assert assert_error(r, 413, *words)["type"] == "payload_too_large"
+        assert c.post(CAP, files={"image": ("x.png", encoded(picture, "PNG"), "image/png")}).status_code == 200
+
+
+# --- the rest -------------------------------------------------------------------------------
+
+
+def test_health(client):
+    out = client.get("/health").json()
+    assert out["status"] == "ok" and out["model"] == "tiny" and out["device"] == "cpu"
+    assert out["queue"] == {"queued": 0, "max_queue": 64, "max_batch_size": 8, "batch_wait_ms": 10.0, "batches_run": 0}
+
+
+def test_models_lists_the_limits(client, tiny_pipeline):
+    config = tiny_pipeline.model.config
+    (card,) = client.get("/v1/models").json()["data"]
+    assert card["id"] == "tiny" and card["image_size"] == config.image_size
+    assert card["max_prompt_tokens"] == config.max_seq_len - config.image_tokens - 2
+    assert card["max_images"] == 8 and card["caption_languages"] == ["en", "zh"]
+
+
+def test_openapi_schema_describes_the_api(client):
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/images/generations", "/v1/captions", "/health", "/v1/models"} <= set(schema["paths"])
+    request = schema["components"]["schemas"]["GenerationRequest"]
+    assert request["required"] == ["prompt"]
+    assert {"prompt", "n", "seed", "cfg_scale", "top_k", "top_p", "temperature"} == set(request["properties"])
+    assert "422" in schema["paths"][GEN]["post"]["responses"]
+    assert "multipart/form-data" in schema["paths"][CAP]["post"]["requestBody"]["content"]
+
+
+def test_web_page_and_its_files_are_served_offline(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for element in ('id="prompt"', 'id="generate"', 'id="gallery"', 'id="seed"', 'id="caption-file"', 'id="elapsed"'):
+        assert element in page.text
+    for asset in ("/static/app.js", "/static/style.css"):
+        r = client.get(asset)
+        assert r.status_code == 200 and "http://" not in r.text and "https://" not in r.text
+    assert "https://" not in page.text and "http://" not in page.text  # no CDN
+
+
+def test_create_app_checks_its_settings(recording):
+    from mars.errors import MarsError
+
+    with pytest.raises(MarsError, match="max_queue"):
+        create_app(recording, max_batch_size=8, max_queue=4)
+    with pytest.raises(MarsError, match="max_images"):
+        create_app(recording, max_batch_size=2, limits=ServeLimits(max_images=4))
