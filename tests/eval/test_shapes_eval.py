@@ -1,0 +1,131 @@
+"""The MARS-Shapes benchmark scored end to end with generators of known quality, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from mars.cli import main
+from mars.data.captions import parse_canonical
+from mars.data.shapes import EVAL_CATEGORIES, Scene, ShapeObject, render_scene
+from mars.errors import MarsError
+from mars.eval.shapes_eval import run_shapes_eval, shapes_items
+
+# Where a "perfect generator" puts the objects of a prompt (centres px@256, size 60, boxes apart).
+CORNERS = [(64, 64), (192, 64), (64, 192), (192, 192)]
+# centres of (A, B) for "A <relation> B", with d = centre(B) - centre(A) as the spec defines it
+RELATION_CENTRES = {"left of": [(64, 128), (192, 128)], "right of": [(192, 128), (64, 128)],
+                    "above": [(128, 64), (128, 192)], "below": [(128, 192), (128, 64)]}
+
+
+def perfect_picture(prompt: str) -> Image.Image:
+    """Draw exactly what a canonical prompt asks for, with mars.data.shapes."""
+    parsed = parse_canonical(prompt)
+    pairs = parsed.objects
+    if parsed.category == "position":
+        centres, sizes = RELATION_CENTRES[parsed.relation], [60, 60]
+    elif parsed.category == "size":
+        centres, sizes = [(64, 128), (192, 128)], [40, 84]  # small A, large B
+    elif len(pairs) == 1:
+        centres, sizes = [(128, 128)], [60]
+    else:
+        centres, sizes = CORNERS[:len(pairs)], [60] * len(pairs)
+    objects = tuple(ShapeObject(c, s, x, y, size) for (c, s), (x, y), size in zip(pairs, centres, sizes))
+    return render_scene(Scene(objects, parsed.category, parsed.relation))
+
+
+class FakeGenerator:
+    """A GenerateFn that draws each prompt with `draw` and records every request."""
+
+    def __init__(self, draw):
+        self.draw, self.calls = draw, []
+
+    def __call__(self, prompts, seeds):
+        self.calls.append((list(prompts), list(seeds)))
+        return [self.draw(p) for p in prompts]
+
+
+def test_items_pair_languages_and_cover_every_category():
+    items = shapes_items(3, seed=5)
+    assert len(items) == len(EVAL_CATEGORIES) * 2 * 3
+    en = {(i.category, i.index): i for i in items if i.lang == "en"}
+    zh = {(i.category, i.index): i for i in items if i.lang == "zh"}
+    for key, item in en.items():
+        # the same scene in both languages, the same generator seed
+        assert parse_canonical(item.prompt).objects == parse_canonical(zh[key].prompt).objects
+        assert item.seed == zh[key].seed
+        assert parse_canonical(item.prompt).category == key[0]
+    assert len({i.file for i in items}) == len(items)
+    assert shapes_items(3, seed=5) == items  # fixed by the seed
+    with pytest.raises(MarsError):
+        shapes_items(0)
+    with pytest.raises(MarsError):
+        shapes_items(1, langs=("fr",))
+
+
+def test_perfect_generator_scores_one_and_blank_scores_zero(tmp_path):
+    perfect = run_shapes_eval(FakeGenerator(perfect_picture), tmp_path / "perfect", n_per_category=3, seed=1,
+                              batch_size=4)
+    for lang in ("en", "zh"):
+        assert perfect["summary"][lang] == {**{c: 1.0 for c in EVAL_CATEGORIES}, "overall": 1.0}
+    assert all(r["reason"] == "ok" for r in perfect["images"])
+
+    blank = run_shapes_eval(FakeGenerator(lambda p: Image.new("RGB", (256, 256), "white")), tmp_path / "blank",
+                            n_per_category=3, seed=1)
+    for lang in ("en", "zh"):
+        assert blank["summary"][lang] == {**{c: 0.0 for c in EVAL_CATEGORIES}, "overall": 0.0}
+    assert all("found 0" in r["reason"] for r in blank["images"])
+
+    # the JSON holds every image's verdict, and the saved image is the one judged
+    saved = json.loads((tmp_path / "perfect" / "results.json").read_text(encoding="utf-8"))
+    assert saved["summary"] == perfect["summary"] and len(saved["images"]) == len(EVAL_CATEGORIES) * 2 * 3
+    record = saved["images"][0]
+    assert set(record) >= {"prompt", "file", "correct", "reason", "detected"}
+    assert record["detected"][0]["colour"] == parse_canonical(record["prompt"]).objects[0][0]
+    assert (tmp_path / "perfect" / record["file"]).is_file()
+
+
+def test_one_wrong_category_shows_in_its_row_only(tmp_path):
+    def wrong_counts(prompt):  # a single object where a counting prompt asks for 2 to 4
+        parsed = parse_canonical(prompt)
+        colour, shape = parsed.objects[0]
+        return perfect_picture(f"a {colour} {shape}" if parsed.category == "counting" else prompt)
+    result = run_shapes_eval(FakeGenerator(wrong_counts), tmp_path, n_per_category=2, langs=("en",))
+    summary = result["summary"]["en"]
+    assert summary["counting"] == 0.0
+    assert all(summary[c] == 1.0 for c in EVAL_CATEGORIES if c != "counting")
+    assert summary["overall"] == pytest.approx(5 / 6)
+
+
+def test_resume_generates_only_missing_images(tmp_path):
+    first = FakeGenerator(perfect_picture)
+    run_shapes_eval(first, tmp_path, n_per_category=2, langs=("en",), batch_size=5)
+    assert sum(len(p) for p, _ in first.calls) == 12
+    victim = tmp_path / "images" / "en" / "size" / "0001.png"
+    victim.unlink()
+    again = FakeGenerator(perfect_picture)
+    result = run_shapes_eval(again, tmp_path, n_per_category=2, langs=("en",))
+    lost = shapes_items(2, langs=("en",))[9]  # categories in order, 2 each: index 9 = size #1
+    assert lost.file == "images/en/size/0001.png"
+    assert again.calls == [([lost.prompt], [lost.seed])]
+    assert victim.is_file() and result["summary"]["en"]["overall"] == 1.0
+
+
+def test_shapes_cli_with_tiny_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "shapes"
+    args = ["eval", "shapes", "--model", str(tiny_model_dir), "--n-per-category", "1", "--lang", "en",
+            "--out-dir", str(out), "--batch-size", "6", "--device", "cpu"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "overall" in table and "novel" in table
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert len(results["images"]) == len(EVAL_CATEGORIES)
+    assert set(results["summary"]["en"]) == {*EVAL_CATEGORIES, "overall"}
+    for record in results["images"]:
+        with Image.open(out / record["file"]) as img:
+            assert img.size == (64, 64)  # the debug model's resolution, judged after resizing to 256
+    # a resumed run with other settings is refused instead of mixing two experiments
+    assert main(args + ["--cfg-scale", "2.0"]) == 2
+    assert "other settings" in capsys.readouterr().err
