@@ -175,20 +175,21 @@ def decode_upload(data: bytes, limits: ServeLimits) -> Image.Image:
         raise ApiError(400, f"image: cannot use this {fmt} file: {err}") from None
 
 
-class UploadLimit:
-    """ASGI middleware: bodies posted to `path` larger than `max_bytes` get a 413 before they are
-    parsed (the multipart parser would otherwise spool any size to disk). Chunked bodies without a
-    Content-Length are counted as they arrive."""
+class BodyLimit:
+    """ASGI middleware: a request body larger than its path's limit gets a 413 before it is parsed
+    (Starlette would otherwise read any size into memory, or spool an upload to disk). Bodies
+    without a Content-Length (chunked) are counted as they arrive."""
 
-    def __init__(self, app, path: str, max_bytes: int) -> None:
-        self.app, self.path, self.max_bytes = app, path, max_bytes
+    def __init__(self, app, limits: dict[str, int]) -> None:
+        self.app, self.limits = app, limits
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
+        max_bytes = self.limits.get(scope["path"]) if scope["type"] == "http" else None
+        if max_bytes is None:
             return await self.app(scope, receive, send)
+        too_big = error_response(413, f"request body larger than {max_bytes} bytes", "payload_too_large")
         length = dict(scope["headers"]).get(b"content-length")
-        too_big = error_response(413, f"upload larger than {self.max_bytes} bytes", "payload_too_large")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        if length is not None and length.isdigit() and int(length) > max_bytes:
             return await too_big(scope, receive, send)
         messages, size = [], 0
         while True:  # read the (bounded) body now, then replay it to the app
@@ -197,7 +198,7 @@ class UploadLimit:
             if message["type"] != "http.request":
                 break
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
+            if size > max_bytes:
                 return await too_big(scope, receive, send)
             if not message.get("more_body", False):
                 break
@@ -239,7 +240,8 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
     app = FastAPI(title="MARS", version="0.1.0", lifespan=lifespan,
                   description="Text-to-image and image captioning with a MARS model, batched under load.")
     app.state.pipeline = pipeline
-    app.add_middleware(UploadLimit, path="/v1/captions", max_bytes=limits.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    app.add_middleware(BodyLimit, limits={"/v1/captions": limits.max_upload_bytes + FORM_OVERHEAD_BYTES,
+                                          "/v1/images/generations": limits.max_json_bytes})
 
     # --- errors: always {"error": {"message", "type"}} ---------------------------------------
     @app.exception_handler(ApiError)

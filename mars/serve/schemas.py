@@ -25,6 +25,12 @@ class ServeLimits:
     max_upload_pixels: int = 4096 * 4096  # Pillow decodes lazily; refuse decompression bombs before decoding
     upload_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
 
+    @property
+    def max_json_bytes(self) -> int:
+        """Largest generation request body: the longest prompt fully escaped (an astral character
+        is 12 bytes of `\\uXXXX\\uXXXX`) plus room for the settings."""
+        return 12 * self.max_prompt_chars + 4096
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -36,7 +42,7 @@ class GenerationRequest(_Strict):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; omitted: the server picks one.")
     cfg_scale: float = Field(4.0, ge=0.0, le=50.0, allow_inf_nan=False,
                              description="Classifier-free guidance; 1 = off, 0 = unconditional.")
-    top_k: int = Field(0, ge=0, description="Keep the k most likely codes; 0 = off.")
+    top_k: int = Field(0, ge=0, le=2**31 - 1, description="Keep the k most likely codes; 0 = off.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling; 1 = off.")
     temperature: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False, description="0 = greedy.")
 

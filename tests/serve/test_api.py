@@ -113,6 +113,7 @@ def test_settings_reach_the_sampler(client):
     ({"prompt": "a", "cfg_scale": -0.5}, ["cfg_scale"]),
     ({"prompt": "a", "cfg_scale": 51}, ["cfg_scale"]),
     ({"prompt": "a", "top_k": -1}, ["top_k"]),
+    ({"prompt": "a", "top_k": 2**31}, ["top_k"]),
     ({"prompt": "a", "top_p": 0}, ["top_p"]),
     ({"prompt": "a", "top_p": 1.01}, ["top_p"]),
     ({"prompt": "a", "temperature": -0.1}, ["temperature"]),
@@ -134,6 +135,19 @@ def test_generation_validation_errors(client, recording, body, words):
 ])
 def test_malformed_json_bodies(client, content, words):
     assert_error(client.post(GEN, content=content, headers={"content-type": "application/json"}), 422, *words)
+
+
+def test_oversized_bodies_are_refused_before_parsing(client, recording):
+    # an escaped prompt at the character limit still gets its informative 422 ...
+    cjk = json.dumps({"prompt": "一" * 2000})  # 12 kB of \\u4e00 escapes
+    assert_error(client.post(GEN, content=cjk, headers={"content-type": "application/json"}), 422, "tokens")
+    # ... a body far beyond any valid request is cut off at once, with or without Content-Length
+    huge = json.dumps({"prompt": "x" * 100_000}).encode()
+    r = client.post(GEN, content=huge, headers={"content-type": "application/json"})
+    assert assert_error(r, 413, "larger than")["type"] == "payload_too_large"
+    chunked = (huge[i:i + 8192] for i in range(0, len(huge), 8192))
+    assert_error(client.post(GEN, content=chunked, headers={"content-type": "application/json"}), 413)
+    assert recording.generate_calls == []
 
 
 def test_wrong_method_and_unknown_path_answer_json(client):
@@ -191,7 +205,7 @@ def test_upload_size_and_pixel_limits(recording, picture):
     huge = big * 5  # over the form limit: refused before it is parsed
     wide = encoded(Image.new("RGB", (200, 60)), "PNG")  # 12,000 pixels in a small file
     with TestClient(app) as c:
-        for data, words in [(big, ["bytes"]), (huge, ["upload larger"]), (wide, ["200x60 pixels"])]:
+        for data, words in [(big, ["bytes"]), (huge, ["request body larger"]), (wide, ["200x60 pixels"])]:
             r = c.post(CAP, files={"image": ("x.png", data, "image/png")})
             assert assert_error(r, 413, *words)["type"] == "payload_too_large"
         assert c.post(CAP, files={"image": ("x.png", encoded(picture, "PNG"), "image/png")}).status_code == 200
