@@ -91,6 +91,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.start_step = self._maybe_resume()
+        self._notes: set[str] = set()
 
     # --- setup -----------------------------------------------------------------------------------
     def _setup_logging(self) -> None:
@@ -185,7 +186,10 @@ class Trainer:
             parallel.barrier(env)
         else:
             folder = Path(cfg.data.shards)
-        records = open_shards(folder, expect_text_tokenizer=self.text_tokenizer)
+        # Codes from another VQ-GAN would train garbage: check the shards' tokenizer hash.
+        vq = None if cfg.data.synthetic else self._vq()
+        records = open_shards(folder, expect_vq_hash=vq.identity_hash() if vq is not None else None,
+                              expect_text_tokenizer=self.text_tokenizer)
         grid_len = records.grid[0] * records.grid[1]
         if grid_len != mc.image_tokens and "lm" not in cfg.tasks:
             raise MarsError(f"{folder} holds {grid_len} codes per image but the model is set for "
@@ -355,13 +359,44 @@ class Trainer:
             return Path(self.cfg.init_from) / VQ_DIR
         return None
 
+    def _vq(self):
+        """The VQ-GAN (loaded once), or None when the run has none."""
+        if not hasattr(self, "_vq_model"):
+            from mars.vq.io import load_tokenizer
+
+            path = self._vq_dir()
+            self._vq_model = load_tokenizer(path, device=self.env.device) if path is not None else None
+        return self._vq_model
+
+    def _note_once(self, message: str) -> None:
+        if self.env.is_main and message not in self._notes:
+            logger.info("%s", message)
+            self._notes.add(message)
+
+    @torch.no_grad()
     def sample(self, step: int, writer) -> None:
-        """Generate images for `sample_prompts` (needs mars.generate and a VQ-GAN)."""
-        try:
-            from mars import generate  # noqa: F401
-        except ImportError:
-            if self.env.is_main and not getattr(self, "_sample_note", False):
-                logger.info("sampling skipped: mars.generate is not available in this checkout")
-            self._sample_note = True
+        """Images for `sample_prompts` (CFG 4, seeds 0..n-1) -> OUT/samples/step_N/*.png and tensorboard."""
+        if self.env.distributed:
+            self._note_once("sampling skipped: it runs in one-process runs (under FSDP every rank would "
+                            "have to decode in lockstep); sample from final/ with `mars generate`")
             return
-        raise NotImplementedError
+        vq = self._vq()
+        if vq is None:
+            self._note_once("sampling skipped: no VQ-GAN (set vq: or init_from with a vq/ folder)")
+            return
+        from mars.data.images import tensor_to_pil
+        from mars.generate import SampleConfig, generate_image_tokens, make_generators
+
+        prompts = [self.text_tokenizer.encode(p) for p in self.cfg.sample_prompts]
+        grid = self.model_config.image_grid
+        with self.autocast():
+            codes = generate_image_tokens(self.model, prompts, make_generators(range(len(prompts)), self.env.device),
+                                          grid * grid, SampleConfig(cfg_scale=4.0))
+        images = vq.decode_codes(codes.view(len(prompts), grid, grid)).float().cpu()  # (B, 3, H, W) in [-1, 1]
+        folder = self.out / "samples" / checkpoint.checkpoint_name(step)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            tensor_to_pil(image).save(folder / f"{i:02d}.png")
+            if writer is not None:
+                writer.add_image(f"samples/{i:02d}", (image + 1) / 2, step)
+        logger.info("samples: %s", folder)

@@ -31,6 +31,11 @@ def test_every_stage_trains_a_few_steps(stage, model_copy, tmp_path):
     assert (final / "vq").is_dir() == bool(init)  # copied from init_from when it has one
     if stage == "stage3":
         assert load_model_config(final).image_size == 128  # model_overrides reach the saved config
+    if init:  # a complete model folder: the pipeline loads it and generates at the trained size
+        from mars.pipeline import MarsPipeline
+
+        image = MarsPipeline.from_pretrained(final).generate(["a red circle"], seed=0)[0]
+        assert image.size == ((128, 128) if stage == "stage3" else (64, 64))
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
@@ -67,3 +72,14 @@ def test_tiny_fixed_batch_overfits(tmp_path):
                            "save_every=0")
     first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-5:]) / 5
     assert first / last >= 5, (first, last)
+
+
+def test_samples_every_n_steps_with_the_runs_vq(model_copy, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "run"
+    run_stage("stage2", out, "max_steps=2", "save_every=0", "sample_every=2", f"init_from={model_copy}",
+              "sample_prompts=[a red circle, 一个蓝色的正方形, two stars]")
+    files = sorted((out / "samples" / "step_00000002").glob("*.png"))
+    assert [f.name for f in files] == ["00.png", "01.png", "02.png"]
+    assert Image.open(files[0]).size == (64, 64)
