@@ -1,0 +1,57 @@
+"""Captioning accuracy scored with captioners of known quality, and the CLI on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import pytest
+
+from mars.cli import main
+from mars.data.checker import detect_objects
+from mars.data.shapes import COLOURS_ZH, SHAPES_ZH, scene_for_index
+from mars.eval.captions_eval import run_captions_eval
+
+
+def describe(images, lang):
+    """A perfect captioner: names what the detector sees, one phrase per object."""
+    texts = []
+    for image in images:
+        objs = detect_objects(image)
+        if lang == "en":
+            texts.append(" and ".join(f"a {o.colour} {o.shape}" for o in objs) + ".")
+        else:
+            texts.append("和".join(f"一个{COLOURS_ZH[o.colour]}的{SHAPES_ZH[o.shape]}" for o in objs) + "。")
+    return texts
+
+
+def test_perfect_captioner_scores_one(tmp_path):
+    result = run_captions_eval(describe, tmp_path, n=12, seed=4, batch_size=5)
+    assert result["summary"]["en"]["all"] == 1.0 and result["summary"]["zh"]["all"] == 1.0
+    assert len(result["captions"]) == 24
+    saved = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert saved["summary"] == result["summary"]
+    assert (tmp_path / saved["captions"][0]["file"]).is_file()
+
+
+def test_captioner_naming_one_object_scores_the_share_of_single_object_scenes(tmp_path):
+    n = 40
+    first_only = lambda images, lang: [describe([im], lang)[0].split(" and ")[0] for im in images]  # noqa: E731
+    result = run_captions_eval(first_only, tmp_path, n=n, seed=0, langs=("en",))
+    scenes = [scene_for_index(0, i, "eval") for i in range(n)]
+    want = sum(len(s.objects) == 1 for s in scenes) / n
+    assert 0 < want < 1
+    assert result["summary"]["en"]["all"] == pytest.approx(want)
+    assert result["summary"]["en"]["single"] == 1.0 and result["summary"]["en"]["two"] == 0.0
+    wrong = next(r for r in result["captions"] if not r["correct"])
+    assert wrong["named"].startswith("1 x ") and wrong["shown"] != wrong["named"]
+
+
+def test_captions_cli_with_tiny_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "captions"
+    assert main(["eval", "captions", "--model", str(tiny_model_dir), "--device", "cpu", "--n", "3",
+                 "--out-dir", str(out)]) == 0
+    assert "all" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert [(r["lang"], r["index"]) for r in results["captions"]] == [("en", 0), ("en", 1), ("en", 2),
+                                                                     ("zh", 0), ("zh", 1), ("zh", 2)]
+    assert all(isinstance(r["caption"], str) for r in results["captions"])
+    assert set(results["summary"]) == {"en", "zh"}
