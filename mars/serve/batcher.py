@@ -18,7 +18,6 @@ no way to stop single rows — and the outputs of cancelled jobs are thrown away
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import math
 import threading
@@ -64,6 +63,9 @@ class Job:
 
 class Batcher:
     """Queue jobs from any thread; run them in batches on one worker thread.
+
+    From asyncio: `await asyncio.wrap_future(batcher.submit(key, rows).future)`; cancelling that
+    await cancels the job.
 
     `max_batch_size`: most rows per batch. `max_queue`: most rows waiting (not yet running);
     a job that would exceed it raises `QueueFull`. `batch_wait_ms`: how long a batch that is not
@@ -125,11 +127,6 @@ class Batcher:
             self._cond.notify_all()
         job.future.add_done_callback(self._forget_if_cancelled)
         return job
-
-    async def run(self, key: Hashable, rows: list[Any]) -> JobResult:
-        """Submit and await the result; cancelling the awaiting task cancels the job."""
-        job = self.submit(key, rows)
-        return await asyncio.wrap_future(job.future)  # cancelling this cancels job.future
 
     def _retry_after(self, rows: int) -> int:
         """Seconds until about `rows` queued rows have been worked off (at least 1)."""

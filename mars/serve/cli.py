@@ -17,11 +17,13 @@ def add_commands(subparsers) -> None:
                     "Concurrent requests are batched on one worker thread that owns the model.",
     )
     p.add_argument("--model", default=None, help="model folder or built-in name (default: shapes-demo)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 exposes the server to the network)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1; 0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, default=8000, help="default: 8000")
     p.add_argument("--max-batch-size", type=int, default=8, help="most images (or captions) per batch, also the "
                    "most images one request may ask for (default: 8)")
-    p.add_argument("--max-queue", type=int, default=64, help="most images waiting; beyond it requests get 503 (default: 64)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most images waiting; beyond it requests get 503 (default: 64)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill up (default: 10)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=run)

@@ -39,7 +39,8 @@ class _Strict(BaseModel):
 class GenerationRequest(_Strict):
     prompt: str = Field(min_length=1, description="What to draw (English or Chinese).")
     n: int = Field(1, ge=1, description="Number of images; image i uses seed + i.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; omitted: the server picks one.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED,
+                             description="Seed of the first image; omitted: the server picks one.")
     cfg_scale: float = Field(4.0, ge=0.0, le=50.0, allow_inf_nan=False,
                              description="Classifier-free guidance; 1 = off, 0 = unconditional.")
     top_k: int = Field(0, ge=0, le=2**31 - 1, description="Keep the k most likely codes; 0 = off.")

@@ -172,13 +172,16 @@ def test_job_sizes_must_fit_a_batch(recorder):
         Batcher(recorder, max_batch_size=4, max_queue=2)
 
 
-def test_async_run_and_cancelling_the_awaiting_task(recorder):
+def test_awaiting_from_asyncio_and_cancelling_the_awaiting_task(recorder):
     batcher = make(recorder)
 
+    async def run(key, rows):
+        return await asyncio.wrap_future(batcher.submit(key, rows).future)
+
     async def scenario():
-        assert (await batcher.run("x", ["a"])).outputs == ["x:a"]
+        assert (await run("x", ["a"])).outputs == ["x:a"]
         occupy_worker(batcher, recorder)
-        task = asyncio.ensure_future(batcher.run("x", ["gone"]))
+        task = asyncio.ensure_future(run("x", ["gone"]))
         await asyncio.sleep(0.01)
         assert batcher.queued_rows == 1
         task.cancel()

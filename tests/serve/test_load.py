@@ -61,7 +61,8 @@ def test_32_concurrent_requests_are_batched_and_none_is_lost(tiny_pipeline):
     images = [base64.b64decode(b["data"][0]["b64_json"]) for b in bodies]
     assert len(set(images)) == 32  # none duplicated
     batches = recording.generate_calls[batches_before:]
-    assert sorted(p for batch in batches for p in batch) == sorted(r["prompt"] for r in requests)  # none lost or run twice
+    # none lost or run twice
+    assert sorted(p for batch in batches for p in batch) == sorted(r["prompt"] for r in requests)
     assert max(len(b) for b in batches) > 1 and all(len(b) <= 8 for b in batches)
     # batched images equal the same prompt and seed generated alone (the VQ decoder's convolutions
     # may round differently in a batch: +-1 grey level; another code changes a whole 16x16 patch)
