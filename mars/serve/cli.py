@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
+from pathlib import Path
 
 from mars.errors import MarsError
 
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.model or DEFAULT_MODEL
     resolve_model_path(name)  # a clear error before anything heavy loads
     pipeline = MarsPipeline.from_pretrained(name, device=args.device)
-    app = create_app(pipeline, model_name=str(name), max_batch_size=args.max_batch_size,
+    # the API names a model by its folder's name, not its path on this machine
+    app = create_app(pipeline, model_name=Path(str(name)).name, max_batch_size=args.max_batch_size,
                      max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms)
     if not _is_loopback(args.host):
         print(f"warning: binding {args.host}: the server is reachable from other machines", file=sys.stderr)

@@ -111,10 +111,12 @@ def test_caption_an_upload_in_the_browser(browser, tiny_pipeline, tmp_path):
     picture.save(path)
     with live_server(create_app(tiny_pipeline, model_name="tiny")) as url:
         browser.get(url + "/")
+        assert not browser.find_element("id", "caption-preview").is_displayed()  # nothing chosen yet
         browser.find_element("id", "caption-file").send_keys(str(path))
         assert browser.find_element("id", "caption-preview").is_displayed()
         browser.find_element("css selector", "#caption-lang option[value='zh']").click()
         browser.find_element("id", "caption").click()
         text = browser.find_element("id", "caption-text")
         wait_for(lambda: text.get_attribute("data-state") == "done", what="the caption")
+        browser.save_screenshot(str(tmp_path / "caption.png"))
         assert text.get_property("textContent") == tiny_pipeline.caption([picture], lang="zh")[0]

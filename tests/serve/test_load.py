@@ -166,7 +166,9 @@ def test_mars_serve_command(tiny_model_dir, monkeypatch, capsys):
     assert served["host"] == "127.0.0.1" and served["port"] == 8123  # loopback unless asked otherwise
     assert f"serving {tiny_model_dir} on http://127.0.0.1:8123/" in capsys.readouterr().err
     with TestClient(served["app"]) as client:
-        queue = client.get("/health").json()["queue"]
+        health = client.get("/health").json()
+        assert health["model"] == tiny_model_dir.name  # the folder's name, not its path
+        queue = health["queue"]
         assert (queue["max_batch_size"], queue["max_queue"], queue["batch_wait_ms"]) == (4, 16, 5.0)
         r = client.post(GEN, json={"prompt": "a red circle", "n": 4, "seed": 3})
         assert r.status_code == 200 and r.json()["seeds"] == [3, 4, 5, 6]
