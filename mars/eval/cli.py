@@ -238,7 +238,8 @@ def run_clip_score(args: argparse.Namespace) -> int:
 def run_coco(args: argparse.Namespace) -> int:
     from mars.eval.fid import build_features, fid
     from mars.eval.runner import check_settings, resolve_shard
-    from mars.eval.suites import coco_selection, run_coco as generate_coco
+    from mars.eval.suites import coco_selection
+    from mars.eval.suites import run_coco as generate_coco
 
     shard = resolve_shard(args.shard)
     if args.image_size < 1:

@@ -46,6 +46,9 @@ class Shard:
         return f"r{self.rank}"
 
 
+WHOLE = Shard()  # a single process does everything
+
+
 def resolve_shard(spec: str | None = None) -> Shard:
     """`--shard r/w` if given, else torchrun's RANK / WORLD_SIZE, else the whole job (0/1)."""
     if spec:
@@ -62,7 +65,7 @@ def resolve_shard(spec: str | None = None) -> Shard:
                             f"{os.environ['WORLD_SIZE']!r}") from None
         source = f"RANK={rank} WORLD_SIZE={world}"
     else:
-        return Shard()
+        return WHOLE
     if world < 1 or not 0 <= rank < world:
         raise MarsError(f"{source}: need 0 <= rank < world, world >= 1")
     return Shard(rank, world)
@@ -83,7 +86,7 @@ def pending_jobs(jobs: Sequence[ImageJob], shard: Shard) -> list[ImageJob]:
 
 
 def run_image_jobs(generate: GenerateFn, jobs: Sequence[ImageJob], out_dir: str | Path,
-                   shard: Shard = Shard(), batch_size: int = 8, desc: str = "generate") -> int:
+                   shard: Shard = WHOLE, batch_size: int = 8, desc: str = "generate") -> int:
     """Make the missing images of this shard; returns how many were written.
 
     Jobs are batched in order; PNGs are renamed into place one by one as soon as a batch is done,

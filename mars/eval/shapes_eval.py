@@ -28,7 +28,7 @@ from mars.data.checker import check_prompt
 from mars.data.shapes import EVAL_CATEGORIES
 from mars.errors import MarsError
 from mars.eval.io import format_table, write_json_atomic
-from mars.eval.runner import GenerateFn, ImageJob, Shard, run_image_jobs
+from mars.eval.runner import WHOLE, GenerateFn, ImageJob, Shard, run_image_jobs
 
 RESULTS_FILE = "results.json"
 
@@ -95,7 +95,7 @@ def summary_table(summary: dict[str, dict[str, float]]) -> str:
 
 def run_shapes_eval(generate: GenerateFn | None, out_dir: str | Path, n_per_category: int = 50,
                     seed: int = 0, langs: tuple[str, ...] = LANGS, batch_size: int = 8,
-                    shard: Shard = Shard(), settings: dict | None = None) -> dict | None:
+                    shard: Shard = WHOLE, settings: dict | None = None) -> dict | None:
     """Generate the missing images of this shard, then score the whole benchmark.
 
     Returns the results (also written to DIR/results.json), or None while images of other

@@ -40,7 +40,7 @@ from PIL import Image
 from mars.data.images import load_image, resize_center_crop
 from mars.errors import MarsError
 from mars.eval.io import PARTIAL_DIR, save_image_atomic, write_text_atomic
-from mars.eval.runner import GenerateFn, ImageJob, Shard, run_image_jobs
+from mars.eval.runner import WHOLE, GenerateFn, ImageJob, Shard, run_image_jobs
 
 # --------------------------------------------------------------------------- COCO-30K
 
@@ -78,7 +78,7 @@ def _resized(generate: GenerateFn, size: int) -> GenerateFn:
 
 
 def run_coco(generate: GenerateFn, captions_json: str | Path, out_dir: str | Path, n: int = 30000,
-             seed: int = 0, image_size: int = 256, batch_size: int = 8, shard: Shard = Shard(),
+             seed: int = 0, image_size: int = 256, batch_size: int = 8, shard: Shard = WHOLE,
              coco_images: str | Path | None = None) -> list[dict]:
     """Generate the COCO-30K images of this shard (and its reference images); returns the selection."""
     out_dir = Path(out_dir)
@@ -95,7 +95,7 @@ def run_coco(generate: GenerateFn, captions_json: str | Path, out_dir: str | Pat
 
 
 def write_coco_reference(selection: list[dict], coco_images: str | Path, ref_dir: Path, image_size: int,
-                         shard: Shard = Shard()) -> None:
+                         shard: Shard = WHOLE) -> None:
     """The chosen val2014 images, centre-cropped and resized to `image_size` (skips existing ones)."""
     for s in selection:
         target = ref_dir / f"{s['index']:05d}.png"
@@ -143,7 +143,7 @@ def image_grid(images: list[Image.Image], pad: int = 2) -> Image.Image:
 
 
 def run_geneval(generate: GenerateFn, metadata_file: str | Path, out_dir: str | Path, n_samples: int = 4,
-                seed: int = 0, batch_size: int = 8, shard: Shard = Shard(), grid: bool = False) -> list[ImageJob]:
+                seed: int = 0, batch_size: int = 8, shard: Shard = WHOLE, grid: bool = False) -> list[ImageJob]:
     """Generate GenEval's folders (this shard's part); returns every image job of the suite."""
     if n_samples < 1:
         raise MarsError(f"--n-samples must be >= 1, got {n_samples}")
@@ -194,7 +194,7 @@ def read_compbench_prompts(path: str | Path) -> list[str]:
 
 
 def run_compbench(generate: GenerateFn, prompts_file: str | Path, out_dir: str | Path, n_samples: int = 10,
-                  seed: int = 0, batch_size: int = 8, shard: Shard = Shard()) -> list[ImageJob]:
+                  seed: int = 0, batch_size: int = 8, shard: Shard = WHOLE) -> list[ImageJob]:
     """Generate `DIR/samples/{prompt}_{j:06d}.png` (this shard's part); returns every image job."""
     if n_samples < 1:
         raise MarsError(f"--n-samples must be >= 1, got {n_samples}")

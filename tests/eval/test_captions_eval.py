@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 
 from mars.cli import main
@@ -34,7 +35,10 @@ def test_perfect_captioner_scores_one(tmp_path):
 
 def test_captioner_naming_one_object_scores_the_share_of_single_object_scenes(tmp_path):
     n = 40
-    first_only = lambda images, lang: [describe([im], lang)[0].split(" and ")[0] for im in images]  # noqa: E731
+
+    def first_only(images, lang):  # names the first object a perfect captioner would name
+        return [describe([im], lang)[0].split(" and ")[0] for im in images]
+
     result = run_captions_eval(first_only, tmp_path, n=n, seed=0, langs=("en",))
     scenes = [scene_for_index(0, i, "eval") for i in range(n)]
     want = sum(len(s.objects) == 1 for s in scenes) / n

@@ -11,8 +11,7 @@ from scipy import linalg
 
 from mars.cli import main
 from mars.errors import MarsError
-from mars.eval.fid import (EffNetLite0Features, fid, frechet_distance, save_statistics, set_statistics,
-                           statistics)
+from mars.eval.fid import EffNetLite0Features, fid, frechet_distance, save_statistics, set_statistics, statistics
 
 
 def _random_features(rng: np.random.Generator, n: int, d: int, shift: float) -> np.ndarray:
