@@ -133,21 +133,8 @@ def check_settings(out_dir: str | Path, settings: dict) -> None:
 
 
 def pipeline_generate_fn(pipe, cfg_scale: float, top_k: int, top_p: float, temperature: float) -> GenerateFn:
-    """A `MarsPipeline` as a GenerateFn: one seed per image, the same settings for all.
-
-    `MarsPipeline.generate(prompts, seed=s)` draws image i with seed s + i, so each run of
-    consecutive seeds is one call (a whole batch when the jobs are contiguous; under sharding a
-    rank's seeds are `world` apart and every image is its own call).
-    """
+    """A `MarsPipeline` as a GenerateFn: one call per batch, seed[i] for image i, the same settings for all."""
     def run(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        images: list[Image.Image] = []
-        start = 0
-        while start < len(prompts):
-            end = start + 1
-            while end < len(prompts) and seeds[end] == seeds[end - 1] + 1:
-                end += 1
-            images += pipe.generate(prompts[start:end], cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
-                                    temperature=temperature, seed=seeds[start], batch_size=end - start)
-            start = end
-        return images
+        return pipe.generate(prompts, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p, temperature=temperature,
+                             seed=list(seeds), batch_size=len(prompts))
     return run

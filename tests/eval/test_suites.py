@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -144,29 +145,28 @@ def test_compbench_prompts_must_be_file_names(tmp_path):
 # --------------------------------------------------------------------------- resuming and sharding
 
 def test_shards_and_resume_give_the_same_images_as_one_run(tiny_model_dir, tmp_path):
-    """Rank 0 of 2, then a full run: nothing is made twice, nothing is missing, and every image
-    is byte-identical to an uninterrupted single-process run (one seed per image).
-
-    The reference run makes every image alone (--batch-size 1), as the sharded ranks do: the codes
-    of an image do not depend on its batch, but the VQ decoder's float rounding does (a pixel
-    may move by 1), so PNG bytes compare only between images decoded at the same batch size.
-    """
+    """Rank 0 of 2, then a full run: nothing is made twice, nothing is missing, the rank-0 files
+    are kept, and every image is the one an uninterrupted single-process run makes (one seed per
+    image). Pixels may differ by 1: an image's codes do not depend on its batch, but the VQ
+    decoder's float rounding does."""
     prompts = tmp_path / "color_val.txt"
     prompts.write_text(COMPBENCH)
     base = ["t2i-compbench-sample", "--prompts", str(prompts), "--n-samples", "3", *common(tiny_model_dir)]
-    assert main(["eval", *base, "--out-dir", str(tmp_path / "one"), "--batch-size", "1"]) == 0
+    one = tmp_path / "one"
+    assert main(["eval", *base, "--out-dir", str(one), "--batch-size", "4"]) == 0
 
     split = tmp_path / "split"
     assert main(["eval", *base, "--out-dir", str(split), "--shard", "0/2"]) == 0
     first = {f: (split / f).read_bytes() for f in tree(split) if f.startswith("samples/")}
     assert sorted(int(f.split("_")[-1][:6]) for f in first) == [0, 2, 4]
     assert main(["eval", *base, "--out-dir", str(split), "--batch-size", "2"]) == 0
-    assert tree(split) == tree(tmp_path / "one")
-    for f in tree(split):
+    assert tree(split) == tree(one)
+    for f in sorted(tree(split)):
         if f.startswith("samples/"):
-            assert (split / f).read_bytes() == (tmp_path / "one" / f).read_bytes(), f
+            a, b = (np.asarray(Image.open(d / f), dtype=int) for d in (split, one))
+            assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01, f
             if f in first:
-                assert (split / f).read_bytes() == first[f]
+                assert (split / f).read_bytes() == first[f]  # the resumed run left rank 0's files alone
 
 
 def test_interrupted_run_leaves_whole_files_and_resumes_without_gaps(tmp_path):
