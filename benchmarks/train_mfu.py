@@ -45,7 +45,10 @@ def step_flops(cfg: SemVIEConfig, batch: int, prefix: int, suffix: int, targets:
     C, H, Hkv, D, F, L = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                           cfg.num_layers)
     weights = C * (H + 2 * Hkv) * D + H * D * C + 3 * C * F  # matmul weights of one expert, one layer
-    attn = lambda q0, q1: 4 * H * D * sum(t + 1 for t in range(q0, q1))  # causal QK^T + AV, one layer  # noqa: E731
+
+    def attn(q0: int, q1: int) -> int:  # causal QK^T + AV of queries [q0, q1), one layer
+        return 4 * H * D * sum(t + 1 for t in range(q0, q1))
+
     prefix_fwd = batch * L * (2 * weights * prefix + attn(0, prefix))
     suffix_fwd = batch * L * (2 * weights * suffix + attn(prefix, prefix + suffix))
     vocab, new_rows = cfg.vocab_size, cfg.image_vocab_size + cfg.num_special_tokens
@@ -122,7 +125,7 @@ def main() -> None:
           f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
     print(f"batch {args.batch} x (prefix {prefix} + suffix {suffix}) tokens, {targets} targets; {mode}; "
           f"compile={args.compile} ac={args.activation_checkpointing}; loss {loss:.3f}")
-    print("| step ms | tokens/s | model TFLOP/step | achieved TFLOP/s | MFU (peak %.0f) | peak mem GiB |" % args.peak_tflops)
+    print(f"| step ms | tokens/s | model TFLOP/step | achieved TFLOP/s | MFU (peak {args.peak_tflops:.0f}) | peak mem GiB |")
     print("|---|---|---|---|---|---|")
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     achieved = flops / seconds / 1e12

@@ -80,7 +80,7 @@ class TrainConfig:
     save_every: int = 100  # 0 = only the final model
     keep_last: int = 2
     resume: str = "never"  # never | auto | PATH of a checkpoint folder
-    log_every: int = 1
+    log_every: int = 10  # a line in train.log every N steps (metrics.jsonl has every step)
     tensorboard: bool = True
     sample_every: int = 0  # 0 = never; needs a VQ (init_from/vq or vq:)
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "一个蓝色的正方形"])

@@ -11,7 +11,6 @@ at column P; I2T and LM right-padded; `targets` already shifted, -100 = no loss)
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,9 +19,6 @@ import torch
 
 from mars.data.sequences import IGNORE, I2TBatch, LMBatch, SequenceBuilder, T2IBatch
 from mars.errors import MarsError
-
-logger = logging.getLogger(__name__)
-
 
 # ---------------------------------------------------------------------------------------------
 # Debug data: MARS-Shapes scenes tokenized by a fixed colour palette (no VQ-GAN needed)

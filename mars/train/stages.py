@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 
-import torch.nn as nn
+from torch import nn
 
 from mars.errors import MarsError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)  # "mars.train.stages": the trainer's handlers
 
 TRAINABLE_GROUPS: dict[str, tuple[str, ...]] = {
     "stage0": ("text_expert", "text_vocab", "norms"),

@@ -95,18 +95,20 @@ class Trainer:
 
     # --- setup -----------------------------------------------------------------------------------
     def _setup_logging(self) -> None:
-        if self.env.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(self.out / "train.log")]
-            for h in handlers:
-                h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-            for name in ("mars.train", "mars.train.stages", "mars.train.data"):
-                log = logging.getLogger(name)
-                log.handlers[:] = handlers if name == "mars.train" else []
-                log.setLevel(logging.INFO)
-                log.propagate = name != "mars.train"
-        else:  # rank-0 logging only
-            logging.getLogger("mars.train").setLevel(logging.WARNING)
+        """Rank 0 logs to stderr and OUT/train.log ("mars.train.*" loggers); other ranks only warnings."""
+        log = logging.getLogger("mars.train")
+        for handler in log.handlers:  # a previous run in this process
+            handler.close()
+        log.handlers.clear()
+        log.propagate = False
+        if not self.env.is_main:
+            log.setLevel(logging.WARNING)
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(self.out / "train.log")):
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
     def _text_tokenizer(self):
         if self.cfg.init_from is not None:
@@ -130,9 +132,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         with torch.device("meta"):
             model = SemVIE(self.model_config)
-        counts = set_trainable(model, cfg.stage)
-        if self.env.is_main:
-            logger.info("trainable per group: %s", {k: f"{v:,}" for k, v in counts.items()})
+        set_trainable(model, cfg.stage)  # logs and asserts the trainable count per group
         self.prefix_no_grad = cfg.prefix_no_grad and text_path_frozen(model)
         if cfg.prefix_no_grad and not self.prefix_no_grad and "t2i" in cfg.tasks:
             raise MarsError("prefix_no_grad needs a frozen text side; set prefix_no_grad=false for this stage")
@@ -290,7 +290,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 bar.update(1)
                 if cfg.log_every and metrics["step"] % cfg.log_every == 0:
-                    logger.debug("%s", metrics)
+                    logger.info("step %d  %s loss %.4f  lr %.2e  grad norm %.3f  %.0f tok/s", metrics["step"],
+                                metrics["task"], metrics["loss"], metrics["lr"], metrics["grad_norm"],
+                                metrics["tokens_per_s"])
             done = step + 1
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
                 self.save_checkpoint(done)

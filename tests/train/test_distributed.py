@@ -15,7 +15,6 @@ from mars.train.checkpoint import list_checkpoints, load_checkpoint_model
 from .conftest import DEBUG, FAST, ROOT, read_metrics, run_stage, subprocess_env
 
 
-
 def test_torchrun_two_ranks_matches_one_process(tmp_path):
     common = ["max_steps=6", "save_every=3"]
     _, single = run_stage("stage1", tmp_path / "one", *common)  # micro_batch_size 8: one micro-batch
@@ -23,7 +22,7 @@ def test_torchrun_two_ranks_matches_one_process(tmp_path):
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mars.cli", "train",
            str(DEBUG / "stage1.yaml"), f"out_dir={out}", *FAST, *common, "micro_batch_size=4"]
-    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, check=False, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     double = read_metrics(out)
     assert [m["step"] for m in double] == [1, 2, 3, 4, 5, 6]
