@@ -92,8 +92,14 @@ def import_taming_checkpoint(path: str | Path, config: VQConfig) -> VQModel:
 
 
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VQModel:
-    """Load a tokenizer from a VQ directory, or from a MARS model directory with a `vq/` subfolder."""
+    """Load a tokenizer from a VQ directory, a MARS model directory with a `vq/` subfolder, or the
+    name of a built-in MARS model."""
     path = Path(path)
+    if not path.exists():
+        from mars.model_dir import BUILTIN_MODELS, resolve_model_path
+
+        if str(path) in BUILTIN_MODELS:
+            path = resolve_model_path(str(path))
     if (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file() and not (path / "vq").is_dir():
         return VQModel.from_pretrained(path, device=device)
     if (path / "vq" / CONFIG_NAME).is_file():

@@ -30,6 +30,7 @@ class VQGANLoss(nn.Module):
 
     def __init__(self, *, rec_loss: str = "l1", rec_weight: float = 1.0, perceptual_weight: float = 1.0,
                  perceptual_stages: tuple[int, ...] = (0, 1, 2, 3), codebook_weight: float = 1.0,
+                 entropy_weight: float = 0.0,
                  disc_start: int = 0, disc_weight: float = 0.5, adaptive_disc_weight: bool = True,
                  disc_ndf: int = 64, disc_layers: int = 3):
         super().__init__()
@@ -39,6 +40,7 @@ class VQGANLoss(nn.Module):
         self.perceptual_weight = perceptual_weight
         self.perceptual = PerceptualLoss(perceptual_stages) if perceptual_weight > 0 else None
         self.codebook_weight = codebook_weight
+        self.entropy_weight = entropy_weight
         self.disc_start, self.disc_weight = disc_start, disc_weight
         self.adaptive_disc_weight = adaptive_disc_weight
         self.discriminator = NLayerDiscriminator(ndf=disc_ndf, n_layers=disc_layers)
@@ -61,6 +63,9 @@ class VQGANLoss(nn.Module):
         loss = nll + self.codebook_weight * q_loss
         logs["codebook_loss"] = quant.codebook_loss.item()
         logs["commit_loss"] = quant.commit_loss.item()
+        if self.entropy_weight > 0:
+            loss = loss + self.entropy_weight * quant.entropy_loss
+            logs["entropy_loss"] = quant.entropy_loss.item()
         if self.disc_active(step):
             g_loss = -self.discriminator(recon).float().mean()
             weight = (adaptive_weight(nll, g_loss, last_layer) if self.adaptive_disc_weight and self.training

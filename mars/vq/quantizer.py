@@ -31,6 +31,7 @@ class QuantizerOutput:
     codebook_loss: torch.Tensor  # scalar, || sg(z) - e ||^2: moves codes towards the encoder output
     commit_loss: torch.Tensor  # scalar, beta * || z - sg(e) ||^2: keeps the encoder near its codes
     z: torch.Tensor  # (B, D, h, w) encoder output in code space, before matching
+    entropy_loss: torch.Tensor  # scalar; 0 unless `entropy_temperature` > 0 in training
 
 
 class VectorQuantizer(nn.Module):
@@ -44,6 +45,8 @@ class VectorQuantizer(nn.Module):
         self.l2_norm = l2_norm
         self.embedding = nn.Embedding(codebook_size, embed_dim)
         self.embedding.weight.data.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+        # Set by the trainer: > 0 adds an entropy regulariser on soft code assignments (training only).
+        self.entropy_temperature = 0.0
 
     def codebook(self) -> torch.Tensor:
         """The code vectors as used for matching, (K, D) float32."""
@@ -55,14 +58,28 @@ class VectorQuantizer(nn.Module):
         z = z.float()
         return F.normalize(z, dim=1) if self.l2_norm else z
 
+    def distances(self, z_flat: torch.Tensor) -> torch.Tensor:
+        """Squared distances (up to a per-row constant) from each row of `z_flat` (N, D) to every
+        code, (N, K). ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, and ||z||^2 is the same for all codes."""
+        codebook = self.codebook()  # (K, D)
+        if self.l2_norm:  # unit vectors: ||z - e||^2 = 2 - 2 z.e
+            return 2.0 - 2.0 * (z_flat @ codebook.t())
+        return codebook.square().sum(dim=1)[None, :] - 2.0 * (z_flat @ codebook.t())
+
     def nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code for each row of `z_flat` (N, D) -> (N,)."""
-        codebook = self.codebook()  # (K, D)
-        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; ||z||^2 is the same for every code.
-        scores = z_flat @ codebook.t()  # (N, K)
-        if self.l2_norm:
-            return scores.argmax(dim=1)  # unit vectors: nearest = most similar
-        return (codebook.square().sum(dim=1)[None, :] - 2 * scores).argmin(dim=1)
+        return self.distances(z_flat).argmin(dim=1)
+
+    def entropy_loss(self, distances: torch.Tensor) -> torch.Tensor:
+        """Per-token entropy minus batch entropy of soft assignments softmax(-d / T): low when every
+        token picks one code confidently and the batch spreads over many codes. It keeps the
+        encoder from collapsing onto a handful of codes early in training (as in MAGVIT/LlamaGen)."""
+        logits = -distances / self.entropy_temperature  # (N, K)
+        probs, log_probs = logits.softmax(dim=1), logits.log_softmax(dim=1)
+        token_entropy = -(probs * log_probs).sum(dim=1).mean()
+        mean_probs = probs.mean(dim=0)
+        batch_entropy = -(mean_probs * torch.log(mean_probs + 1e-8)).sum()
+        return token_entropy - batch_entropy
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantize `z` (B, D, h, w)."""
@@ -70,12 +87,15 @@ class VectorQuantizer(nn.Module):
             z = self.prepare(z)  # (B, D, h, w)
             B, D, h, w = z.shape
             z_flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
-            codes = self.nearest(z_flat)
+            distances = self.distances(z_flat)  # (N, K)
+            codes = distances.argmin(dim=1)
+            entropy = (self.entropy_loss(distances) if self.training and self.entropy_temperature > 0
+                       else z.new_zeros(()))
             z_q = self.codebook()[codes].view(B, h, w, D).permute(0, 3, 1, 2)  # (B, D, h, w)
             codebook_loss = F.mse_loss(z_q, z.detach())
             commit_loss = self.beta * F.mse_loss(z, z_q.detach())
             z_st = z + (z_q - z).detach()  # straight-through: forward z_q, backward identity
-        return QuantizerOutput(z_st, codes.view(B, h, w), codebook_loss, commit_loss, z.detach())
+        return QuantizerOutput(z_st, codes.view(B, h, w), codebook_loss, commit_loss, z.detach(), entropy)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors for a grid of indices: (B, h, w) long -> (B, D, h, w)."""

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+from mars.errors import MarsError
+from mars.vq import load_tokenizer
+from mars.vq.config import PRESETS, VQConfig
+from mars.vq.model import VQModel
+
+from .conftest import tiny_config
+
+
+def narrow(preset: str) -> VQConfig:
+    """The preset's geometry (levels, attention, codebook) with narrow channels, for real CPU runs."""
+    return VQConfig.load({"preset": preset, "ch": 8, "z_channels": 8, "norm_groups": 4, "codebook_size": 64})
+
+
+@pytest.mark.parametrize("preset", ["f16-8192", "shapes-small"])
+@pytest.mark.parametrize("size", [256, 512])
+def test_preset_shapes_on_meta(preset, size):
+    with torch.device("meta"):
+        model = VQModel(VQConfig.from_name(preset))
+        recon, quant = model(torch.empty(2, 3, size, size))
+    f = model.config.downsample
+    assert f == 16
+    assert tuple(quant.codes.shape) == (2, size // f, size // f)
+    assert tuple(recon.shape) == (2, 3, size, size)
+
+
+@pytest.mark.parametrize("preset", ["f16-8192", "shapes-small"])
+@pytest.mark.parametrize("size", [256, 512])
+def test_encode_decode_shapes_narrow(preset, size):
+    torch.manual_seed(0)
+    model = VQModel(narrow(preset)).eval()
+    images = torch.rand(1, 3, size, size) * 2 - 1
+    codes = model.encode_to_codes(images)
+    assert codes.dtype == torch.long and tuple(codes.shape) == (1, size // 16, size // 16)
+    assert 0 <= int(codes.min()) and int(codes.max()) < model.config.codebook_size
+    out = model.decode_codes(codes)
+    assert tuple(out.shape) == (1, 3, size, size)
+    assert float(out.min()) >= -1.0 and float(out.max()) <= 1.0
+
+
+def test_f16_8192_geometry():
+    cfg = VQConfig.from_name("f16-8192")
+    assert (cfg.downsample, cfg.codebook_size, cfg.ch, cfg.ch_mult) == (16, 8192, 128, (1, 1, 2, 2, 4))
+    assert cfg.num_res_blocks == 2 and cfg.attn_resolutions == (16,) and cfg.z_channels == 256
+    with torch.device("meta"):
+        model = VQModel(cfg)
+    names = dict(model.named_parameters())
+    assert "encoder.down.4.attn.1.proj_out.weight" in names  # attention at 16x16 (level 4)
+    assert "decoder.up.4.attn.2.q.weight" in names
+    assert "encoder.down.3.attn.0.q.weight" not in names
+
+
+def test_size_must_be_multiple_of_downsample(tiny_model):
+    with pytest.raises(ValueError, match="multiple of 4"):
+        tiny_model.encode_to_codes(torch.zeros(1, 3, 30, 32))
+
+
+def test_save_load_roundtrip(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "vq")
+    meta = json.loads((tmp_path / "vq" / "config.json").read_text())
+    assert meta["model_type"] == "mars-vqgan" and meta["codebook_size"] == 32
+    loaded = VQModel.from_pretrained(tmp_path / "vq")
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    codes = tiny_model.encode_to_codes(images)
+    assert torch.equal(loaded.encode_to_codes(images), codes)
+    assert torch.equal(loaded.decode_codes(codes), tiny_model.decode_codes(codes))
+    assert loaded.identity_hash() == tiny_model.identity_hash()
+
+
+def test_identity_hash_tracks_weights_and_config(tiny_model):
+    before = tiny_model.identity_hash()
+    assert len(before) == 16
+    with torch.no_grad():
+        tiny_model.decoder.conv_out.bias.add_(1e-3)
+    assert tiny_model.identity_hash() != before
+    assert VQModel(tiny_config(beta=0.5)).identity_hash() != VQModel(tiny_config()).identity_hash()
+
+
+def test_load_tokenizer_accepts_vq_dir_and_model_dir(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "model" / "vq")
+    (tmp_path / "model" / "config.json").write_text("{}")
+    for path in (tmp_path / "model" / "vq", tmp_path / "model"):
+        assert load_tokenizer(path).identity_hash() == tiny_model.identity_hash()
+    with pytest.raises(MarsError, match="not found"):
+        load_tokenizer(tmp_path / "missing")
+    with pytest.raises(MarsError, match="neither"):
+        load_tokenizer(tmp_path)
+
+
+def test_from_pretrained_rejects_mismatched_weights(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "vq")
+    meta = json.loads((tmp_path / "vq" / "config.json").read_text())
+    meta["codebook_size"] = 64
+    (tmp_path / "vq" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(MarsError, match="quantize.embedding.weight"):
+        VQModel.from_pretrained(tmp_path / "vq")
+
+
+def test_config_errors():
+    with pytest.raises(MarsError, match="unknown tokenizer preset"):
+        VQConfig.from_name("f32-nope")
+    with pytest.raises(MarsError, match="unknown key"):
+        VQConfig.load({"preset": "shapes-small", "codebok_size": 5})
+    with pytest.raises(MarsError, match="GroupNorm"):
+        VQConfig(ch=12)
+    assert set(PRESETS) >= {"f16-8192", "shapes-small"}
