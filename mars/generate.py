@@ -18,7 +18,8 @@ How the engine is fast:
 - classifier-free guidance runs the conditional and the unconditional (null prompt: `<img>` alone)
   rows in ONE batch and combines them on the small image slice; `cfg_scale == 1` skips the doubling;
 - the loop keeps every token on the device (no host sync per image step);
-- optionally the decode step is compiled (`torch.compile`; CUDA graphs on CUDA).
+- on CUDA the decode step is captured once and replayed as a CUDA graph (one launch per
+  token); optionally it is compiled with `torch.compile` too.
 
 Reproducibility: each image has its own `torch.Generator` (seeded from its seed), and every random
 number of row i comes from generator i, so an image is the same whether made alone or in a batch.
@@ -191,6 +192,16 @@ def keep_rows(cache: KVCache, n: int) -> KVCache:
     return view
 
 
+def cache_window(cache: KVCache, length: int) -> KVCache:
+    """A view of the first `length` slots of a cache (eager decoding), so attention reads only the
+    filled part instead of the whole static cache; writes land in the full cache."""
+    view = copy.copy(cache)
+    view.k = [k[:, :, :length] for k in cache.k]
+    view.v = [v[:, :, :length] for v in cache.v]
+    view.max_len = length
+    return view
+
+
 def image_step(model: SemVIE, ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache, cfg_scale: float) -> torch.Tensor:
     """One cached image decode step: ids (R, 1) at slot input_pos (1,) -> guided image logits (B, K).
 
@@ -203,10 +214,58 @@ def image_step(model: SemVIE, ids: torch.Tensor, input_pos: torch.Tensor, cache:
 
 
 @functools.cache
-def compiled_image_step(device_type: str) -> Callable:
-    """`image_step` under torch.compile; on CUDA as CUDA graphs (the cache tensors are static)."""
-    mode = "reduce-overhead" if device_type == "cuda" else None
-    return torch.compile(image_step, mode=mode, dynamic=False)
+def compiled_image_step() -> Callable:
+    """`image_step` under torch.compile (static shapes: the cache is rounded up, see `prefill`)."""
+    return torch.compile(image_step, dynamic=False)
+
+
+class CUDAGraphStep:
+    """One decode step captured as a CUDA graph and replayed: a whole step costs one launch.
+
+    The token ids and the slot are copied into static buffers before each replay; the cache
+    tensors are captured in place. The returned logits are overwritten by the next replay.
+    """
+
+    def __init__(self, step: Callable, model: SemVIE, cache: KVCache, rows: int, cfg_scale: float) -> None:
+        device = cache.k[0].device
+        self.ids = torch.full((rows, 1), model.vocab.image_offset, dtype=torch.long, device=device)
+        # warm-up and capture write their K/V into the last slot, which nothing attends to before a
+        # real token is written there
+        self.pos = torch.full((1,), cache.max_len - 1, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles (when `step` is compiled) and settles the allocator
+                step(model, self.ids, self.pos, cache, cfg_scale)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(model, self.ids, self.pos, cache, cfg_scale)
+
+    def __call__(self, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.pos.copy_(input_pos)
+        self.graph.replay()
+        return self.logits
+
+
+def make_step(model: SemVIE, cache: KVCache, slot: int, rows: int, cfg_scale: float, compile: bool,
+              cuda_graph: bool) -> Callable:
+    """The image decode step `(ids (R, 1), t) -> guided logits`, for code t fed at slot `slot + t - 1`.
+
+    On CUDA (with `cuda_graph`) the step is captured once and replayed as a CUDA graph over the
+    static cache; `compile` runs it through torch.compile first. Otherwise, uncompiled, each step
+    attends over the filled slots only.
+    """
+    positions = torch.arange(slot, cache.max_len, device=cache.k[0].device)  # positions[t - 1]: slot of code t
+    graph = cuda_graph and cache.k[0].device.type == "cuda"
+    if not (compile or graph):
+        return lambda ids, t: image_step(model, ids, positions[t - 1 : t], cache_window(cache, slot + t), cfg_scale)
+    step = compiled_image_step() if compile else image_step
+    if graph:
+        graphed = CUDAGraphStep(step, model, cache, rows, cfg_scale)
+        return lambda ids, t: graphed(ids, positions[t - 1 : t])
+    return lambda ids, t: step(model, ids, positions[t - 1 : t], cache, cfg_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +289,7 @@ def generate_image_tokens(
     sampling: SampleConfig = SampleConfig(),
     use_cache: bool = True,
     compile: bool = False,
+    cuda_graph: bool = True,
     progress: bool = False,
     return_logits: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -237,14 +297,16 @@ def generate_image_tokens(
 
     `prompts` are text token ids (without `<img>`), of any lengths. `use_cache=False` recomputes
     the whole sequence at every step (the reference the cache is tested and benchmarked against).
-    With `return_logits`, also the guided logits each code was drawn from, (B, num_tokens, K).
+    On CUDA the decode step runs as a CUDA graph unless `cuda_graph=False`; `compile` adds
+    torch.compile (worth it for many batches of one shape). With `return_logits`, also the guided
+    logits each code was drawn from, (B, num_tokens, K).
     """
     tokens, logits, _, _ = _decode_image(model, prompts, generators, num_tokens, sampling, use_cache,
-                                         compile, progress, return_logits, extra_slots=0)
+                                         compile, cuda_graph, progress, return_logits, extra_slots=0)
     return (tokens, logits) if return_logits else tokens
 
 
-def _decode_image(model, prompts, generators, num_tokens, sampling, use_cache, compile, progress,
+def _decode_image(model, prompts, generators, num_tokens, sampling, use_cache, compile, cuda_graph, progress,
                   return_logits, extra_slots):
     """The image loop shared by T2I and joint generation.
 
@@ -260,22 +322,11 @@ def _decode_image(model, prompts, generators, num_tokens, sampling, use_cache, c
     copies = 2 if guided else 1
 
     if use_cache:
-        step = compiled_image_step(device.type) if compile else image_step
-        mark_step = compile and device.type == "cuda"
-        # codes 1..N-1 are fed (code N only with `extra_slots`, for joint generation)
+        # codes 1..N-1 are fed (code N too with `extra_slots`, for joint generation)
         cache, hidden, slot = prefill(model, rows, num_tokens - 1 + extra_slots, round_to=128 if compile else 1)
-        if compile:
-            for t in (*cache.k, *cache.v):
-                torch._dynamo.mark_static_address(t)
         logits = model.logits(hidden, rows=vocab.image_ids).float()  # (R, K)
         logits = guide(logits, sampling.cfg_scale) if guided else logits
-        positions = torch.arange(slot, slot + num_tokens, device=device)
-
-        def next_logits(new_ids: torch.Tensor, t: int) -> torch.Tensor:
-            if mark_step:
-                torch.compiler.cudagraph_mark_step_begin()
-            out = step(model, new_ids, positions[t - 1 : t], cache, sampling.cfg_scale)
-            return out.clone() if mark_step else out  # a CUDA graph overwrites its output next step
+        next_logits = make_step(model, cache, slot, len(rows), sampling.cfg_scale, compile, cuda_graph)
     else:
         cache, slot = None, None
         ids, pad = left_pad(rows, device)  # (R, L)
@@ -301,7 +352,7 @@ def _decode_image(model, prompts, generators, num_tokens, sampling, use_cache, c
             new_ids = (codes[:, t - 1] + vocab.image_offset).repeat(copies)[:, None]  # (R, 1)
             logits = next_logits(new_ids, t)
         if return_logits:
-            kept.append(logits)
+            kept.append(logits.clone())  # a CUDA graph reuses its output buffer
         codes[:, t] = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, generators)
     stacked = torch.stack(kept, dim=1) if return_logits else None
     last_slot = slot + num_tokens - 1 if use_cache else None
@@ -332,7 +383,8 @@ def _decode_text(model, cache, hidden, slot, generators, sampling, eos_id, vocab
         done = done | (token == eos_id)
         if t + 1 == max_new_tokens or bool(done.all()):  # one host sync per text token
             break
-        hidden = model.forward_hidden(token[:, None], False, positions[t : t + 1], cache)[:, -1]
+        window = cache_window(cache, slot + t + 1)
+        hidden = model.forward_hidden(token[:, None], False, positions[t : t + 1], window)[:, -1]
         logits = model.logits(hidden, rows=rows).float()
     texts = []
     for row in out.tolist():
@@ -397,7 +449,7 @@ def generate_image_and_text(
     _check_text_settings(model, eos_id, vocab_limit, max_new_tokens)
     vocab, B = model.vocab, len(prompts)
     # slots beyond the image: c_N and </img> are fed, then up to max_new_tokens - 1 text tokens
-    codes, _, cache, slot = _decode_image(model, prompts, generators, num_tokens, sampling, True, compile,
+    codes, _, cache, slot = _decode_image(model, prompts, generators, num_tokens, sampling, True, compile, True,
                                           progress, False, extra_slots=max_new_tokens + 1)
     cache = keep_rows(cache, B)
     tail = torch.stack([codes[:, -1] + vocab.image_offset, torch.full_like(codes[:, -1], vocab.eoi_id)], dim=1)

@@ -242,3 +242,36 @@ def test_joint_generation_writes_image_then_text(tiny_model):
         prefix = prompt + [vocab.boi_id] + vocab.codes_to_ids(codes[b]).tolist() + [vocab.eoi_id]
         assert texts[b] == greedy_text_reference(tiny_model, prefix, eos, limit, 8)
         assert len(texts[b]) > 0
+
+
+# --- compiled decoding and CUDA (off by default: `-m slow`, `-m gpu`) --------------------------
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_eager(tiny_model):
+    prompts = encode(PROMPTS)
+    settings = SampleConfig(temperature=0.0, cfg_scale=3.0)
+    eager = generate_image_tokens(tiny_model, prompts, None, 16, settings)
+    assert torch.equal(generate_image_tokens(tiny_model, prompts, None, 16, settings, compile=True), eager)
+
+
+@pytest.mark.gpu
+def test_cuda_cached_uncached_and_cuda_graph_agree(tiny_builders):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = tiny_builders.model().to("cuda")  # fp32: batch and graph equalities are exact there
+    prompts = encode(PROMPTS)
+    greedy = SampleConfig(temperature=0.0, cfg_scale=3.0)
+    plain, plain_logits = generate_image_tokens(model, prompts, None, 16, greedy, use_cache=False, return_logits=True)
+    for options in (dict(cuda_graph=False), dict(), dict(compile=True)):  # eager, CUDA graph, compiled graph
+        cached, logits = generate_image_tokens(model, prompts, None, 16, greedy, return_logits=True, **options)
+        assert torch.equal(cached, plain), options
+        torch.testing.assert_close(logits, plain_logits, atol=1e-4, rtol=1e-4)
+    sampled = SampleConfig(temperature=1.0, top_k=50, top_p=0.95, cfg_scale=3.0)
+    batch = generate_image_tokens(model, prompts, make_generators([0, 1, 2], "cuda"), 16, sampled, compile=True)
+    for b, prompt in enumerate(prompts):
+        alone = generate_image_tokens(model, [prompt], make_generators([b], "cuda"), 16, sampled)
+        assert torch.equal(alone[0], batch[b])
+    texts = generate_image_and_text(model, prompts, make_generators([0, 1, 2], "cuda"), 16, TOK.eos_id,
+                                    TOK.vocab_size, max_new_tokens=5, sampling=sampled, compile=True)[1]
+    assert len(texts) == 3 and all(len(t) <= 5 for t in texts)

@@ -118,3 +118,14 @@ def test_default_dtype_and_device():
         assert resolve_device(None).type == "cpu"
         with pytest.raises(MarsError):
             resolve_device("cuda")
+
+
+@pytest.mark.gpu
+def test_pipeline_on_cuda_in_bf16(tiny_model_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pipe = MarsPipeline.from_pretrained(tiny_model_dir)  # default: CUDA, bf16
+    assert pipe.device.type == "cuda" and pipe.model.norm.weight.dtype == torch.bfloat16
+    images = pipe.generate(["a red circle", "一个蓝色的正方形"], seed=0, compile=True)
+    assert [im.size for im in images] == [(64, 64)] * 2
+    assert len(pipe.caption(images, max_new_tokens=4)) == 2
