@@ -3,11 +3,11 @@
     cfg = load_train_config("configs/debug/stage1.yaml", ["out_dir=runs/x"])
     Trainer(cfg, init_distributed(cfg.device)).run()     # -> runs/x/final (a MARS model folder)
 
-A step: this rank's micro-batches of the global batch (`mars.train.data.StepData`), each task's
-summed token loss divided by the task's token count over the WHOLE global batch (all ranks, all
-micro-batches) and weighted by the task weight, backward per micro-batch, clip, AdamW, schedule.
-That normalisation makes the loss and gradients independent of how the batch is split, so N
-ranks reproduce one process. Outputs under `out_dir`: metrics.jsonl (one line per step), tb/,
+A step: the mixer picks the step's task (t2i / i2t / lm, by the config's weights), this rank takes
+its micro-batches of the global batch (`mars.train.data.StepData`), each micro-batch's summed token
+loss is divided by the loss-token count of the WHOLE global batch (all ranks, all micro-batches),
+backward per micro-batch, clip, AdamW, schedule. That normalisation makes loss and gradients
+independent of how the batch is split, so N ranks reproduce one process. Outputs under `out_dir`: metrics.jsonl (one line per step), tb/,
 train.log, checkpoints/, final/.
 """
 
@@ -80,6 +80,7 @@ class Trainer:
         self.env = env or DistEnv()
         self.out = Path(cfg.out_dir)
         self.ckpt_root = self.out / "checkpoints"
+        self._notes: set[str] = set()  # one-time log messages already given
         self._setup_logging()
         torch.manual_seed(cfg.seed)
         self.model_config = resolve_model_config(cfg)
@@ -91,7 +92,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.start_step = self._maybe_resume()
-        self._notes: set[str] = set()
 
     # --- setup -----------------------------------------------------------------------------------
     def _setup_logging(self) -> None:
