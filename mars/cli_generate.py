@@ -43,7 +43,7 @@ def add_commands(subparsers) -> None:
     gen.add_argument("--image-size", type=int, help="output side in pixels (default: the model's)")
     gen.add_argument("--grid", action="store_true", help="also write a contact sheet of all images")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    gen.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off on many batches)")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the decode step, and on CUDA replay it as a CUDA graph (pays off on many batches)")
     _add_model_args(gen)
     gen.set_defaults(func=run_generate)
 

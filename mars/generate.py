@@ -18,8 +18,8 @@ How the engine is fast:
 - classifier-free guidance runs the conditional and the unconditional (null prompt: `<img>` alone)
   rows in ONE batch and combines them on the small image slice; `cfg_scale == 1` skips the doubling;
 - the loop keeps every token on the device (no host sync per image step);
-- on CUDA the decode step is captured once and replayed as a CUDA graph (one launch per
-  token); optionally it is compiled with `torch.compile` too.
+- optionally the decode step is compiled (`torch.compile`) and, on CUDA, captured once and
+  replayed as a CUDA graph (one launch per token).
 
 Reproducibility: each image has its own `torch.Generator` (seeded from its seed), and every random
 number of row i comes from generator i, so an image is the same whether made alone or in a batch.
@@ -289,7 +289,7 @@ def generate_image_tokens(
     sampling: SampleConfig = SampleConfig(),
     use_cache: bool = True,
     compile: bool = False,
-    cuda_graph: bool = True,
+    cuda_graph: bool = False,
     progress: bool = False,
     return_logits: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -297,9 +297,9 @@ def generate_image_tokens(
 
     `prompts` are text token ids (without `<img>`), of any lengths. `use_cache=False` recomputes
     the whole sequence at every step (the reference the cache is tested and benchmarked against).
-    On CUDA the decode step runs as a CUDA graph unless `cuda_graph=False`; `compile` adds
-    torch.compile (worth it for many batches of one shape). With `return_logits`, also the guided
-    logits each code was drawn from, (B, num_tokens, K).
+    `compile` runs the decode step through torch.compile (worth it for many batches of one shape);
+    `cuda_graph` replays it as a CUDA graph on CUDA (one launch per token). With `return_logits`,
+    also the guided logits each code was drawn from, (B, num_tokens, K).
     """
     tokens, logits, _, _ = _decode_image(model, prompts, generators, num_tokens, sampling, use_cache,
                                          compile, cuda_graph, progress, return_logits, extra_slots=0)
@@ -449,8 +449,8 @@ def generate_image_and_text(
     _check_text_settings(model, eos_id, vocab_limit, max_new_tokens)
     vocab, B = model.vocab, len(prompts)
     # slots beyond the image: c_N and </img> are fed, then up to max_new_tokens - 1 text tokens
-    codes, _, cache, slot = _decode_image(model, prompts, generators, num_tokens, sampling, True, compile, True,
-                                          progress, False, extra_slots=max_new_tokens + 1)
+    codes, _, cache, slot = _decode_image(model, prompts, generators, num_tokens, sampling, True, compile,
+                                          compile, progress, False, extra_slots=max_new_tokens + 1)
     cache = keep_rows(cache, B)
     tail = torch.stack([codes[:, -1] + vocab.image_offset, torch.full_like(codes[:, -1], vocab.eoi_id)], dim=1)
     positions = torch.arange(slot, slot + 2, device=codes.device)

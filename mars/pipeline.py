@@ -139,8 +139,8 @@ class MarsPipeline:
         `seed + i`, or `seed[i]` when `seed` is a list with one seed per image (the server batches
         requests with different seeds this way). `batch_size` images are made at once (twice the
         rows with guidance).
-        `image_size` defaults to the model's; `compile` compiles the decode step (worth it for
-        many batches of the same shape).
+        `image_size` defaults to the model's; `compile` compiles the decode step and, on CUDA,
+        replays it as a CUDA graph (worth it for many batches of the same shape).
         """
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         sampling = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
@@ -156,7 +156,7 @@ class MarsPipeline:
                 chunk = jobs[start : start + batch_size]
                 seeds = image_seeds[start : start + batch_size]
                 codes = generate_image_tokens(self.model, chunk, make_generators(seeds, self.device), grid * grid,
-                                              sampling, compile=compile, progress=progress)
+                                              sampling, compile=compile, cuda_graph=compile, progress=progress)
                 images.extend(self.decode_codes(codes.view(-1, grid, grid)))
                 bar.update(len(chunk))
         return images

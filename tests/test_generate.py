@@ -263,12 +263,12 @@ def test_cuda_cached_uncached_and_cuda_graph_agree(tiny_builders):
     prompts = encode(PROMPTS)
     greedy = SampleConfig(temperature=0.0, cfg_scale=3.0)
     plain, plain_logits = generate_image_tokens(model, prompts, None, 16, greedy, use_cache=False, return_logits=True)
-    for options in (dict(cuda_graph=False), dict(), dict(compile=True)):  # eager, CUDA graph, compiled graph
+    for options in (dict(), dict(cuda_graph=True), dict(compile=True, cuda_graph=True)):
         cached, logits = generate_image_tokens(model, prompts, None, 16, greedy, return_logits=True, **options)
         assert torch.equal(cached, plain), options
         torch.testing.assert_close(logits, plain_logits, atol=1e-4, rtol=1e-4)
     sampled = SampleConfig(temperature=1.0, top_k=50, top_p=0.95, cfg_scale=3.0)
-    batch = generate_image_tokens(model, prompts, make_generators([0, 1, 2], "cuda"), 16, sampled, compile=True)
+    batch = generate_image_tokens(model, prompts, make_generators([0, 1, 2], "cuda"), 16, sampled, cuda_graph=True)
     for b, prompt in enumerate(prompts):
         alone = generate_image_tokens(model, [prompt], make_generators([b], "cuda"), 16, sampled)
         assert torch.equal(alone[0], batch[b])
