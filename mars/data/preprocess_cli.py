@@ -24,8 +24,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--shard-size", type=int, default=4096, help="samples per shard (default 4096)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per tokenizer batch (default: 32 on a GPU, 8 on CPU, where big batches "
-                        "of 256 px activations run slower per image)")
+                   help="images per tokenizer batch (default: 32 on a GPU, 1 on CPU, where every large "
+                        "batch of 256 px activations is fresh memory to page in, which costs more than it saves)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes that read and resize images (default 0: in the main process)")
     p.add_argument("--device", default=None, help="device of the tokenizer (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run's shards in --out first")
@@ -54,7 +54,7 @@ def run(args) -> int:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     vq = load_tokenizer(args.tokenizer, device=device)
     text_tokenizer = load_text_tokenizer(args.text_tokenizer)
-    batch_size = args.batch_size or (32 if device.startswith("cuda") else 8)
+    batch_size = args.batch_size or (32 if device.startswith("cuda") else 1)
     result = preprocess(vq, text_tokenizer, args.data, args.out, resolution=args.resolution,
                         shard_size=args.shard_size, batch_size=batch_size, workers=args.workers,
                         rank=rank, world_size=world, overwrite=args.overwrite)
