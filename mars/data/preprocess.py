@@ -32,6 +32,10 @@ from mars.errors import MarsError
 from mars.text_tokenizer import TextTokenizer
 
 
+# Names of what a run writes (incl. temporary names); --overwrite deletes these and nothing else.
+OWN_PREFIXES = (INDEX_FILE, SETTINGS_FILE, "shard-")
+
+
 @dataclass
 class PreprocessResult:
     """What one call did: shards it wrote, images it encoded, time spent, and the skip report
@@ -97,8 +101,9 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool, world: int) -> None
         if world > 1:
             raise MarsError("--overwrite with several ranks would race; clear the folder with one "
                             "process first (or delete it)")
-        for path in [out / INDEX_FILE, settings_path, *out.glob("shard-*")]:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for path in out.iterdir():
+            if path.name.startswith(OWN_PREFIXES):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     if settings_path.is_file():
         before = json.loads(settings_path.read_text(encoding="utf-8"))
         changed = [k for k in settings if before.get(k) != settings[k]]
@@ -107,7 +112,9 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool, world: int) -> None
             raise MarsError(f"{out} holds a preprocessing run with {k}={before.get(k)!r}, not {settings[k]!r}; "
                             "pass --overwrite to start over, or choose another --out")
         return
-    if out.exists() and any(out.iterdir()):
+    # Ranks start together: another rank may be writing the settings right now (its temporary
+    # file is all there is), so only files that are not ours make the folder someone else's.
+    if out.exists() and any(not p.name.startswith(OWN_PREFIXES) for p in out.iterdir()):
         raise MarsError(f"{out} is not empty and holds no preprocessing run; choose another --out "
                         "or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)

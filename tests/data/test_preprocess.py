@@ -146,8 +146,10 @@ def test_hash_and_settings_mismatch_are_caught(vq, reference, tmp_path):
     assert first.index_written
     with pytest.raises(MarsError, match="vq_hash"):
         preprocess(other, ByteTokenizer(), "shapes:2", tmp_path, resolution=RES, progress=False)
+    (tmp_path / "notes.txt").write_text("not the run's")
     redone = preprocess(other, ByteTokenizer(), "shapes:2", tmp_path, resolution=RES, overwrite=True, progress=False)
     assert redone.images == 2 and open_shards(tmp_path, expect_vq_hash=other.identity_hash())
+    assert (tmp_path / "notes.txt").read_text() == "not the run's"  # --overwrite deletes only its own files
 
 
 def test_unfinished_folder_is_not_a_dataset(vq, tmp_path):
