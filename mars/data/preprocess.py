@@ -114,7 +114,7 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool, world: int) -> None
         return
     # Ranks start together: another rank may be writing the settings right now (its temporary
     # file is all there is), so only files that are not ours make the folder someone else's.
-    if out.exists() and any(not p.name.startswith(OWN_PREFIXES) for p in out.iterdir()):
+    if not overwrite and out.exists() and any(not p.name.startswith(OWN_PREFIXES) for p in out.iterdir()):
         raise MarsError(f"{out} is not empty and holds no preprocessing run; choose another --out "
                         "or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
