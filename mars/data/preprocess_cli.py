@@ -26,7 +26,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per tokenizer batch (default: 32 on a GPU, 1 on CPU, where every large "
                         "batch of 256 px activations is fresh memory to page in, which costs more than it saves)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader processes that read and resize images (default 0: in the main process)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader processes that read and resize images (default 0: in the main process)")
     p.add_argument("--device", default=None, help="device of the tokenizer (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run's shards in --out first")
     p.set_defaults(func=run)

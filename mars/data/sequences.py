@@ -205,7 +205,8 @@ class SequenceBuilder:
         self.task_probs = weights / weights.sum()
         self.null_prompt_prob, self.zh_prob = null_prompt_prob, zh_prob
         self.seed, self.max_text_len = seed, max_text_len
-        self.instruction_ids = {"en": text_tokenizer.encode(INSTRUCTION_EN), "zh": text_tokenizer.encode(INSTRUCTION_ZH)}
+        self.instruction_ids = {"en": text_tokenizer.encode(INSTRUCTION_EN),
+                                "zh": text_tokenizer.encode(INSTRUCTION_ZH)}
         self._perm: tuple[int, int, np.ndarray] | None = None  # (epoch, n, permutation) cache
 
     @property

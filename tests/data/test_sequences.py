@@ -121,19 +121,19 @@ def qwen():
 
 def test_builder_languages_round_trip_through_qwen(qwen):
     vocab = MultimodalVocab(text_size=151936, image_size=256)
-    data = [{"codes": torch.arange(N_CODES), "key": "a", "text": "a red circle above a blue square",
-             "text_ids": qwen.encode("a red circle above a blue square"),
-             "text_zh": "一个红色的圆形在一个蓝色的正方形上面", "text_zh_ids": qwen.encode("一个红色的圆形在一个蓝色的正方形上面")}]
-    zh = SequenceBuilder(vocab, qwen, null_prompt_prob=0.0, zh_prob=1.0)
-    t2i = collate_t2i([zh.t2i(data[0], np.random.default_rng(0))], zh.pad_id)
+    english, chinese = "a red circle above a blue square", "一个红色的圆形在一个蓝色的正方形上面"
+    data = [{"codes": torch.arange(N_CODES), "key": "a", "text": english, "text_ids": qwen.encode(english),
+             "text_zh": chinese, "text_zh_ids": qwen.encode(chinese)}]
+    zh_builder = SequenceBuilder(vocab, qwen, null_prompt_prob=0.0, zh_prob=1.0)
+    t2i = collate_t2i([zh_builder.t2i(data[0], np.random.default_rng(0))], zh_builder.pad_id)
     assert qwen.decode(t2i.input_ids[0, :t2i.prefix_len].tolist()) == data[0]["text_zh"]
-    i2t = collate_i2t([zh.i2t(data[0], np.random.default_rng(0))], zh.pad_id)
+    i2t = collate_i2t([zh_builder.i2t(data[0], np.random.default_rng(0))], zh_builder.pad_id)
     text = i2t.input_ids[0, N_CODES + 2:].tolist()
     assert qwen.decode(text) == INSTRUCTION_ZH + data[0]["text_zh"]
     assert predicted(i2t.input_ids, i2t.targets)[0] == data[0]["text_zh_ids"] + [qwen.eos_id]
 
-    en = SequenceBuilder(vocab, qwen, null_prompt_prob=0.0, zh_prob=0.0)
-    i2t = collate_i2t([en.i2t(data[0], np.random.default_rng(0))], en.pad_id)
+    en_builder = SequenceBuilder(vocab, qwen, null_prompt_prob=0.0, zh_prob=0.0)
+    i2t = collate_i2t([en_builder.i2t(data[0], np.random.default_rng(0))], en_builder.pad_id)
     assert qwen.decode(i2t.input_ids[0, N_CODES + 2:].tolist()) == f"{INSTRUCTION_EN} {data[0]['text']}"
     caption = predicted(i2t.input_ids, i2t.targets)[0]
     assert caption[-1] == qwen.eos_id and qwen.decode(caption[:-1]) == " " + data[0]["text"]
