@@ -114,8 +114,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "taming-f16-16384": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
                              z_channels=256, codebook_size=16384, codebook_embed_dim=256,
                              codebook_l2_norm=False),
-    # The built-in MARS-Shapes tokenizer: f16 (256 px -> 16x16 codes), small enough to train on CPU.
-    "shapes-small": dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(),
-                         z_channels=64, norm_groups=16, codebook_size=4096, codebook_embed_dim=8,
+    # The built-in MARS-Shapes tokenizer: f16 (256 px -> 16x16 codes), small enough to train on CPU:
+    # 16 channels at full resolution (flat colours need little), width where the grid is coarse.
+    "shapes-small": dict(ch=16, ch_mult=(1, 1, 2, 4, 8), num_res_blocks=1, attn_resolutions=(),
+                         z_channels=128, norm_groups=8, codebook_size=4096, codebook_embed_dim=8,
                          codebook_l2_norm=True),
 }

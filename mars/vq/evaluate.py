@@ -49,9 +49,9 @@ class ReconstructionReport:
         return json.dumps(asdict(self), indent=2)
 
 
-def frechet_metric(image_size: int = 224) -> FrechetInceptionDistance:
+def frechet_metric(image_size: int = 224, stage: int | None = None) -> FrechetInceptionDistance:
     """torchmetrics FID over EfficientNet-Lite0 features; update with float images in [0, 1]."""
-    return FrechetInceptionDistance(feature=EfficientNetFeatures(image_size), normalize=True)
+    return FrechetInceptionDistance(feature=EfficientNetFeatures(image_size, stage), normalize=True)
 
 
 def same_objects(original, reconstruction) -> bool:

@@ -49,8 +49,11 @@ class VQGANLoss(nn.Module):
         return self.disc_weight > 0 and step >= self.disc_start
 
     def generator_loss(self, images: torch.Tensor, recon: torch.Tensor, quant: QuantizerOutput,
-                       last_layer: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of the tokenizer for one batch; `images`, `recon` (B, 3, H, W) in [-1, 1]."""
+                       last_layer: torch.Tensor, step: int, quantized: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of the tokenizer for one batch; `images`, `recon` (B, 3, H, W) in [-1, 1].
+
+        quantized=False (autoencoder warm-up): the codebook and commitment terms are left out.
+        """
         diff = (recon.float() - images.float())
         rec = diff.abs().mean() if self.rec_loss == "l1" else diff.square().mean()
         nll = self.rec_weight * rec
@@ -59,11 +62,12 @@ class VQGANLoss(nn.Module):
             p_loss = self.perceptual(recon, images).mean()
             nll = nll + self.perceptual_weight * p_loss
             logs["perceptual_loss"] = p_loss.item()
-        q_loss = quant.codebook_loss + quant.commit_loss
-        loss = nll + self.codebook_weight * q_loss
+        loss = nll
+        if quantized:
+            loss = loss + self.codebook_weight * (quant.codebook_loss + quant.commit_loss)
         logs["codebook_loss"] = quant.codebook_loss.item()
         logs["commit_loss"] = quant.commit_loss.item()
-        if self.entropy_weight > 0:
+        if self.entropy_weight > 0 and quantized:
             loss = loss + self.entropy_weight * quant.entropy_loss
             logs["entropy_loss"] = quant.entropy_loss.item()
         if self.disc_active(step):

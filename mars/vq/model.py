@@ -204,18 +204,18 @@ class VQModel(nn.Module):
         self._check_size(images)
         return self.quantize(self.quant_conv(self.encoder(images)))
 
-    def pre_quant(self, images: torch.Tensor) -> torch.Tensor:
-        """Encoder output in code space before matching, (B, D, h, w) (for code restarts)."""
-        return self.quantize.prepare(self.quant_conv(self.encoder(images)))
-
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) code vectors -> (B, 3, h*f, w*f), unclamped."""
         return self.decoder(self.post_quant_conv(z_q.to(self.post_quant_conv.weight.dtype)))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
-        """Reconstruct `images`; returns the reconstruction and the quantizer output."""
+    def forward(self, images: torch.Tensor, quantize: bool = True) -> tuple[torch.Tensor, QuantizerOutput]:
+        """Reconstruct `images`; returns the reconstruction and the quantizer output.
+
+        quantize=False decodes the continuous encoder output instead of the codes (the
+        autoencoder warm-up of training); codes and losses are still computed.
+        """
         quant = self.encode(images)
-        return self.decode(quant.z_q), quant
+        return self.decode(quant.z_q if quantize else quant.z), quant
 
     def last_layer(self) -> torch.Tensor:
         """Weight of the decoder's output conv (the adaptive GAN weight is measured here)."""

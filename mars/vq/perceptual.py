@@ -157,14 +157,17 @@ class PerceptualLoss(nn.Module):
 
 
 class EfficientNetFeatures(nn.Module):
-    """Feature extractor for the rFID proxy: images (B, 3, H, W) in [0, 1] (float) or
-    [0, 255] (uint8) -> (B, 1280) pooled EfficientNet-Lite0 features at `image_size`."""
+    """Feature extractor for the rFID proxy: images (B, 3, H, W) in [0, 1] (float) or [0, 255]
+    (uint8), resized to `image_size` -> globally pooled EfficientNet-Lite0 features (B, 1280).
 
-    num_features = HEAD_CHANNELS
+    `stage` picks the output of an earlier block stage instead of the 1280-d head (fewer
+    dimensions, e.g. for small sample sets).
+    """
 
-    def __init__(self, image_size: int = 224):
+    def __init__(self, image_size: int = 224, stage: int | None = None):
         super().__init__()
-        self.image_size = image_size
+        self.image_size, self.stage = image_size, stage
+        self.num_features = HEAD_CHANNELS if stage is None else LITE0_STAGES[stage][-1]
         self.net = EfficientNetLite0.pretrained()
 
     def train(self, mode: bool = True) -> EfficientNetFeatures:
@@ -178,4 +181,7 @@ class EfficientNetFeatures(nn.Module):
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False, antialias=True)
-        return self.net.features(x * 2.0 - 1.0)
+        x = x * 2.0 - 1.0
+        if self.stage is None:
+            return self.net.features(x)
+        return self.net.stages(x, last_stage=self.stage)[-1].mean(dim=(2, 3))

@@ -30,7 +30,7 @@ class QuantizerOutput:
     codes: torch.Tensor  # (B, h, w) long
     codebook_loss: torch.Tensor  # scalar, || sg(z) - e ||^2: moves codes towards the encoder output
     commit_loss: torch.Tensor  # scalar, beta * || z - sg(e) ||^2: keeps the encoder near its codes
-    z: torch.Tensor  # (B, D, h, w) encoder output in code space, before matching
+    z: torch.Tensor  # (B, D, h, w) encoder output in code space before matching (with gradients)
     entropy_loss: torch.Tensor  # scalar; 0 unless `entropy_temperature` > 0 in training
 
 
@@ -95,7 +95,7 @@ class VectorQuantizer(nn.Module):
             codebook_loss = F.mse_loss(z_q, z.detach())
             commit_loss = self.beta * F.mse_loss(z, z_q.detach())
             z_st = z + (z_q - z).detach()  # straight-through: forward z_q, backward identity
-        return QuantizerOutput(z_st, codes.view(B, h, w), codebook_loss, commit_loss, z.detach(), entropy)
+        return QuantizerOutput(z_st, codes.view(B, h, w), codebook_loss, commit_loss, z, entropy)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors for a grid of indices: (B, h, w) long -> (B, D, h, w)."""
@@ -112,12 +112,14 @@ class VectorQuantizer(nn.Module):
         immediately the nearest code for at least one real input. Returns how many moved.
         """
         index = dead.nonzero().flatten()
-        if index.numel() == 0 or candidates.shape[0] == 0:
+        n, m = index.numel(), candidates.shape[0]
+        if n == 0 or m == 0:
             return 0
-        pick = torch.randint(candidates.shape[0], (index.numel(),), generator=generator,
-                             device=generator.device).to(candidates.device)
-        self.embedding.weight[index.to(self.embedding.weight.device)] = (
-            candidates[pick].to(self.embedding.weight.dtype))
+        # distinct candidates when there are enough, else with replacement
+        pick = (torch.randperm(m, generator=generator, device=generator.device)[:n] if m >= n
+                else torch.randint(m, (n,), generator=generator, device=generator.device))
+        weight = self.embedding.weight
+        weight[index.to(weight.device)] = candidates.detach()[pick.to(candidates.device)].to(weight)
         return int(index.numel())
 
 

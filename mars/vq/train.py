@@ -65,6 +65,7 @@ class VQTrainConfig:
     disc_lr: float = 1e-4
     disc_ndf: int = 64
     disc_layers: int = 3
+    quantize_after: int = 0  # steps of plain autoencoding first; then every code starts on an encoder output
     restart_dead_codes_every: int = 200  # steps; codes unused in that window move onto encoder outputs
     restart_dead_codes_until: float = 0.8  # fraction of `steps` after which codes stay put
     bf16: bool = False  # bfloat16 autocast (CPU or CUDA)
@@ -277,6 +278,8 @@ class Trainer:
         self.restart_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.window_usage = CodeUsage(cfg.model.codebook_size)  # for dead-code restarts
         self.log_usage = CodeUsage(cfg.model.codebook_size)  # for logging
+        # Encoder outputs of the last warm-up steps, to start the codebook from (quantize_after > 0).
+        self.z_buffer = torch.zeros(0, cfg.model.codebook_embed_dim)
         self.step = 0
         self.elapsed = 0.0  # training seconds over all resumed segments
         self.restarted = 0
@@ -290,7 +293,8 @@ class Trainer:
                 "model": self.model.state_dict(), "discriminator": self.loss.discriminator.state_dict(),
                 "opt": self.opt.state_dict(), "opt_d": self.opt_d.state_dict(), "rng": rng,
                 "data": self.data.state(), "usage": {"window": self.window_usage.counts,
-                                                     "log": self.log_usage.counts}}
+                                                     "log": self.log_usage.counts},
+                "z_buffer": self.z_buffer, "restarted": self.restarted}
 
     def save_checkpoint(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -316,6 +320,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.window_usage.counts.copy_(state["usage"]["window"])
         self.log_usage.counts.copy_(state["usage"]["log"])
+        self.z_buffer, self.restarted = state["z_buffer"], int(state["restarted"])
         self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
         self.data.restore(state["data"])
 
@@ -345,11 +350,15 @@ class Trainer:
         self.model.train()
         self.loss.train()
         disc_on = self.loss.disc_active(step)
+        quantized = step >= cfg.quantize_after
+        if quantized and step == cfg.quantize_after and cfg.quantize_after > 0:
+            self.start_codebook()
 
         self.loss.discriminator.requires_grad_(False)
         with self.autocast():
-            recon, quant = self.model(images)
-            loss, logs = self.loss.generator_loss(images, recon, quant, self.model.last_layer(), step)
+            recon, quant = self.model(images, quantize=quantized)
+            loss, logs = self.loss.generator_loss(images, recon, quant, self.model.last_layer(), step,
+                                                  quantized=quantized)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -365,16 +374,30 @@ class Trainer:
             self.opt_d.step()
             logs.update(d_logs)
 
+        z_flat = quant.z.detach().float().permute(0, 2, 3, 1).reshape(-1, quant.z.shape[1]).cpu()  # (N, D)
+        if not quantized:  # keep the latest encoder outputs, enough to start every code on one
+            self.z_buffer = torch.cat([self.z_buffer, z_flat])[-4 * cfg.model.codebook_size:]
+            logs["lr"] = lr_at(step, cfg, cfg.lr)
+            return logs, recon
         self.window_usage.update(quant.codes)
         self.log_usage.update(quant.codes)
         every = cfg.restart_dead_codes_every
-        if every > 0 and (step + 1) % every == 0 and step + 1 <= cfg.restart_dead_codes_until * cfg.steps:
-            candidates = quant.z.permute(0, 2, 3, 1).reshape(-1, quant.z.shape[1])  # (N, D)
-            self.restarted += self.model.quantize.restart_codes(self.window_usage.dead(), candidates,
+        if (every > 0 and (step + 1 - cfg.quantize_after) % every == 0
+                and step + 1 <= cfg.restart_dead_codes_until * cfg.steps):
+            self.restarted += self.model.quantize.restart_codes(self.window_usage.dead(), z_flat,
                                                                 self.restart_rng)
             self.window_usage.reset()
         logs["lr"] = lr_at(step, cfg, cfg.lr)
         return logs, recon
+
+    def start_codebook(self) -> None:
+        """End of the autoencoder warm-up: put every code on a distinct recent encoder output."""
+        everything = torch.ones(self.cfg.model.codebook_size, dtype=torch.bool)
+        self.restarted += self.model.quantize.restart_codes(everything, self.z_buffer.to(self.device),
+                                                            self.restart_rng)
+        self.z_buffer = self.z_buffer[:0]
+        self.window_usage.reset()
+        self.log_usage.reset()
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> VQModel:

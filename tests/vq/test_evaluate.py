@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from mars.vq.evaluate import ReconstructionReport, evaluate_reconstruction, frechet_metric
+from mars.vq.perceptual import EfficientNetFeatures
+
+
+def frechet_numpy(a: np.ndarray, b: np.ndarray) -> float:
+    """The textbook FID formula (pytorch-fid) on two feature sets, float64 numpy/scipy."""
+    mu1, mu2 = a.mean(axis=0), b.mean(axis=0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
+
+
+def test_rfid_proxy_equals_scipy_frechet():
+    # Stage-2 features (40-d) so that 120 samples give well-conditioned covariances; the head
+    # features (1280-d) go through the same torchmetrics code path.
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(120, 3, 32, 32, generator=g)
+    fake = (real + 0.15 * torch.randn(real.shape, generator=g)).clamp(0, 1)
+    metric = frechet_metric(image_size=32, stage=2)
+    for i in range(0, 120, 40):
+        metric.update(real[i:i + 40], real=True)
+        metric.update(fake[i:i + 40], real=False)
+    ours = float(metric.compute())
+    feats = EfficientNetFeatures(image_size=32, stage=2)
+    expected = frechet_numpy(feats(real).double().numpy(), feats(fake).double().numpy())
+    assert ours == pytest.approx(expected, rel=1e-3)
+    assert ours > 0
+
+
+def test_rfid_proxy_default_features():
+    metric = frechet_metric()
+    assert metric.inception.num_features == 1280
+    images = torch.rand(3, 3, 64, 64)
+    metric.update(images, real=True)
+    metric.update(images, real=False)
+    assert float(metric.compute()) == pytest.approx(0.0, abs=1e-2)
+
+
+def test_evaluate_reconstruction_report(tiny_model):
+    images = [torch.rand(3, 32, 32) * 2 - 1 for _ in range(3)]
+    report = evaluate_reconstruction(tiny_model, images, batch_size=2, rfid=False, checker=True, progress=False)
+    assert isinstance(report, ReconstructionReport)
+    assert report.images == 3 and report.tokens_per_image == 64
+    assert 0 < report.codebook_usage <= 100
+    assert 0 <= report.checker_agreement <= 1
+    assert "PSNR" in report.table() and '"psnr"' in report.to_json()
+
+
+def test_psnr_of_perfect_tokenizer_is_high(tiny_model, monkeypatch):
+    images = [torch.rand(3, 32, 32) * 2 - 1 for _ in range(2)]
+    lookup = {}
+    monkeypatch.setattr(tiny_model, "encode_to_codes", lambda x: lookup.setdefault("x", x)[:, 0, ::4, ::4].long() * 0)
+    monkeypatch.setattr(tiny_model, "decode_codes", lambda c: lookup["x"])
+    report = evaluate_reconstruction(tiny_model, images, rfid=False, progress=False)
+    assert report.psnr >= 99 and report.ssim == pytest.approx(1.0)
