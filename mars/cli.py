@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "mars.train.cli",
     "mars.eval.cli",
     "mars.serve.cli",
+    "mars.recipes.cli",
 ]
 
 

@@ -111,6 +111,14 @@ PRESETS: dict[str, SemVIEConfig] = {
         intermediate_size=128, qkv_bias=True, text_vocab_size=384, image_vocab_size=256,
         num_special_tokens=8, max_seq_len=256, image_size=64, image_downsample=16, text_tokenizer="bytes",
     ),
+    # The built-in model (mars/assets/shapes-demo, docs/shapes-demo.md): trained on MARS-Shapes on a
+    # 2-core CPU in about an hour. 512-id bilingual BPE, GQA 6 x 32 heads / 2 kv, 16 x 16 codes of
+    # the shapes-small VQ (the recipe sets image_vocab_size from the VQ it trains on).
+    "shapes-demo": SemVIEConfig(
+        name="shapes-demo", num_layers=4, hidden_size=192, num_heads=6, num_kv_heads=2, head_dim=32,
+        intermediate_size=512, qkv_bias=True, text_vocab_size=512, image_vocab_size=4096,
+        num_special_tokens=8, max_seq_len=320, image_size=256, image_downsample=16, text_tokenizer="hf",
+    ),
 }
 
 

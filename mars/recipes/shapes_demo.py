@@ -1,0 +1,262 @@
+"""The `shapes-demo` recipe: the built-in model, from nothing to `mars/assets/shapes-demo/`.
+
+    mars recipe shapes-demo --out runs/shapes-demo [--vq DIR] [--ship]
+
+Steps, in order (each is skipped when its output is complete, so a killed run resumes where it
+stopped; training steps resume from their own checkpoints with `resume=auto`):
+
+    captions        OUT/data/captions.txt       English + Chinese captions of training scenes
+    vq              OUT/vq/final                VQ-GAN (configs/shapes-demo/vq.yaml), or --vq DIR
+    text_tokenizer  OUT/text-tokenizer          byte-level BPE on the captions (~512 ids)
+    preprocess      OUT/codes                   `mars preprocess`: images -> VQ codes, captions -> ids
+    stage0          OUT/stage0/final            text LM on the captions (the language expert, then frozen)
+    stage1          OUT/stage1/final            T2I + I2T (visual expert + new vocabulary rows)
+    stage2          OUT/stage2/final            T2I only
+    ship            mars/assets/shapes-demo     (--ship) the model folder `mars generate` loads by default
+
+Every step's wall time is added to OUT/recipe_times.json (a resumed step accumulates its time).
+Settings live in configs/shapes-demo/*.yaml; `--set STEP.KEY=VALUE` overrides one of them
+(STEP: recipe, vq, stage0, stage1, stage2), e.g. `--set stage1.max_steps=10`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mars.config import load_config
+from mars.errors import MarsError
+
+logger = logging.getLogger("mars.recipes")
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "shapes-demo"
+SHIP_DIR = Path(__file__).resolve().parents[1] / "assets" / "shapes-demo"
+TIMES_FILE = "recipe_times.json"
+STEPS = ("captions", "vq", "text_tokenizer", "preprocess", "stage0", "stage1", "stage2", "ship")
+CONFIG_STEPS = ("recipe", "vq", "stage0", "stage1", "stage2")
+
+
+@dataclass
+class RecipeConfig:
+    """Data and tokenizer settings of the recipe (configs/shapes-demo/recipe.yaml)."""
+
+    data: str = "shapes:4096:0"  # training images (a `shapes:N:SEED` spec), encoded by `preprocess`
+    caption_scenes: int = 20000  # scenes whose en + zh captions train the text tokenizer and stage 0
+    caption_seed: int = 0
+    text_vocab_size: int = 512  # byte-level BPE ids, <|endoftext|> included
+    resolution: int = 256
+    preprocess_batch_size: int = 1
+    shard_size: int = 4096
+
+
+class Recipe:
+    """The steps of the recipe over one output folder; `run()` does what is not done yet.
+
+    `config_dir` holds recipe.yaml, vq.yaml, stage0.yaml, stage1.yaml, stage2.yaml; `overrides`
+    maps a config name (recipe, vq, stage0, stage1, stage2) to `key=value` strings.
+    """
+
+    def __init__(self, out: str | Path, *, vq: str | Path | None = None, ship_to: str | Path | None = None,
+                 config_dir: str | Path = REPO_CONFIGS, overrides: dict[str, list[str]] | None = None,
+                 progress: bool = True) -> None:
+        self.out = Path(out)
+        self.vq_arg = Path(vq) if vq is not None else None
+        self.ship_to = Path(ship_to) if ship_to is not None else None
+        self.config_dir = Path(config_dir)
+        self.overrides = {k: list(v) for k, v in (overrides or {}).items()}
+        unknown = set(self.overrides) - set(CONFIG_STEPS)
+        if unknown:
+            raise MarsError(f"unknown recipe config(s) {sorted(unknown)}; known: {', '.join(CONFIG_STEPS)}")
+        self.progress = progress
+        self.config = load_config(RecipeConfig, self._config_file("recipe"), self.overrides.get("recipe", []))
+        if self.vq_arg is not None and not (self.vq_arg / "config.json").is_file():
+            raise MarsError(f"--vq {self.vq_arg} is not a VQ-GAN folder (no config.json)")
+
+    # --- paths -------------------------------------------------------------------------------
+    def _config_file(self, name: str) -> Path:
+        path = self.config_dir / f"{name}.yaml"
+        if not path.is_file():
+            raise MarsError(f"recipe config not found: {path}")
+        return path
+
+    @property
+    def captions(self) -> Path:
+        return self.out / "data" / "captions.txt"
+
+    @property
+    def vq_dir(self) -> Path:
+        """The VQ-GAN every later step uses: --vq DIR, or the one this recipe trains."""
+        return self.vq_arg if self.vq_arg is not None else self.out / "vq" / "final"
+
+    @property
+    def text_tokenizer_dir(self) -> Path:
+        return self.out / "text-tokenizer"
+
+    @property
+    def codes(self) -> Path:
+        return self.out / "codes"
+
+    def final(self, stage: str) -> Path:
+        return self.out / stage / "final"
+
+    # --- driver ------------------------------------------------------------------------------
+    def steps(self) -> list[tuple[str, Callable[[], bool], Callable[[], None]]]:
+        """(name, is_done, run) of every step, in order; `ship` only when a target is set."""
+        steps = [
+            ("captions", self.captions.is_file, self.write_captions),
+            ("vq", lambda: (self.vq_dir / "config.json").is_file(), self.train_vq),
+            ("text_tokenizer", lambda: (self.text_tokenizer_dir / "mars_tokenizer.json").is_file(),
+             self.train_text_tokenizer),
+            ("preprocess", lambda: (self.codes / "index.json").is_file(), self.preprocess),
+            ("stage0", lambda: (self.final("stage0") / "config.json").is_file(), lambda: self.train("stage0")),
+            ("stage1", lambda: (self.final("stage1") / "config.json").is_file(), lambda: self.train("stage1")),
+            ("stage2", lambda: (self.final("stage2") / "config.json").is_file(), lambda: self.train("stage2")),
+        ]
+        if self.ship_to is not None:
+            steps.append(("ship", lambda: False, self.ship))
+        return steps
+
+    def run(self, until: str | None = None) -> dict[str, str]:
+        """Run every step not done yet (up to and including `until`); returns {step: ran|skipped}."""
+        if until is not None and until not in STEPS:
+            raise MarsError(f"unknown recipe step {until!r}; steps: {', '.join(STEPS)}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        status = {}
+        for name, done, run in self.steps():
+            if done():
+                logger.info("[recipe] %s: done, skipped", name)
+                status[name] = "skipped"
+            else:
+                logger.info("[recipe] %s: running", name)
+                start = time.perf_counter()
+                try:
+                    run()
+                finally:
+                    self._add_time(name, time.perf_counter() - start)
+                status[name] = "ran"
+            if name == until:
+                break
+        return status
+
+    def _add_time(self, step: str, seconds: float) -> None:
+        """Accumulate a step's wall time in OUT/recipe_times.json (atomic rewrite)."""
+        file = self.out / TIMES_FILE
+        times = json.loads(file.read_text()) if file.is_file() else {}
+        entry = times.get(step, {"seconds": 0.0, "runs": 0})
+        entry = {"seconds": round(entry["seconds"] + seconds, 1), "runs": entry["runs"] + 1}
+        times[step] = entry
+        tmp = file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(times, indent=1) + "\n")
+        os.replace(tmp, file)
+
+    # --- steps -------------------------------------------------------------------------------
+    def write_captions(self) -> None:
+        """One caption per line: English and Chinese captions of `caption_scenes` training scenes."""
+        from mars.data.captions import shapes_example
+
+        cfg = self.config
+        lines = []
+        for i in range(cfg.caption_scenes):
+            _, en, zh = shapes_example(cfg.caption_seed, i, "train")
+            lines += [en, zh]
+        _write_text_atomic(self.captions, "".join(line + "\n" for line in lines))
+
+    def train_vq(self) -> None:
+        """Train the VQ-GAN (configs/shapes-demo/vq.yaml); resumes from OUT/vq/ckpt.pt."""
+        from mars.vq.train import load_train_config, train
+
+        cfg = load_train_config(self._config_file("vq"),
+                                [f"out_dir={self.out / 'vq'}", "resume=auto", *self.overrides.get("vq", [])])
+        train(cfg, progress=self.progress)
+
+    def train_text_tokenizer(self) -> None:
+        """Byte-level BPE on the caption corpus (the marker file is written last: it means done)."""
+        from mars.text_tokenizer import train_bpe_tokenizer
+
+        texts = self.captions.read_text(encoding="utf-8").splitlines()
+        tmp = self.out / ".tmp-text-tokenizer"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tok = train_bpe_tokenizer(texts, self.config.text_vocab_size, tmp)
+        if tok.vocab_size > self.config.text_vocab_size:
+            raise MarsError(f"the BPE tokenizer has {tok.vocab_size} ids, more than {self.config.text_vocab_size}")
+        if self.text_tokenizer_dir.exists():
+            shutil.rmtree(self.text_tokenizer_dir)
+        tmp.rename(self.text_tokenizer_dir)
+
+    def preprocess(self) -> None:
+        """Training images -> VQ codes, captions -> BPE ids (resumes finished shards)."""
+        from mars.data.preprocess import preprocess
+        from mars.text_tokenizer import load_text_tokenizer
+        from mars.vq.io import load_tokenizer
+
+        cfg = self.config
+        vq = load_tokenizer(self.vq_dir, device="cpu")
+        result = preprocess(vq, load_text_tokenizer(self.text_tokenizer_dir), cfg.data, self.codes,
+                            resolution=cfg.resolution, shard_size=cfg.shard_size,
+                            batch_size=cfg.preprocess_batch_size, progress=self.progress)
+        logger.info("[recipe] preprocess: %d images in %.0f s (%.1f images/s)", result.images, result.seconds,
+                    result.images_per_second)
+
+    def stage_config(self, stage: str):
+        """The `TrainConfig` of a stage: its YAML, the recipe's paths, then `--set stageN.*`."""
+        from mars.train.config import load_train_config
+
+        paths = {
+            "stage0": [f"tokenizer={self.text_tokenizer_dir}", f"data.text={self.captions}"],
+            "stage1": [f"init_from={self.final('stage0')}", f"vq={self.vq_dir}", f"data.shards={self.codes}"],
+            "stage2": [f"init_from={self.final('stage1')}", f"data.shards={self.codes}"],
+        }[stage]
+        cfg = load_train_config(self._config_file(stage),
+                                [f"out_dir={self.out / stage}", "resume=auto", *paths, *self.overrides.get(stage, [])])
+        if stage == "stage0":
+            # The model's image rows must match the VQ's codebook (set here, not in the YAML, so
+            # `--vq` may bring a tokenizer of another codebook size).
+            codebook = json.loads((self.vq_dir / "config.json").read_text())["codebook_size"]
+            model = {"preset": cfg.model} if isinstance(cfg.model, str) else dict(cfg.model)
+            cfg.model = {**model, "image_vocab_size": codebook}
+        return cfg
+
+    def train(self, stage: str) -> None:
+        from mars.train.trainer import Trainer
+
+        Trainer(self.stage_config(stage)).run()
+
+    def ship(self) -> None:
+        """Copy stage 2's final model (weights, config, tokenizer/, vq/) to the shipped folder."""
+        ship_model(self.final("stage2"), self.ship_to)
+
+
+def ship_model(src: str | Path, dst: str | Path, max_bytes: int = 60 * 2**20) -> Path:
+    """Copy a model folder to `dst` (replacing it), refusing one larger than `max_bytes`."""
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise MarsError(f"{src} is not a model folder (no config.json)")
+    size = folder_bytes(src)
+    if size > max_bytes:
+        raise MarsError(f"{src} holds {size / 2**20:.1f} MB, more than the {max_bytes / 2**20:.0f} MB allowed")
+    tmp = dst.parent / f".tmp-{dst.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("eval.json", "*.tmp"))
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+    return dst
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
