@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,8 +13,6 @@ import torch
 from tqdm import tqdm
 
 from mars.errors import MarsError
-
-logger = logging.getLogger(__name__)
 
 
 def add_commands(subparsers) -> None:
@@ -119,12 +118,11 @@ def _load_images(paths: list[str], resolution: int) -> Iterator[tuple[str, torch
             image = load_image(path)
         except (UnusableImage, OSError) as err:
             skipped += 1
-            logger.warning("skipping %s: %s", path, err)
-            print(f"warning: skipping {path}: {err}")
+            print(f"warning: skipping {path}: {err}", file=sys.stderr)
             continue
         yield path, pil_to_tensor(resize_center_crop(image, resolution))
     if skipped:
-        print(f"warning: skipped {skipped} of {len(paths)} images")
+        print(f"warning: skipped {skipped} of {len(paths)} images", file=sys.stderr)
 
 
 def _batches(items: Iterator[tuple[str, torch.Tensor]], size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
@@ -280,12 +278,7 @@ def run_eval(args: argparse.Namespace) -> None:
         target = Path(args.json)
     else:
         folder = Path(args.model)
-        target = folder / "eval.json" if folder.is_dir() and _writable(folder) else Path("tokenizer_eval.json")
+        target = folder / "eval.json" if folder.is_dir() and os.access(folder, os.W_OK) else Path("tokenizer_eval.json")
     write_report(report, target)
     print(f"wrote {target}")
 
-
-def _writable(folder: Path) -> bool:
-    import os
-
-    return os.access(folder, os.W_OK)

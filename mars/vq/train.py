@@ -44,6 +44,7 @@ class VQTrainConfig:
     data: str = "shapes:20000:1"  # any `mars.data.datasets.open_source` spec
     resolution: int = 256  # images are resized / centre-cropped to this
     crop_size: int = 128  # random crops of this size are trained on (= resolution: whole images)
+    crop_tries: int = 1  # > 1: of this many random crops take the most detailed (largest pixel std)
     batch_size: int = 8
     steps: int = 10000
     lr: float = 1e-4
@@ -88,8 +89,8 @@ class VQTrainConfig:
                             f"multiples of the downsample factor {f}")
         if self.crop_size > self.resolution:
             raise MarsError(f"crop_size {self.crop_size} exceeds resolution {self.resolution}")
-        if self.batch_size < 1 or self.steps < 1:
-            raise MarsError("batch_size and steps must be >= 1")
+        if self.batch_size < 1 or self.steps < 1 or self.crop_tries < 1:
+            raise MarsError("batch_size, steps and crop_tries must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -139,9 +140,9 @@ class CropBatches:
     """
 
     def __init__(self, open_epoch: Callable[[int], Iterator[torch.Tensor]], batch_size: int,
-                 crop_size: int, seed: int):
+                 crop_size: int, seed: int, tries: int = 1):
         self.open_epoch = open_epoch
-        self.batch_size, self.crop_size, self.seed = batch_size, crop_size, seed
+        self.batch_size, self.crop_size, self.seed, self.tries = batch_size, crop_size, seed, tries
         self.epoch, self.index = 0, 0
         self._it: Iterator[torch.Tensor] | None = None
 
@@ -168,10 +169,14 @@ class CropBatches:
         raise MarsError("the training data source yielded no images")
 
     def _crop(self, image: torch.Tensor) -> torch.Tensor:
-        H, W = image.shape[-2:]
+        H, W, c = image.shape[-2], image.shape[-1], self.crop_size
         rng = random.Random(f"crop/{self.seed}/{self.epoch}/{self.index}")
-        top, left = rng.randint(0, H - self.crop_size), rng.randint(0, W - self.crop_size)
-        return image[:, top:top + self.crop_size, left:left + self.crop_size]
+        crops = []
+        for _ in range(self.tries):
+            top, left = rng.randint(0, H - c), rng.randint(0, W - c)
+            crops.append(image[:, top:top + c, left:left + c])
+        # Mostly-blank crops teach little once the background is learnt: keep the busiest one.
+        return max(crops, key=lambda crop: float(crop.std())) if self.tries > 1 else crops[0]
 
     def next_batch(self) -> torch.Tensor:
         return torch.stack([self._crop(self._next_image()) for _ in range(self.batch_size)])
@@ -274,7 +279,7 @@ class Trainer:
                                        betas=cfg.betas, weight_decay=cfg.weight_decay)
         open_epoch = (tensor_epochs(images, cfg.seed, cfg.shuffle_data) if images is not None
                       else source_epochs(cfg.data, cfg.resolution, cfg.seed, cfg.shuffle_data))
-        self.data = CropBatches(open_epoch, cfg.batch_size, cfg.crop_size, cfg.seed)
+        self.data = CropBatches(open_epoch, cfg.batch_size, cfg.crop_size, cfg.seed, cfg.crop_tries)
         self.restart_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.window_usage = CodeUsage(cfg.model.codebook_size)  # for dead-code restarts
         self.log_usage = CodeUsage(cfg.model.codebook_size)  # for logging
@@ -375,20 +380,24 @@ class Trainer:
             logs.update(d_logs)
 
         z_flat = quant.z.detach().float().permute(0, 2, 3, 1).reshape(-1, quant.z.shape[1]).cpu()  # (N, D)
-        if not quantized:  # keep the latest encoder outputs, enough to start every code on one
+        if quantized:
+            self.track_codes(quant.codes, z_flat)
+        else:  # keep the latest encoder outputs, enough to start every code on one
             self.z_buffer = torch.cat([self.z_buffer, z_flat])[-4 * cfg.model.codebook_size:]
-            logs["lr"] = lr_at(step, cfg, cfg.lr)
-            return logs, recon
-        self.window_usage.update(quant.codes)
-        self.log_usage.update(quant.codes)
-        every = cfg.restart_dead_codes_every
-        if (every > 0 and (step + 1 - cfg.quantize_after) % every == 0
-                and step + 1 <= cfg.restart_dead_codes_until * cfg.steps):
+        logs["lr"] = lr_at(step, cfg, cfg.lr)
+        return logs, recon
+
+    def track_codes(self, codes: torch.Tensor, z_flat: torch.Tensor) -> None:
+        """Count code usage; every `restart_dead_codes_every` steps move the unused codes onto
+        encoder outputs of this batch (until `restart_dead_codes_until` of the run)."""
+        cfg = self.cfg
+        self.window_usage.update(codes)
+        self.log_usage.update(codes)
+        every, done = cfg.restart_dead_codes_every, self.step + 1
+        if every > 0 and (done - cfg.quantize_after) % every == 0 and done <= cfg.restart_dead_codes_until * cfg.steps:
             self.restarted += self.model.quantize.restart_codes(self.window_usage.dead(), z_flat,
                                                                 self.restart_rng)
             self.window_usage.reset()
-        logs["lr"] = lr_at(step, cfg, cfg.lr)
-        return logs, recon
 
     def start_codebook(self) -> None:
         """End of the autoencoder warm-up: put every code on a distinct recent encoder output."""

@@ -31,7 +31,7 @@ def files(tmp_path, tiny_model):
 def test_encode_decode_roundtrip(files, capsys):
     images = [str(files / n) for n in ("a.png", "broken.png", "gray.jpg", "rgba.png")]
     run("encode", "--model", str(files / "vq"), *images, "--out", str(files / "codes.npz"), "--resolution", "32")
-    assert "skipped 1 of 4" in capsys.readouterr().out
+    assert "skipped 1 of 4" in capsys.readouterr().err
     with np.load(files / "codes.npz") as data:
         assert data["codes"].shape == (3, 8, 8)
         assert [str(f) for f in data["files"]] == [images[0], images[2], images[3]]

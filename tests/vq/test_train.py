@@ -74,6 +74,13 @@ def test_resume_reproduces_the_next_losses_exactly(tmp_path, monkeypatch):
                        VQModel.from_pretrained(full / "final").decode_codes(torch.zeros(1, 4, 4, dtype=torch.long)))
 
 
+def test_bf16_autocast_step_on_cpu(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, "bf16=true", "disc_start=0"), images=shapes_images(4), progress=False)
+    logs, recon = trainer.train_step(trainer.data.next_batch())
+    assert recon.dtype == torch.bfloat16
+    assert all(torch.isfinite(torch.tensor(logs[k])) for k in ("loss", "d_loss", "perceptual_loss"))
+
+
 def test_crop_batches_restore_replays_the_same_batches():
     images = shapes_images(5)
     a = CropBatches(tensor_epochs(images, seed=1, shuffle=True), batch_size=3, crop_size=16, seed=1)
