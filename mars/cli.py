@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "mars.cli_generate",
     "mars.model.cli",
     "mars.data.cli",
+    "mars.vq.cli",
     "mars.data.preprocess_cli",
     "mars.train.cli",
     "mars.eval.cli",
