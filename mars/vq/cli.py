@@ -236,7 +236,7 @@ def run_decode(args: argparse.Namespace) -> None:
     tensor = torch.from_numpy(codes.astype(np.int64))
     for start in tqdm(range(0, len(names), 8), desc="decode"):
         images = model.decode_codes(tensor[start:start + 8])
-        for name, image in zip(names[start:start + 8], images):
+        for name, image in zip(names[start:start + 8], images, strict=True):
             tensor_to_pil(image).save(targets[name])
     print(f"decoded {len(names)} images -> {out_dir}")
 
@@ -254,7 +254,7 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     for names, images in tqdm(_batches(_load_images(args.images, args.resolution), args.batch_size),
                               desc="reconstruct", total=-(-len(args.images) // args.batch_size)):
         recon = model.decode_codes(model.encode_to_codes(images))
-        for name, image in zip(names, recon):
+        for name, image in zip(names, recon, strict=True):
             tensor_to_pil(image).save(targets[name])
             done += 1
     print(f"reconstructed {done} images -> {out_dir}")

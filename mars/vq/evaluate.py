@@ -102,7 +102,7 @@ def evaluate_reconstruction(model: VQModel, images: Iterable[torch.Tensor], *, b
             fid.update(real, real=True)
             fid.update(fake, real=False)
         if checker:
-            agree += sum(same_objects(tensor_to_pil(a), tensor_to_pil(b)) for a, b in zip(batch, recon))
+            agree += sum(same_objects(tensor_to_pil(a), tensor_to_pil(b)) for a, b in zip(batch, recon, strict=True))
         n += batch.shape[0]
         bar.update(batch.shape[0])
     bar.close()

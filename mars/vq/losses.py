@@ -49,7 +49,8 @@ class VQGANLoss(nn.Module):
         return self.disc_weight > 0 and step >= self.disc_start
 
     def generator_loss(self, images: torch.Tensor, recon: torch.Tensor, quant: QuantizerOutput,
-                       last_layer: torch.Tensor, step: int, quantized: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+                       last_layer: torch.Tensor, step: int,
+                       quantized: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of the tokenizer for one batch; `images`, `recon` (B, 3, H, W) in [-1, 1].
 
         quantized=False (autoencoder warm-up): the codebook and commitment terms are left out.

@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mars.vq.model import VQModel
 from mars.vq.quantizer import CodeUsage, VectorQuantizer
 
 from .conftest import tiny_config
-from mars.vq.model import VQModel
 
 
 @pytest.mark.parametrize("l2_norm", [False, True])

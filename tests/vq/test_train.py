@@ -67,7 +67,7 @@ def test_resume_reproduces_the_next_losses_exactly(tmp_path, monkeypatch):
     train(tiny_cfg(part, *extra, "resume=auto"), images=images, progress=False)
     resumed, reference = metrics(part), metrics(full)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]  # step 4 logged again, once
-    for a, b in zip(resumed, reference):
+    for a, b in zip(resumed, reference, strict=True):
         for key in ("loss", "rec_loss", "codebook_loss", "g_loss", "d_loss"):
             assert a.get(key) == b.get(key), (a["step"], key)
     assert torch.equal(VQModel.from_pretrained(part / "final").decode_codes(torch.zeros(1, 4, 4, dtype=torch.long)),
