@@ -41,6 +41,7 @@ class VQTrainConfig:
     name, a config file, or a mapping of `VQConfig` fields (optionally with `preset:`)."""
 
     model: VQConfig = field(default_factory=lambda: VQConfig.from_name("shapes-small"))
+    init_from: str = ""  # tokenizer folder to fine-tune (its config must equal `model`), "" = from scratch
     data: str = "shapes:20000:1"  # any `mars.data.datasets.open_source` spec
     resolution: int = 256  # images are resized / centre-cropped to this
     crop_size: int = 128  # random crops of this size are trained on (= resolution: whole images)
@@ -264,7 +265,10 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.progress = progress
         torch.manual_seed(cfg.seed)
-        self.model = VQModel(cfg.model).to(self.device)
+        self.model = VQModel(cfg.model)
+        if cfg.init_from:
+            self.init_weights(Path(cfg.init_from))
+        self.model.to(self.device)
         self.model.quantize.entropy_temperature = cfg.entropy_temperature if cfg.entropy_weight > 0 else 0.0
         self.loss = VQGANLoss(
             rec_loss=cfg.rec_loss, rec_weight=cfg.rec_weight, perceptual_weight=cfg.perceptual_weight,
@@ -288,6 +292,14 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0  # training seconds over all resumed segments
         self.restarted = 0
+
+    def init_weights(self, folder: Path) -> None:
+        """Start from a saved tokenizer (fine-tuning); its architecture must be `cfg.model`."""
+        pretrained = VQModel.from_pretrained(folder)
+        if pretrained.config != self.cfg.model:
+            raise MarsError(f"init_from {folder} has a different architecture than the config's model "
+                            "(set model: to its config.json)")
+        self.model.load_state_dict(pretrained.state_dict())
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -74,6 +74,17 @@ def test_resume_reproduces_the_next_losses_exactly(tmp_path, monkeypatch):
                        VQModel.from_pretrained(full / "final").decode_codes(torch.zeros(1, 4, 4, dtype=torch.long)))
 
 
+def test_init_from_a_saved_tokenizer(tmp_path):
+    first = Trainer(tiny_cfg(tmp_path / "a"), images=shapes_images(4), progress=False)
+    first.model.save_pretrained(tmp_path / "vq")
+    second = Trainer(tiny_cfg(tmp_path / "b", f"init_from={tmp_path / 'vq'}", "seed=5"), images=shapes_images(4),
+                     progress=False)
+    assert second.model.identity_hash() == first.model.identity_hash()
+    with pytest.raises(MarsError, match="different architecture"):
+        Trainer(tiny_cfg(tmp_path / "c", f"init_from={tmp_path / 'vq'}", "model.codebook_size=16"),
+                images=shapes_images(4), progress=False)
+
+
 def test_bf16_autocast_step_on_cpu(tmp_path):
     trainer = Trainer(tiny_cfg(tmp_path, "bf16=true", "disc_start=0"), images=shapes_images(4), progress=False)
     logs, recon = trainer.train_step(trainer.data.next_batch())
