@@ -14,7 +14,8 @@ def add_commands(subparsers) -> None:
                     "written as memory-mappable shards plus index.json under --out. Re-running with the "
                     "same arguments resumes an interrupted run. Under torchrun (RANK / WORLD_SIZE set) "
                     "each rank encodes the shards s with s % WORLD_SIZE == RANK; the output is the same "
-                    "as a single-process run.")
+                    "as a single-process run. On a CPU shared with other jobs, OMP_NUM_THREADS=1 is "
+                    "much faster than several threads that wait on each other.")
     p.add_argument("--tokenizer", required=True, help="VQ tokenizer directory, or a MARS model directory (its vq/)")
     p.add_argument("--text-tokenizer", required=True,
                    help="text tokenizer: qwen, bytes, or a folder with tokenizer.json (or a MARS model's tokenizer/)")
