@@ -43,7 +43,9 @@ def add_commands(subparsers) -> None:
     gen.add_argument("--image-size", type=int, help="output side in pixels (default: the model's)")
     gen.add_argument("--grid", action="store_true", help="also write a contact sheet of all images")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    gen.add_argument("--compile", action="store_true", help="torch.compile the decode step, and on CUDA replay it as a CUDA graph (pays off on many batches)")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the decode step and, on CUDA, replay it as a CUDA graph "
+                          "(pays off on many batches)")
     _add_model_args(gen)
     gen.set_defaults(func=run_generate)
 
@@ -64,7 +66,8 @@ def add_commands(subparsers) -> None:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or built-in name (default {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"model folder or built-in name (default {DEFAULT_MODEL})")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on CUDA, fp32 on CPU")
 
@@ -168,8 +171,8 @@ def run_generate(args: argparse.Namespace) -> int:
     manifest_path = Path(args.out_dir) / MANIFEST if args.out_dir else None
     record = {**settings, "image_size": args.image_size or pipe.model.config.image_size, "model": str(args.model)}
     images = []
-    manifest_file = open(manifest_path, "w", encoding="utf-8") if manifest_path else contextlib.nullcontext()
-    with manifest_file as manifest, tqdm(total=len(jobs), desc="images", unit="img") as bar:
+    with contextlib.ExitStack() as stack, tqdm(total=len(jobs), desc="images", unit="img") as bar:
+        manifest = stack.enter_context(open(manifest_path, "w", encoding="utf-8")) if manifest_path else None
         for start in range(0, len(jobs), args.batch_size):
             chunk = jobs[start : start + args.batch_size]
             made = pipe.generate([j.prompt for j in chunk], seed=chunk[0].seed, batch_size=len(chunk),
@@ -185,7 +188,8 @@ def run_generate(args: argparse.Namespace) -> int:
             bar.update(len(chunk))
     if args.grid:
         grid_path = extras[-1]
-        contact_sheet(images, args.num_images if args.num_images > 1 else math.ceil(math.sqrt(len(images)))).save(grid_path)
+        columns = args.num_images if args.num_images > 1 else math.ceil(math.sqrt(len(images)))
+        contact_sheet(images, columns).save(grid_path)
     where = args.out_dir or jobs[0].path
     print(f"wrote {len(jobs)} image{'s' if len(jobs) > 1 else ''} to {where}", file=sys.stderr)
     return 0
@@ -216,7 +220,9 @@ def run_caption(args: argparse.Namespace) -> int:
             texts = pipe.caption([im for _, im in chunk], lang=args.lang, temperature=args.temperature,
                                  max_new_tokens=args.max_new_tokens, seed=args.seed + start)
             for (file, _), text in zip(chunk, texts):
-                line = json.dumps({"image": file, "caption": text}, ensure_ascii=False) if args.json else f"{file}\t{text}"
-                tqdm.write(line, file=sys.stdout)
+                if args.json:
+                    tqdm.write(json.dumps({"image": file, "caption": text}, ensure_ascii=False), file=sys.stdout)
+                else:
+                    tqdm.write(f"{file}\t{text}", file=sys.stdout)
             bar.update(len(chunk))
     return 2 if failed else 0

@@ -166,7 +166,8 @@ def model_device_dtype(model: SemVIE) -> tuple[torch.device, torch.dtype]:
     return weight.device, weight.dtype
 
 
-def prefill(model: SemVIE, rows: list[list[int]], cache_len: int, round_to: int = 1) -> tuple[KVCache, torch.Tensor, int]:
+def prefill(model: SemVIE, rows: list[list[int]], cache_len: int,
+            round_to: int = 1) -> tuple[KVCache, torch.Tensor, int]:
     """Run the left-padded `rows` once, filling a new static cache.
 
     The cache holds `cache_len` slots beyond the longest row (rounded up to a multiple of
@@ -202,7 +203,8 @@ def cache_window(cache: KVCache, length: int) -> KVCache:
     return view
 
 
-def image_step(model: SemVIE, ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache, cfg_scale: float) -> torch.Tensor:
+def image_step(model: SemVIE, ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache,
+               cfg_scale: float) -> torch.Tensor:
     """One cached image decode step: ids (R, 1) at slot input_pos (1,) -> guided image logits (B, K).
 
     Every fed token is an image code, so the visual expert runs alone (`image_mask=True`), and

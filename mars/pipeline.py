@@ -91,7 +91,7 @@ class MarsPipeline:
         name_or_dir: str | os.PathLike = DEFAULT_MODEL,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-    ) -> "MarsPipeline":
+    ) -> MarsPipeline:
         """Load a model folder (config.json, weights, tokenizer/, vq/) or a built-in model by name.
 
         `device` None = CUDA when available; `dtype` None = bf16 on CUDA, fp32 on CPU (the VQ-GAN
@@ -264,7 +264,8 @@ class MarsPipeline:
             raise MarsError("no prompts given")
         limit = self.model.config.max_seq_len - extra_tokens - 2
         if limit < 1:
-            raise MarsError(f"an image of this size does not fit the model's context of {self.model.config.max_seq_len} tokens")
+            raise MarsError(f"an image of this size does not fit the model's context of "
+                            f"{self.model.config.max_seq_len} tokens")
         ids = []
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():

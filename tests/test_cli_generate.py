@@ -68,7 +68,8 @@ def test_existing_files_are_never_overwritten_without_the_flag(tmp_path, capsys,
 
 def test_single_prompt_to_output_file(tmp_path, capsys, tiny_model_dir):
     target = tmp_path / "cat.png"
-    assert run(capsys, "generate", "一只猫", "-o", target, "--num-images", 2, "--grid", "--model", tiny_model_dir)[0] == 0
+    code, _, _ = run(capsys, "generate", "一只猫", "-o", target, "--num-images", 2, "--grid", "--model", tiny_model_dir)
+    assert code == 0
     assert [Image.open(tmp_path / f"cat_{i}.png").size for i in range(2)] == [(64, 64)] * 2
     assert Image.open(tmp_path / "cat_grid.png").size == (128, 64)
     assert not (tmp_path / "manifest.jsonl").exists()
@@ -113,6 +114,6 @@ def test_caption_json_lines_and_unreadable_images(tmp_path, capsys, tiny_model_d
 
 def test_console_entry_point_prints_one_line(tmp_path, tiny_model_dir):
     result = subprocess.run([sys.executable, "-m", "mars.cli", "generate", "", "--model", str(tiny_model_dir)],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: prompt 0 is empty"]

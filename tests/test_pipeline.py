@@ -9,7 +9,7 @@ from PIL import Image
 
 from mars import MarsPipeline
 from mars.errors import MarsError
-from mars.generate import CAPTION_INSTRUCTIONS, SampleConfig, caption_prefix, generate_text, make_generators
+from mars.generate import CAPTION_INSTRUCTIONS, SampleConfig, caption_prefix, generate_text
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,8 @@ def test_loading_checks_the_folder(tmp_path, tiny_model_dir, tiny_builders):
     shutil.rmtree(no_vq / "vq")
     with pytest.raises(MarsError, match="vq/"):
         MarsPipeline.from_pretrained(no_vq)
-    wrong = tiny_builders.write_dir(tmp_path / "wrong-vq", tiny_builders.model(), tiny_builders.vq(codebook_size=128))
+    wrong = tiny_builders.write_dir(tmp_path / "wrong-vq", tiny_builders.model(),
+                                    tiny_builders.vq(codebook_size=128))
     with pytest.raises(MarsError, match="128 codes"):
         MarsPipeline.from_pretrained(wrong)
 
