@@ -48,7 +48,7 @@ def run(args) -> int:
 
     from mars.data.preprocess import preprocess
     from mars.text_tokenizer import load_text_tokenizer
-    from mars.vq.io import load_tokenizer
+    from mars.vq import load_tokenizer
 
     rank, world = _rank_from_env()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

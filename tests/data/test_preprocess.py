@@ -20,7 +20,7 @@ from mars.errors import MarsError
 from mars.text_tokenizer import ByteTokenizer
 from mars.vocab import MultimodalVocab
 from mars.vq.config import VQConfig
-from mars.vq.io import load_tokenizer
+from mars.vq import load_tokenizer
 from mars.vq.model import VQModel
 
 RES = 32  # 32 px through an f4 tokenizer: 8 x 8 codes
