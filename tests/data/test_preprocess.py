@@ -19,8 +19,8 @@ from mars.data.shards import CodeShardDataset, open_shards
 from mars.errors import MarsError
 from mars.text_tokenizer import ByteTokenizer
 from mars.vocab import MultimodalVocab
-from mars.vq.config import VQConfig
 from mars.vq import load_tokenizer
+from mars.vq.config import VQConfig
 from mars.vq.model import VQModel
 
 RES = 32  # 32 px through an f4 tokenizer: 8 x 8 codes
