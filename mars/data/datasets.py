@@ -133,7 +133,7 @@ class ImageTextSource(IterableDataset):
             for record in self.shard():
                 report.total += 1
                 try:
-                    sample = self._sample(record)
+                    sample = self.read_sample(record)
                 except (SkippedSample, UnusableImage) as err:
                     report.add(self.record_name(record), str(err))
                     continue
@@ -143,7 +143,9 @@ class ImageTextSource(IterableDataset):
             if report.skipped:
                 logger.warning("%s: %s", self.name, report)
 
-    def _sample(self, record) -> dict:
+    def read_sample(self, record) -> dict:
+        """One record read, checked and resized -> a sample dict; raises SkippedSample or
+        UnusableImage when it cannot be used (callers count those)."""
         key, image, text, text_zh = self.read(record)
         if not text or not text.strip():
             raise SkippedSample("empty caption")

@@ -68,7 +68,7 @@ class _Records(Dataset):
     def __getitem__(self, i: int) -> dict:
         record = self.source.records[i]
         try:
-            sample = self.source._sample(record)
+            sample = self.source.read_sample(record)
         except (SkippedSample, UnusableImage) as err:
             return {"index": i, "skip": (self.source.record_name(record), str(err))}
         return {"index": i, "key": sample["key"], "image": pil_to_tensor(sample["image"]),  # (3, H, W)
