@@ -35,8 +35,7 @@ from mars.generate import (
 from mars.model.semvie import SemVIE
 from mars.model_dir import DEFAULT_MODEL, VQ_DIR, load_model_text_tokenizer, resolve_model_path
 from mars.text_tokenizer import TextTokenizer
-from mars.vq.io import load_tokenizer
-from mars.vq.model import VQModel
+from mars.vq import VQModel, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}

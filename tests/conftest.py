@@ -18,8 +18,7 @@ import torch
 from mars.config import SemVIEConfig
 from mars.model.semvie import SemVIE
 from mars.text_tokenizer import ByteTokenizer
-from mars.vq.config import VQConfig
-from mars.vq.model import VQModel
+from mars.vq import VQConfig, VQModel
 
 # Tiny models gain nothing from intra-op threads, and on a busy shared machine OpenMP workers
 # spinning for a core make each small matmul ~20x slower: run the test process on one thread.
