@@ -41,6 +41,14 @@ def test_image_i_uses_seed_plus_i_whatever_the_batching(pipe):
     assert np.abs(pixels(together)[0] - pixels(together)[1]).max() > 10  # different seeds, different images
 
 
+def test_a_list_of_seeds_gives_one_seed_per_image(pipe):
+    listed = pixels(pipe.generate(["a red circle", "x"], seed=[11, 4]))
+    assert np.abs(listed[0] - pixels(pipe.generate("a red circle", seed=11))[0]).max() <= 1
+    assert np.abs(listed[1] - pixels(pipe.generate("x", seed=4))[0]).max() <= 1
+    with pytest.raises(MarsError):
+        pipe.generate(["a red circle", "x"], seed=[1])
+
+
 def test_caption_reads_images_and_paths_in_both_languages(pipe, tmp_path):
     images = pipe.generate(["a red circle", "x"], seed=1)
     path = tmp_path / "img.png"
