@@ -61,6 +61,7 @@ class VQTrainConfig:
     codebook_weight: float = 1.0
     entropy_weight: float = 0.0  # entropy regulariser on soft code assignments (0 = off)
     entropy_temperature: float = 0.01
+    entropy_until: int = 0  # step at which the entropy term stops (0 = never): it only guards the start
     disc_start: int = 5000  # step at which the PatchGAN starts (generator and discriminator)
     disc_weight: float = 0.5  # 0 = no GAN
     adaptive_disc_weight: bool = True
@@ -269,7 +270,6 @@ class Trainer:
         if cfg.init_from:
             self.init_weights(Path(cfg.init_from))
         self.model.to(self.device)
-        self.model.quantize.entropy_temperature = cfg.entropy_temperature if cfg.entropy_weight > 0 else 0.0
         self.loss = VQGANLoss(
             rec_loss=cfg.rec_loss, rec_weight=cfg.rec_weight, perceptual_weight=cfg.perceptual_weight,
             perceptual_stages=cfg.perceptual_stages, codebook_weight=cfg.codebook_weight,
@@ -368,6 +368,8 @@ class Trainer:
         self.loss.train()
         disc_on = self.loss.disc_active(step)
         quantized = step >= cfg.quantize_after
+        entropy_on = cfg.entropy_weight > 0 and (cfg.entropy_until == 0 or step < cfg.entropy_until)
+        self.model.quantize.entropy_temperature = cfg.entropy_temperature if entropy_on else 0.0
         if quantized and step == cfg.quantize_after and cfg.quantize_after > 0:
             self.start_codebook()
 
