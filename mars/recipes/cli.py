@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from mars.errors import MarsError
@@ -54,6 +55,8 @@ def run_shapes_demo(args: argparse.Namespace) -> int:
     log = logging.getLogger("mars.recipes")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    # A `kill` (SIGTERM) unwinds like an exception, so the interrupted step's time is still recorded.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     recipe = Recipe(args.out, vq=args.vq, ship_to=SHIP_DIR if args.ship else None,
                     config_dir=args.config_dir or REPO_CONFIGS, overrides=parse_settings(args.settings))
     status = recipe.run(until=args.until)

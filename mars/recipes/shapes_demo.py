@@ -7,12 +7,13 @@ stopped; training steps resume from their own checkpoints with `resume=auto`):
 
     captions        OUT/data/captions.txt       English + Chinese captions of training scenes
     vq              OUT/vq/final                VQ-GAN (configs/shapes-demo/vq.yaml), or --vq DIR
+    vq_decoder      OUT/vq-decoder/final        its decoder fine-tuned on whole images, codes frozen
     text_tokenizer  OUT/text-tokenizer          byte-level BPE on the captions (~512 ids)
     preprocess      OUT/codes                   `mars preprocess`: images -> VQ codes, captions -> ids
     stage0          OUT/stage0/final            text LM on the captions (the language expert, then frozen)
     stage1          OUT/stage1/final            T2I + I2T (visual expert + new vocabulary rows)
     stage2          OUT/stage2/final            T2I only
-    ship            mars/assets/shapes-demo     (--ship) the model folder `mars generate` loads by default
+    ship            mars/assets/shapes-demo     (--ship) stage II's model with the fine-tuned decoder
 
 Every step's wall time is added to OUT/recipe_times.json (a resumed step accumulates its time).
 Settings live in configs/shapes-demo/*.yaml; `--set STEP.KEY=VALUE` overrides one of them
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -38,7 +40,7 @@ logger = logging.getLogger("mars.recipes")
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "shapes-demo"
 SHIP_DIR = Path(__file__).resolve().parents[1] / "assets" / "shapes-demo"
 TIMES_FILE = "recipe_times.json"
-STEPS = ("captions", "vq", "text_tokenizer", "preprocess", "stage0", "stage1", "stage2", "ship")
+STEPS = ("captions", "vq", "vq_decoder", "text_tokenizer", "preprocess", "stage0", "stage1", "stage2", "ship")
 CONFIG_STEPS = ("recipe", "vq", "stage0", "stage1", "stage2")
 
 
@@ -53,6 +55,8 @@ class RecipeConfig:
     resolution: int = 256
     preprocess_batch_size: int = 1
     shard_size: int = 4096
+    threads: int = 1  # torch CPU threads for every step (0 = torch's default); see recipe.yaml
+    vq_decoder_steps: int = 400  # decoder fine-tuning steps (batch 2, whole images); 0 = ship the VQ as is
 
 
 class Recipe:
@@ -95,6 +99,10 @@ class Recipe:
         return self.vq_arg if self.vq_arg is not None else self.out / "vq" / "final"
 
     @property
+    def vq_decoder_dir(self) -> Path:
+        return self.out / "vq-decoder" / "final"
+
+    @property
     def text_tokenizer_dir(self) -> Path:
         return self.out / "text-tokenizer"
 
@@ -111,6 +119,8 @@ class Recipe:
         steps = [
             ("captions", self.captions.is_file, self.write_captions),
             ("vq", lambda: (self.vq_dir / "config.json").is_file(), self.train_vq),
+            ("vq_decoder", lambda: self.config.vq_decoder_steps == 0 or (self.vq_decoder_dir / "config.json").is_file(),
+             self.tune_vq_decoder),
             ("text_tokenizer", lambda: (self.text_tokenizer_dir / "mars_tokenizer.json").is_file(),
              self.train_text_tokenizer),
             ("preprocess", lambda: (self.codes / "index.json").is_file(), self.preprocess),
@@ -127,6 +137,10 @@ class Recipe:
         if until is not None and until not in STEPS:
             raise MarsError(f"unknown recipe step {until!r}; steps: {', '.join(STEPS)}")
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.config.threads > 0:
+            import torch
+
+            torch.set_num_threads(self.config.threads)
         status = {}
         for name, done, run in self.steps():
             if done():
@@ -174,6 +188,11 @@ class Recipe:
         cfg = load_train_config(self._config_file("vq"),
                                 [f"out_dir={self.out / 'vq'}", "resume=auto", *self.overrides.get("vq", [])])
         train(cfg, progress=self.progress)
+
+    def tune_vq_decoder(self) -> None:
+        """Fine-tune the VQ's decoder with its encoder and codebook frozen (same codes, truer pictures)."""
+        finetune_vq_decoder(self.vq_dir, self.vq_decoder_dir, steps=self.config.vq_decoder_steps,
+                            resolution=self.config.resolution, progress=self.progress)
 
     def train_text_tokenizer(self) -> None:
         """Byte-level BPE on the caption corpus (the marker file is written last: it means done)."""
@@ -229,22 +248,28 @@ class Recipe:
         Trainer(self.stage_config(stage)).run()
 
     def ship(self) -> None:
-        """Copy stage 2's final model (weights, config, tokenizer/, vq/) to the shipped folder."""
-        ship_model(self.final("stage2"), self.ship_to)
+        """Copy stage 2's final model (weights, config, tokenizer/) to the shipped folder, with the
+        fine-tuned VQ decoder as its vq/ (the same codes: its encoder and codebook are unchanged)."""
+        vq = self.vq_decoder_dir if self.config.vq_decoder_steps > 0 else None
+        ship_model(self.final("stage2"), self.ship_to, vq=vq)
 
 
-def ship_model(src: str | Path, dst: str | Path, max_bytes: int = 60 * 2**20) -> Path:
-    """Copy a model folder to `dst` (replacing it), refusing one larger than `max_bytes`."""
+def ship_model(src: str | Path, dst: str | Path, vq: str | Path | None = None, max_bytes: int = 60 * 2**20) -> Path:
+    """Copy a model folder to `dst` (replacing it; `vq` replaces its vq/), refusing more than `max_bytes`."""
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise MarsError(f"{src} is not a model folder (no config.json)")
-    size = folder_bytes(src)
-    if size > max_bytes:
-        raise MarsError(f"{src} holds {size / 2**20:.1f} MB, more than the {max_bytes / 2**20:.0f} MB allowed")
     tmp = dst.parent / f".tmp-{dst.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("eval.json", "*.tmp"))
+    if vq is not None:
+        shutil.rmtree(tmp / "vq", ignore_errors=True)
+        shutil.copytree(vq, tmp / "vq", ignore=shutil.ignore_patterns("eval.json"))
+    size = folder_bytes(tmp)
+    if size > max_bytes:
+        shutil.rmtree(tmp)
+        raise MarsError(f"the model holds {size / 2**20:.1f} MB, more than the {max_bytes / 2**20:.0f} MB allowed")
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
@@ -260,3 +285,48 @@ def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def finetune_vq_decoder(vq_dir: str | Path, out: str | Path, *, data_seed: int = 1, steps: int = 400,
+                        batch_size: int = 2, lr: float = 2e-4, resolution: int = 256, progress: bool = True) -> Path:
+    """Fine-tune the decoder of a VQ-GAN on whole 256 px MARS-Shapes images, with the encoder and
+    codebook frozen, and save the result to `out`.
+
+    The codes of every image stay exactly the same (`encode_to_codes` is untouched), so a model
+    trained on the original tokenizer's codes keeps working; only the picture each code grid
+    decodes to gets closer to the image it came from (on a short VQ run, mostly the colours).
+    Decoding whole 16 x 16 grids also matches inference, where training saw 128 px crops.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from mars.data.captions import shapes_example
+    from mars.data.images import pil_to_tensor
+    from mars.data.shapes import render_scene
+    from mars.vq.io import load_tokenizer
+
+    torch.manual_seed(data_seed)
+    vq = load_tokenizer(vq_dir, device="cpu")
+    tuned = [p for name, p in vq.named_parameters() if name.startswith(("decoder.", "post_quant_conv."))]
+    for p in vq.parameters():
+        p.requires_grad_(False)
+    for p in tuned:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(tuned, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))  # cosine to 0
+    vq.train()
+    for step in tqdm(range(steps), desc="vq decoder", disable=not progress):
+        # Scenes 10^6 + i of the VQ's data stream: never the same images as the LM's code shards.
+        images = torch.stack([pil_to_tensor(render_scene(shapes_example(data_seed, 10**6 + step * batch_size + i)[0],
+                                                         resolution)) for i in range(batch_size)])  # (B, 3, H, W)
+        with torch.no_grad():
+            z_q = vq.quantize.lookup(vq.encode(images).codes)  # (B, D, 16, 16): frozen codes
+        recon = vq.decode(z_q)
+        loss = (recon - images).abs().mean() + ((recon - images) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    vq.eval()
+    vq.save_pretrained(out)
+    return Path(out)
