@@ -1,0 +1,142 @@
+"""The built-in model (mars/assets/shapes-demo) and the recipe that trains it (mars recipe shapes-demo)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mars.cli import main as mars_main
+from mars.errors import MarsError
+from mars.model_dir import ASSETS
+from mars.pipeline import MarsPipeline
+from mars.recipes.cli import parse_settings
+from mars.recipes.shapes_demo import REPO_CONFIGS, STEPS, Recipe, folder_bytes
+
+SHIPPED = ASSETS / "shapes-demo"
+
+
+# --------------------------------------------------------------------------- the shipped model
+
+def test_shipped_model_is_small_and_complete():
+    assert (SHIPPED / "config.json").is_file() and (SHIPPED / "model.safetensors").is_file()
+    assert (SHIPPED / "tokenizer" / "tokenizer.json").is_file() and (SHIPPED / "vq" / "config.json").is_file()
+    assert folder_bytes(SHIPPED) <= 60 * 2**20
+
+
+def test_shipped_model_loads_by_name():
+    pipe = MarsPipeline.from_pretrained("shapes-demo", device="cpu")
+    cfg = pipe.model.config
+    assert cfg.name == "shapes-demo" and cfg.image_size == 256 and cfg.image_grid == 16
+    assert cfg.image_vocab_size == pipe.vq.config.codebook_size  # the model predicts this VQ's codes
+    assert next(pipe.model.parameters()).dtype == torch.float32  # CPU inference in fp32
+    # The bilingual BPE covers English and Chinese in few ids, and round-trips both.
+    for text in ("a red circle to the left of a blue square", "一个红色的圆形在一个蓝色的正方形的左边"):
+        ids = pipe.tokenizer.encode(text)
+        assert max(ids) < cfg.text_vocab_size and len(ids) < len(text.encode("utf-8")) // 2
+        assert pipe.tokenizer.decode(ids) == text
+
+
+def test_generate_without_model_writes_a_256px_png(tmp_path):
+    out = tmp_path / "demo.png"
+    assert mars_main(["generate", "a red circle to the left of a blue square", "-o", str(out), "--device", "cpu"]) == 0
+    with Image.open(out) as image:
+        assert image.size == (256, 256) and image.mode == "RGB"
+
+
+# --------------------------------------------------------------------------- the recipe
+
+def _tiny_configs(folder: Path) -> Path:
+    """The repo's recipe configs, shrunk to seconds: 16 px-grid images at 64 px, a 2-layer model."""
+    folder.mkdir()
+    for name in ("recipe", "vq", "stage0", "stage1", "stage2"):
+        shutil.copy(REPO_CONFIGS / f"{name}.yaml", folder / f"{name}.yaml")
+
+    def edit(name: str, **changes) -> None:
+        data = yaml.safe_load((folder / f"{name}.yaml").read_text())
+        data.update(changes)
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(data))
+
+    edit("recipe", data="shapes:12:3", caption_scenes=40, text_vocab_size=300, resolution=64, shard_size=8,
+         vq_decoder_steps=2)
+    tiny = dict(preset="shapes-demo", num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                intermediate_size=64, text_vocab_size=300, max_seq_len=96, image_size=64)
+    edit("stage0", model=tiny, max_steps=3, batch_size=4, micro_batch_size=4, warmup_steps=1, save_every=2)
+    for stage in ("stage1", "stage2"):
+        edit(stage, max_steps=3, batch_size=4, micro_batch_size=2, warmup_steps=1, save_every=2,
+             data={"shards": "unused", "max_text_len": 24})
+    return folder
+
+
+def _tiny_vq(folder: Path) -> Path:
+    from mars.vq.config import VQConfig
+    from mars.vq.model import VQModel
+
+    torch.manual_seed(0)
+    cfg = VQConfig.load(dict(preset="shapes-small", ch=16, ch_mult=[1, 1, 1, 1, 1], z_channels=16,
+                             norm_groups=8, codebook_size=64))
+    VQModel(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_recipe_runs_every_step_then_skips_and_resumes(tmp_path):
+    configs = _tiny_configs(tmp_path / "configs")
+    vq = _tiny_vq(tmp_path / "vq")
+    out, ship = tmp_path / "run", tmp_path / "shipped"
+
+    status = Recipe(out, vq=vq, ship_to=ship, config_dir=configs, progress=False).run()
+    assert status == {step: "ran" for step in STEPS if step != "vq"} | {"vq": "skipped"}
+    times = json.loads((out / "recipe_times.json").read_text())
+    assert set(times) == set(status) - {"vq"} and all(t["runs"] == 1 for t in times.values())
+    # Stage 0 sized the image rows from the VQ; the shipped folder is a loadable model.
+    assert json.loads((out / "stage0/final/config.json").read_text())["image_vocab_size"] == 64
+    pipe = MarsPipeline.from_pretrained(ship, device="cpu")
+    # The shipped VQ is the fine-tuned decoder: other weights, but exactly the codes the model learnt.
+    from mars.data.images import pil_to_tensor
+    from mars.data.shapes import render_scene, scene_for_index
+    from mars.vq.io import load_tokenizer
+
+    original = load_tokenizer(vq)
+    assert pipe.vq.identity_hash() != original.identity_hash()
+    images = torch.stack([pil_to_tensor(render_scene(scene_for_index(5, i), 64)) for i in range(3)])
+    assert torch.equal(pipe.vq.encode_to_codes(images), original.encode_to_codes(images))
+
+    # Everything done: a second run does nothing (shipping aside).
+    status = Recipe(out, vq=vq, config_dir=configs, progress=False).run()
+    assert set(status.values()) == {"skipped"}
+
+    # A run killed after stage II's last checkpoint but before final/: only stage II runs again,
+    # from that checkpoint (no step is redone: metrics.jsonl keeps one line per step).
+    shutil.rmtree(out / "stage2" / "final")
+    status = Recipe(out, vq=vq, config_dir=configs, progress=False).run()
+    assert status["stage2"] == "ran" and [s for s, v in status.items() if v == "ran"] == ["stage2"]
+    assert "resumed from" in (out / "stage2" / "train.log").read_text()
+    steps = [json.loads(line)["step"] for line in (out / "stage2/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert json.loads((out / "recipe_times.json").read_text())["stage2"]["runs"] == 2
+
+
+def test_recipe_until_stops_and_settings_override(tmp_path):
+    configs = _tiny_configs(tmp_path / "configs")
+    recipe = Recipe(tmp_path / "run", vq=_tiny_vq(tmp_path / "vq"), config_dir=configs, progress=False,
+                    overrides=parse_settings(["recipe.caption_scenes=5", "stage1.max_steps=7"]))
+    assert recipe.run(until="text_tokenizer") == {"captions": "ran", "vq": "skipped", "vq_decoder": "ran",
+                                                  "text_tokenizer": "ran"}
+    assert len(recipe.captions.read_text(encoding="utf-8").splitlines()) == 10  # 5 scenes x (en, zh)
+    assert not (tmp_path / "run" / "codes").exists()
+    assert recipe.stage_config("stage1").max_steps == 7
+
+
+def test_recipe_rejects_bad_arguments(tmp_path):
+    with pytest.raises(MarsError, match="not of the form"):
+        parse_settings(["max_steps=3"])
+    with pytest.raises(MarsError, match="unknown recipe config"):
+        Recipe(tmp_path, overrides={"stage9": ["max_steps=1"]})
+    with pytest.raises(MarsError, match="not a VQ-GAN folder"):
+        Recipe(tmp_path, vq=tmp_path)
