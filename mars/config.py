@@ -113,11 +113,12 @@ PRESETS: dict[str, SemVIEConfig] = {
     ),
     # The built-in model (mars/assets/shapes-demo, docs/shapes-demo.md): trained on MARS-Shapes on a
     # 2-core CPU in about an hour. 512-id bilingual BPE, GQA 6 x 32 heads / 2 kv, 16 x 16 codes of
-    # the shapes-small VQ (the recipe sets image_vocab_size from the VQ it trains on).
+    # the shapes-small VQ (the recipe sets image_vocab_size from the VQ it trains on). max_seq_len
+    # 384 leaves room for `mars caption`'s default 64 new tokens after 258 image tokens.
     "shapes-demo": SemVIEConfig(
         name="shapes-demo", num_layers=4, hidden_size=192, num_heads=6, num_kv_heads=2, head_dim=32,
         intermediate_size=512, qkv_bias=True, text_vocab_size=512, image_vocab_size=4096,
-        num_special_tokens=8, max_seq_len=320, image_size=256, image_downsample=16, text_tokenizer="hf",
+        num_special_tokens=8, max_seq_len=384, image_size=256, image_downsample=16, text_tokenizer="hf",
     ),
 }
 

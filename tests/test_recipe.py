@@ -42,6 +42,15 @@ def test_shipped_model_loads_by_name():
         assert pipe.tokenizer.decode(ids) == text
 
 
+def test_shipped_model_captions_with_default_length():
+    # The context must hold an image, the instruction and `caption`'s default 64 new tokens.
+    from mars.data.shapes import render_scene, scene_for_index
+
+    pipe = MarsPipeline.from_pretrained("shapes-demo", device="cpu")
+    captions = pipe.caption([render_scene(scene_for_index(7, 0))], lang="zh")
+    assert len(captions) == 1 and isinstance(captions[0], str)
+
+
 def test_generate_without_model_writes_a_256px_png(tmp_path):
     out = tmp_path / "demo.png"
     assert mars_main(["generate", "a red circle to the left of a blue square", "-o", str(out), "--device", "cpu"]) == 0
