@@ -35,14 +35,6 @@ def tiny_vq(seed: int = 0) -> VQModel:
     return VQModel(config).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions are slower with 2 threads on a busy machine (spin-waiting), not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def vq() -> VQModel:

@@ -20,14 +20,6 @@ EOS = ByteTokenizer.eos_id
 N_CODES = 16  # a 4 x 4 grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls are slower with 2 threads on a busy machine (spin-waiting), not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def sample(i: int, zh: bool = True) -> dict:
     """A code-shard sample as CodeShardDataset returns it (byte-level text)."""

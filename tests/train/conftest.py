@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from mars.train.config import load_train_config
 from mars.train.trainer import Trainer
@@ -34,14 +33,6 @@ def model_copy(tiny_model_dir, tmp_path) -> Path:
     """A writable copy of the shared tiny model folder (weights, tokenizer/, vq/)."""
     return Path(shutil.copytree(tiny_model_dir, tmp_path / "init"))
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads of a tiny model mostly wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def subprocess_env() -> dict:
