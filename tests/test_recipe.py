@@ -53,7 +53,8 @@ def test_shipped_model_captions_with_default_length():
 
 def test_generate_without_model_writes_a_256px_png(tmp_path):
     out = tmp_path / "demo.png"
-    assert mars_main(["generate", "a red circle to the left of a blue square", "-o", str(out), "--device", "cpu"]) == 0
+    prompt = "a red circle to the left of a blue square"
+    assert mars_main(["generate", prompt, "-o", str(out), "--device", "cpu"]) == 0
     with Image.open(out) as image:
         assert image.size == (256, 256) and image.mode == "RGB"
 
