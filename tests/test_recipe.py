@@ -36,7 +36,8 @@ def test_shipped_model_loads_by_name():
     assert cfg.image_vocab_size == pipe.vq.config.codebook_size  # the model predicts this VQ's codes
     assert next(pipe.model.parameters()).dtype == torch.float32  # CPU inference in fp32
     # The bilingual BPE covers English and Chinese in few ids, and round-trips both.
-    for text in ("a red circle to the left of a blue square", "一个红色的圆形在一个蓝色的正方形的左边"):
+    english, chinese = "a red circle to the left of a blue square", "一个红色的圆形在一个蓝色的正方形的左边"
+    for text in (english, chinese):
         ids = pipe.tokenizer.encode(text)
         assert max(ids) < cfg.text_vocab_size and len(ids) < len(text.encode("utf-8")) // 2
         assert pipe.tokenizer.decode(ids) == text
