@@ -266,20 +266,25 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, cls: type) -> None:
         node, node_cls = node[part], hint
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML (or `.json`) config file; a missing, unparsable or non-mapping file
+    is a one-line MarsError."""
+    path = Path(path)
+    if not path.is_file():
+        raise MarsError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise MarsError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise MarsError(f"{path} must hold a mapping of config keys")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Read dataclass `cls` from a YAML (or JSON) file, then apply `key=value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise MarsError(f"config file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-            data = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
-        except (yaml.YAMLError, json.JSONDecodeError) as err:
-            raise MarsError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise MarsError(f"{path} must hold a mapping of config keys")
+    data = read_config_file(path) if path is not None else {}
     config = from_dict(cls, data)
     return apply_overrides(config, overrides or [])
 
@@ -302,6 +307,7 @@ __all__ = [
     "apply_overrides",
     "from_dict",
     "load_config",
+    "read_config_file",
     "model_config_from",
     "to_dict",
 ]

@@ -24,7 +24,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from mars.config import apply_overrides, from_dict
+from mars.config import apply_overrides, from_dict, read_config_file
 from mars.errors import MarsError
 from mars.vq.config import VQConfig
 from mars.vq.losses import VQGANLoss
@@ -103,17 +103,7 @@ class VQTrainConfig:
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> VQTrainConfig:
     """Read a YAML training config and apply `key=value` overrides (`model=PRESET` swaps the
     model preset, `model.codebook_size=1024` sets one field); unknown keys raise MarsError."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise MarsError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise MarsError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise MarsError(f"{path} must hold a mapping of training config keys")
+    data = read_config_file(path) if path is not None else {}
     model_spec = data.pop("model", "shapes-small")
     rest = []
     for item in overrides:
