@@ -62,6 +62,10 @@ class VQTrainConfig:
     entropy_weight: float = 0.0  # entropy regulariser on soft code assignments (0 = off)
     entropy_temperature: float = 0.01
     entropy_until: int = 0  # step at which the entropy term stops (0 = never): it only guards the start
+    palette: str = ""  # flat-colour worlds: "shapes" (MARS-Shapes: white + 7) or "R,G,B R,G,B ..."
+    palette_weight: float = 0.0  # nearest-palette cross-entropy per pixel (see vq.losses.palette_loss)
+    palette_temperature: float = 0.02
+    trainable: str = "all"  # "all", or "decoder": encoder and codebook frozen, so every code stays put
     disc_start: int = 5000  # step at which the PatchGAN starts (generator and discriminator)
     disc_weight: float = 0.5  # 0 = no GAN
     adaptive_disc_weight: bool = True
@@ -93,11 +97,43 @@ class VQTrainConfig:
             raise MarsError(f"crop_size {self.crop_size} exceeds resolution {self.resolution}")
         if self.batch_size < 1 or self.steps < 1 or self.crop_tries < 1:
             raise MarsError("batch_size, steps and crop_tries must be >= 1")
+        if self.trainable not in ("all", "decoder"):
+            raise MarsError(f"trainable must be 'all' or 'decoder', got {self.trainable!r}")
+        if self.trainable == "decoder" and (self.restart_dead_codes_every or self.quantize_after
+                                            or self.entropy_weight):
+            raise MarsError("trainable=decoder keeps the codes fixed: set restart_dead_codes_every, "
+                            "quantize_after and entropy_weight to 0")
+        if self.palette_weight > 0:
+            parse_palette(self.palette)  # fails early, naming the problem
+
+    def palette_tensor(self) -> torch.Tensor | None:
+        """The palette as (K, 3) in [-1, 1], or None when no palette is set."""
+        if not self.palette:
+            return None
+        return torch.tensor(parse_palette(self.palette), dtype=torch.float32) / 127.5 - 1.0
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["model"] = self.model.to_dict()
         return json.loads(json.dumps(data))  # tuples -> lists: plain YAML/JSON/checkpoint values
+
+
+def parse_palette(spec: str) -> list[tuple[int, int, int]]:
+    """"shapes" -> white + the MARS-Shapes palette; "R,G,B R,G,B ..." -> those colours."""
+    if spec == "shapes":
+        from mars.data.shapes import COLOURS
+
+        return [(255, 255, 255), *COLOURS.values()]
+    colours = []
+    for item in spec.split():
+        parts = item.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() and int(p) <= 255 for p in parts):
+            raise MarsError(f"palette colour {item!r} is not R,G,B with values 0..255 "
+                            "(palette: shapes, or e.g. \"255,255,255 220,40,40\")")
+        colours.append(tuple(int(p) for p in parts))
+    if len(colours) < 2:
+        raise MarsError(f"palette {spec!r} needs at least two colours")
+    return colours
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> VQTrainConfig:
@@ -263,11 +299,12 @@ class Trainer:
         self.loss = VQGANLoss(
             rec_loss=cfg.rec_loss, rec_weight=cfg.rec_weight, perceptual_weight=cfg.perceptual_weight,
             perceptual_stages=cfg.perceptual_stages, codebook_weight=cfg.codebook_weight,
-            entropy_weight=cfg.entropy_weight,
+            entropy_weight=cfg.entropy_weight, palette_weight=cfg.palette_weight,
+            palette=cfg.palette_tensor(), palette_temperature=cfg.palette_temperature,
             disc_start=cfg.disc_start, disc_weight=cfg.disc_weight,
             adaptive_disc_weight=cfg.adaptive_disc_weight, disc_ndf=cfg.disc_ndf,
             disc_layers=cfg.disc_layers).to(self.device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
+        self.opt = torch.optim.AdamW(self.trainable_parameters(), lr=cfg.lr, betas=cfg.betas,
                                      weight_decay=cfg.weight_decay)
         self.opt_d = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=cfg.disc_lr,
                                        betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -282,6 +319,16 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0  # training seconds over all resumed segments
         self.restarted = 0
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """All parameters, or (trainable=decoder) only the decoder's: the rest is frozen."""
+        if self.cfg.trainable == "all":
+            return list(self.model.parameters())
+        self.model.requires_grad_(False)
+        tuned = [*self.model.decoder.parameters(), *self.model.post_quant_conv.parameters()]
+        for p in tuned:
+            p.requires_grad_(True)
+        return tuned
 
     def init_weights(self, folder: Path) -> None:
         """Start from a saved tokenizer (fine-tuning); its architecture must be `cfg.model`."""
@@ -371,7 +418,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"],
+                                                                     cfg.grad_clip))
         self.opt.step()
 
         if disc_on:
