@@ -65,7 +65,7 @@ def test_generate_without_model_writes_a_256px_png(tmp_path):
 def _tiny_configs(folder: Path) -> Path:
     """The repo's recipe configs, shrunk to seconds: 16 px-grid images at 64 px, a 2-layer model."""
     folder.mkdir()
-    for name in ("recipe", "vq", "stage0", "stage1", "stage2"):
+    for name in ("recipe", "vq", "vq-refine", "vq-decoder", "stage0", "stage1", "stage2"):
         shutil.copy(REPO_CONFIGS / f"{name}.yaml", folder / f"{name}.yaml")
 
     def edit(name: str, **changes) -> None:
@@ -73,8 +73,9 @@ def _tiny_configs(folder: Path) -> Path:
         data.update(changes)
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(data))
 
-    edit("recipe", data="shapes:12:3", caption_scenes=40, text_vocab_size=300, resolution=64, shard_size=8,
-         vq_decoder_steps=2)
+    edit("recipe", data="shapes:12:3", caption_scenes=40, text_vocab_size=300, resolution=64, shard_size=8)
+    edit("vq-decoder", data="shapes:8:1", resolution=64, crop_size=64, batch_size=2, steps=2, ckpt_every=1,
+         image_every=0)
     tiny = dict(preset="shapes-demo", num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16,
                 intermediate_size=64, text_vocab_size=300, max_seq_len=96, image_size=64)
     edit("stage0", model=tiny, max_steps=3, batch_size=4, micro_batch_size=4, warmup_steps=1, save_every=2)
@@ -102,7 +103,9 @@ def test_recipe_runs_every_step_then_skips_and_resumes(tmp_path):
     out, ship = tmp_path / "run", tmp_path / "shipped"
 
     status = Recipe(out, vq=vq, ship_to=ship, config_dir=configs, progress=False).run()
-    assert status == {step: "ran" for step in STEPS if step != "vq"} | {"vq": "skipped"}
+    # The decoder step ran in a second process beside preprocess and stages 0-II.
+    assert status == {step: "ran" for step in STEPS} | {"vq": "skipped", "vq_decoder": "ran in parallel"}
+    assert "tokenizer" in (out / "vq-decoder.log").read_text()
     times = json.loads((out / "recipe_times.json").read_text())
     assert set(times) == set(status) - {"vq"} and all(t["runs"] == 1 for t in times.values())
     # Stage 0 sized the image rows from the VQ; the shipped folder is a loadable model.
@@ -137,11 +140,24 @@ def test_recipe_until_stops_and_settings_override(tmp_path):
     configs = _tiny_configs(tmp_path / "configs")
     recipe = Recipe(tmp_path / "run", vq=_tiny_vq(tmp_path / "vq"), config_dir=configs, progress=False,
                     overrides=parse_settings(["recipe.caption_scenes=5", "stage1.max_steps=7"]))
-    assert recipe.run(until="text_tokenizer") == {"captions": "ran", "vq": "skipped", "vq_decoder": "ran",
-                                                  "text_tokenizer": "ran"}
+    assert recipe.run(until="text_tokenizer") == {"captions": "ran", "vq": "skipped", "text_tokenizer": "ran"}
+    assert not (tmp_path / "run" / "vq-decoder").exists()  # --until before it: no decoder process
     assert len(recipe.captions.read_text(encoding="utf-8").splitlines()) == 10  # 5 scenes x (en, zh)
     assert not (tmp_path / "run" / "codes").exists()
     assert recipe.stage_config("stage1").max_steps == 7
+
+
+def test_recipe_trains_the_vq_stages_in_turn(tmp_path):
+    configs = _tiny_configs(tmp_path / "configs")
+    small = ["data=shapes:8:1", "resolution=64", "crop_size=32", "batch_size=2", "steps=2", "ckpt_every=1",
+             "image_every=0", "warmup_steps=1", "model.codebook_size=64"]
+    recipe = Recipe(tmp_path / "run", config_dir=configs, progress=False,
+                    overrides={"vq": [*small, "entropy_until=0"], "vq-refine": small})
+    assert recipe.run(only="vq") == {"vq": "ran"}
+    assert recipe.vq_dir == tmp_path / "run" / "vq-refine" / "final" and (recipe.vq_dir / "config.json").is_file()
+    refine = yaml.safe_load((tmp_path / "run" / "vq-refine" / "train_config.yaml").read_text())
+    assert refine["init_from"] == str(tmp_path / "run" / "vq" / "final")  # stage 2 starts from stage 1
+    assert not recipe.captions.exists()  # --only: nothing else ran
 
 
 def test_recipe_rejects_bad_arguments(tmp_path):

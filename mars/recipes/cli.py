@@ -26,9 +26,11 @@ def add_commands(subparsers) -> None:
     p.add_argument("--ship", action="store_true",
                    help="finally copy stage II's model to mars/assets/shapes-demo (the default model)")
     p.add_argument("--until", default=None, help="stop after this step (captions, vq, text_tokenizer, "
-                                                 "preprocess, stage0, stage1, stage2)")
+                                                 "preprocess, stage0, stage1, stage2, vq_decoder)")
+    p.add_argument("--only", default=None, help="run just this step (if not done yet)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="CONFIG.KEY=VALUE",
-                   help="override a setting of recipe/vq/stage0/stage1/stage2, e.g. stage1.max_steps=10 "
+                   help="override a setting of one config (recipe, vq, vq-refine, vq-decoder, stage0, stage1, stage2), "
+                        "e.g. stage1.max_steps=10 "
                         "(repeatable)")
     p.add_argument("--config-dir", default=None, help="folder of the recipe's YAML files "
                                                       "(default configs/shapes-demo)")
@@ -59,7 +61,9 @@ def run_shapes_demo(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     recipe = Recipe(args.out, vq=args.vq, ship_to=SHIP_DIR if args.ship else None,
                     config_dir=args.config_dir or REPO_CONFIGS, overrides=parse_settings(args.settings))
-    status = recipe.run(until=args.until)
+    if args.until and args.only:
+        raise MarsError("--until and --only exclude each other")
+    status = recipe.run(until=args.until, only=args.only)
     for step, what in status.items():
         print(f"{step}: {what}")
     print(f"step times: {recipe.out / 'recipe_times.json'}")

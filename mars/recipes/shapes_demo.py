@@ -6,27 +6,34 @@ Steps, in order (each is skipped when its output is complete, so a killed run re
 stopped; training steps resume from their own checkpoints with `resume=auto`):
 
     captions        OUT/data/captions.txt       English + Chinese captions of training scenes
-    vq              OUT/vq/final                VQ-GAN (configs/shapes-demo/vq.yaml), or --vq DIR
-    vq_decoder      OUT/vq-decoder/final        its decoder fine-tuned on whole images, codes frozen
+    vq              OUT/vq-refine/final         VQ-GAN: vq.yaml, then vq-refine.yaml from its weights
+                                                (the `vq_stages` of recipe.yaml), or --vq DIR
     text_tokenizer  OUT/text-tokenizer          byte-level BPE on the captions (~512 ids)
     preprocess      OUT/codes                   `mars preprocess`: images -> VQ codes, captions -> ids
     stage0          OUT/stage0/final            text LM on the captions (the language expert, then frozen)
     stage1          OUT/stage1/final            T2I + I2T (visual expert + new vocabulary rows)
     stage2          OUT/stage2/final            T2I only
-    ship            mars/assets/shapes-demo     (--ship) stage II's model with the fine-tuned decoder
+    vq_decoder      OUT/vq-decoder/final        the VQ's decoder alone trained on (vq-decoder.yaml):
+                                                sharper edges, exactly the same codes
+    ship            mars/assets/shapes-demo     (--ship) stage II's model with the tuned decoder
+
+The decoder step changes no code, so with `parallel: true` it runs in a second process beside
+preprocess and stages 0-II (log: OUT/vq-decoder.log), the two sharing the machine's cores; the
+recipe waits for it before shipping. `--only STEP` runs one step alone.
 
 Every step's wall time is added to OUT/recipe_times.json (a resumed step accumulates its time).
-Settings live in configs/shapes-demo/*.yaml; `--set STEP.KEY=VALUE` overrides one of them
-(STEP: recipe, vq, stage0, stage1, stage2), e.g. `--set stage1.max_steps=10`.
+Settings live in configs/shapes-demo/*.yaml; `--set CONFIG.KEY=VALUE` overrides one of them
+(CONFIG: recipe, a VQ stage, vq-decoder, stage0, stage1, stage2), e.g. `--set stage1.max_steps=10`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,8 +47,8 @@ logger = logging.getLogger("mars.recipes")
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "shapes-demo"
 SHIP_DIR = Path(__file__).resolve().parents[1] / "assets" / "shapes-demo"
 TIMES_FILE = "recipe_times.json"
-STEPS = ("captions", "vq", "vq_decoder", "text_tokenizer", "preprocess", "stage0", "stage1", "stage2", "ship")
-CONFIG_STEPS = ("recipe", "vq", "stage0", "stage1", "stage2")
+STEPS = ("captions", "vq", "text_tokenizer", "preprocess", "stage0", "stage1", "stage2", "vq_decoder", "ship")
+LM_STAGES = ("stage0", "stage1", "stage2")
 
 
 @dataclass
@@ -56,14 +63,17 @@ class RecipeConfig:
     preprocess_batch_size: int = 1
     shard_size: int = 4096
     threads: int = 1  # torch CPU threads for every step (0 = torch's default); see recipe.yaml
-    vq_decoder_steps: int = 400  # decoder fine-tuning steps (batch 2, whole images); 0 = ship the VQ as is
+    vq_stages: tuple[str, ...] = ("vq", "vq-refine")  # VQ configs trained in turn, each from the last
+    vq_decoder: str = "vq-decoder"  # decoder-only config trained last ("" = ship the VQ as it is)
+    parallel: bool = True  # train the decoder in a second process beside preprocess and stages 0-II
 
 
 class Recipe:
     """The steps of the recipe over one output folder; `run()` does what is not done yet.
 
-    `config_dir` holds recipe.yaml, vq.yaml, stage0.yaml, stage1.yaml, stage2.yaml; `overrides`
-    maps a config name (recipe, vq, stage0, stage1, stage2) to `key=value` strings.
+    `config_dir` holds recipe.yaml, the VQ configs it names, stage0.yaml, stage1.yaml and
+    stage2.yaml; `overrides` maps a config name (recipe, a VQ config, stage0, ...) to `key=value`
+    strings.
     """
 
     def __init__(self, out: str | Path, *, vq: str | Path | None = None, ship_to: str | Path | None = None,
@@ -74,11 +84,16 @@ class Recipe:
         self.ship_to = Path(ship_to) if ship_to is not None else None
         self.config_dir = Path(config_dir)
         self.overrides = {k: list(v) for k, v in (overrides or {}).items()}
-        unknown = set(self.overrides) - set(CONFIG_STEPS)
-        if unknown:
-            raise MarsError(f"unknown recipe config(s) {sorted(unknown)}; known: {', '.join(CONFIG_STEPS)}")
         self.progress = progress
         self.config = load_config(RecipeConfig, self._config_file("recipe"), self.overrides.get("recipe", []))
+        if not self.config.vq_stages:
+            raise MarsError("recipe.yaml: vq_stages must name at least one VQ config")
+        known = ("recipe", *self.config.vq_stages, *([self.config.vq_decoder] if self.config.vq_decoder else []),
+                 *LM_STAGES)
+        unknown = set(self.overrides) - set(known)
+        if unknown:
+            raise MarsError(f"unknown recipe config(s) {sorted(unknown)}; known: {', '.join(known)}")
+        self._decoder_process: subprocess.Popen | None = None
         if self.vq_arg is not None and not (self.vq_arg / "config.json").is_file():
             raise MarsError(f"--vq {self.vq_arg} is not a VQ-GAN folder (no config.json)")
 
@@ -95,12 +110,12 @@ class Recipe:
 
     @property
     def vq_dir(self) -> Path:
-        """The VQ-GAN every later step uses: --vq DIR, or the one this recipe trains."""
-        return self.vq_arg if self.vq_arg is not None else self.out / "vq" / "final"
+        """The VQ-GAN every later step uses: --vq DIR, or the last VQ stage this recipe trains."""
+        return self.vq_arg if self.vq_arg is not None else self.final(self.config.vq_stages[-1])
 
     @property
     def vq_decoder_dir(self) -> Path:
-        return self.out / "vq-decoder" / "final"
+        return self.final(self.config.vq_decoder)
 
     @property
     def text_tokenizer_dir(self) -> Path:
@@ -119,55 +134,97 @@ class Recipe:
         steps = [
             ("captions", self.captions.is_file, self.write_captions),
             ("vq", lambda: (self.vq_dir / "config.json").is_file(), self.train_vq),
-            ("vq_decoder", lambda: self.config.vq_decoder_steps == 0 or (self.vq_decoder_dir / "config.json").is_file(),
-             self.tune_vq_decoder),
             ("text_tokenizer", lambda: (self.text_tokenizer_dir / "mars_tokenizer.json").is_file(),
              self.train_text_tokenizer),
             ("preprocess", lambda: (self.codes / "index.json").is_file(), self.preprocess),
-            ("stage0", lambda: (self.final("stage0") / "config.json").is_file(), lambda: self.train("stage0")),
-            ("stage1", lambda: (self.final("stage1") / "config.json").is_file(), lambda: self.train("stage1")),
-            ("stage2", lambda: (self.final("stage2") / "config.json").is_file(), lambda: self.train("stage2")),
+            *[(stage, lambda stage=stage: (self.final(stage) / "config.json").is_file(),
+               lambda stage=stage: self.train(stage)) for stage in LM_STAGES],
+            ("vq_decoder", self.decoder_done, self.train_vq_decoder),
         ]
         if self.ship_to is not None:
             steps.append(("ship", lambda: False, self.ship))
         return steps
 
-    def run(self, until: str | None = None) -> dict[str, str]:
-        """Run every step not done yet (up to and including `until`); returns {step: ran|skipped}."""
-        if until is not None and until not in STEPS:
-            raise MarsError(f"unknown recipe step {until!r}; steps: {', '.join(STEPS)}")
+    def run(self, until: str | None = None, only: str | None = None) -> dict[str, str]:
+        """Run every step not done yet (up to and including `until`, or just `only`); returns
+        {step: ran|skipped|ran in parallel}."""
+        for name in (until, only):
+            if name is not None and name not in STEPS:
+                raise MarsError(f"unknown recipe step {name!r}; steps: {', '.join(STEPS)}")
         self.out.mkdir(parents=True, exist_ok=True)
         if self.config.threads > 0:
             import torch
 
             torch.set_num_threads(self.config.threads)
+        reaches_decoder = only is None and (until is None or STEPS.index(until) >= STEPS.index("vq_decoder"))
         status = {}
-        for name, done, run in self.steps():
-            if done():
-                logger.info("[recipe] %s: done, skipped", name)
-                status[name] = "skipped"
-            else:
-                logger.info("[recipe] %s: running", name)
-                start = time.perf_counter()
-                try:
-                    run()
-                finally:
-                    self._add_time(name, time.perf_counter() - start)
-                status[name] = "ran"
-            if name == until:
-                break
+        try:
+            for name, done, run in self.steps():
+                if only is not None and name != only:
+                    continue
+                if name == "vq_decoder" and self._decoder_process is not None:
+                    status[name] = self._wait_for_decoder()
+                elif done():
+                    logger.info("[recipe] %s: done, skipped", name)
+                    status[name] = "skipped"
+                else:
+                    logger.info("[recipe] %s: running", name)
+                    start = time.perf_counter()
+                    try:
+                        run()
+                    finally:
+                        self._add_time(name, time.perf_counter() - start)
+                    status[name] = "ran"
+                if name == "vq" and reaches_decoder and self.config.parallel and not self.decoder_done():
+                    self._start_decoder()
+                if name == until:
+                    break
+        finally:
+            if self._decoder_process is not None and self._decoder_process.poll() is None:
+                # Interrupted: stop the decoder too; it resumes from its checkpoint next time.
+                self._decoder_process.terminate()
+                self._decoder_process.wait()
         return status
+
+    # --- the decoder step in a second process ------------------------------------------------
+    def decoder_done(self) -> bool:
+        return not self.config.vq_decoder or (self.vq_decoder_dir / "config.json").is_file()
+
+    def _start_decoder(self) -> None:
+        """Start `mars recipe shapes-demo --only vq_decoder` (same folder and settings) in the background."""
+        cmd = [sys.executable, "-m", "mars.cli", "recipe", "shapes-demo", "--out", str(self.out),
+               "--config-dir", str(self.config_dir), "--only", "vq_decoder"]
+        if self.vq_arg is not None:
+            cmd += ["--vq", str(self.vq_arg)]
+        for config, items in self.overrides.items():
+            cmd += [arg for item in items for arg in ("--set", f"{config}.{item}")]
+        log = self.out / "vq-decoder.log"
+        logger.info("[recipe] vq_decoder: started beside the other steps (log: %s)", log)
+        with open(log, "a", encoding="utf-8") as handle:
+            self._decoder_process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT)
+
+    def _wait_for_decoder(self) -> str:
+        logger.info("[recipe] vq_decoder: waiting for the process started after the VQ step")
+        code = self._decoder_process.wait()
+        self._decoder_process = None
+        if code != 0 or not self.decoder_done():
+            raise MarsError(f"the vq_decoder step failed (exit code {code}); see {self.out / 'vq-decoder.log'}")
+        return "ran in parallel"
 
     def _add_time(self, step: str, seconds: float) -> None:
         """Accumulate a step's wall time in OUT/recipe_times.json (atomic rewrite)."""
+        import fcntl
+
         file = self.out / TIMES_FILE
-        times = json.loads(file.read_text()) if file.is_file() else {}
-        entry = times.get(step, {"seconds": 0.0, "runs": 0})
-        entry = {"seconds": round(entry["seconds"] + seconds, 1), "runs": entry["runs"] + 1}
-        times[step] = entry
-        tmp = file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(times, indent=1) + "\n")
-        os.replace(tmp, file)
+        with open(self.out / f".{TIMES_FILE}.lock", "w") as lock:  # the decoder process writes it too
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            times = json.loads(file.read_text()) if file.is_file() else {}
+            entry = times.get(step, {"seconds": 0.0, "runs": 0})
+            entry = {"seconds": round(entry["seconds"] + seconds, 1), "runs": entry["runs"] + 1}
+            times[step] = entry
+            tmp = file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(times, indent=1) + "\n")
+            os.replace(tmp, file)
 
     # --- steps -------------------------------------------------------------------------------
     def write_captions(self) -> None:
@@ -182,17 +239,31 @@ class Recipe:
         _write_text_atomic(self.captions, "".join(line + "\n" for line in lines))
 
     def train_vq(self) -> None:
-        """Train the VQ-GAN (configs/shapes-demo/vq.yaml); resumes from OUT/vq/ckpt.pt."""
+        """Train the VQ stages in turn (each resumes from OUT/<stage>/ckpt.pt; each later stage
+        starts from the previous stage's final weights)."""
         from mars.vq.train import load_train_config, train
 
-        cfg = load_train_config(self._config_file("vq"),
-                                [f"out_dir={self.out / 'vq'}", "resume=auto", *self.overrides.get("vq", [])])
-        train(cfg, progress=self.progress)
+        previous = None
+        for name in self.config.vq_stages:
+            if (self.final(name) / "config.json").is_file():
+                previous = self.final(name)
+                continue
+            paths = [f"out_dir={self.out / name}", "resume=auto"] + ([f"init_from={previous}"] if previous else [])
+            train(load_train_config(self._config_file(name), [*paths, *self.overrides.get(name, [])]),
+                  progress=self.progress)
+            previous = self.final(name)
 
-    def tune_vq_decoder(self) -> None:
-        """Fine-tune the VQ's decoder with its encoder and codebook frozen (same codes, truer pictures)."""
-        finetune_vq_decoder(self.vq_dir, self.vq_decoder_dir, steps=self.config.vq_decoder_steps,
-                            resolution=self.config.resolution, progress=self.progress)
+    def train_vq_decoder(self) -> None:
+        """Train the VQ's decoder alone (vq-decoder.yaml, `trainable: decoder`): same codes, truer pictures."""
+        from mars.vq.train import load_train_config, train
+
+        name = self.config.vq_decoder
+        paths = [f"model={self.vq_dir}", f"init_from={self.vq_dir}",
+                 f"out_dir={self.out / name}", "resume=auto"]
+        cfg = load_train_config(self._config_file(name), [*paths, *self.overrides.get(name, [])])
+        if cfg.trainable != "decoder":
+            raise MarsError(f"{self._config_file(name)} must set `trainable: decoder` (the codes must not change)")
+        train(cfg, progress=self.progress)
 
     def train_text_tokenizer(self) -> None:
         """Byte-level BPE on the caption corpus (the marker file is written last: it means done)."""
@@ -250,7 +321,7 @@ class Recipe:
     def ship(self) -> None:
         """Copy stage 2's final model (weights, config, tokenizer/) to the shipped folder, with the
         fine-tuned VQ decoder as its vq/ (the same codes: its encoder and codebook are unchanged)."""
-        vq = self.vq_decoder_dir if self.config.vq_decoder_steps > 0 else None
+        vq = self.vq_decoder_dir if self.config.vq_decoder else None
         ship_model(self.final("stage2"), self.ship_to, vq=vq)
 
 
@@ -285,48 +356,3 @@ def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def finetune_vq_decoder(vq_dir: str | Path, out: str | Path, *, data_seed: int = 1, steps: int = 400,
-                        batch_size: int = 2, lr: float = 2e-4, resolution: int = 256, progress: bool = True) -> Path:
-    """Fine-tune the decoder of a VQ-GAN on whole 256 px MARS-Shapes images, with the encoder and
-    codebook frozen, and save the result to `out`.
-
-    The codes of every image stay exactly the same (`encode_to_codes` is untouched), so a model
-    trained on the original tokenizer's codes keeps working; only the picture each code grid
-    decodes to gets closer to the image it came from (on a short VQ run, mostly the colours).
-    Decoding whole 16 x 16 grids also matches inference, where training saw 128 px crops.
-    """
-    import torch
-    from tqdm import tqdm
-
-    from mars.data.captions import shapes_example
-    from mars.data.images import pil_to_tensor
-    from mars.data.shapes import render_scene
-    from mars.vq.io import load_tokenizer
-
-    torch.manual_seed(data_seed)
-    vq = load_tokenizer(vq_dir, device="cpu")
-    tuned = [p for name, p in vq.named_parameters() if name.startswith(("decoder.", "post_quant_conv."))]
-    for p in vq.parameters():
-        p.requires_grad_(False)
-    for p in tuned:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(tuned, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))  # cosine to 0
-    vq.train()
-    for step in tqdm(range(steps), desc="vq decoder", disable=not progress):
-        # Scenes 10^6 + i of the VQ's data stream: never the same images as the LM's code shards.
-        images = torch.stack([pil_to_tensor(render_scene(shapes_example(data_seed, 10**6 + step * batch_size + i)[0],
-                                                         resolution)) for i in range(batch_size)])  # (B, 3, H, W)
-        with torch.no_grad():
-            z_q = vq.quantize.lookup(vq.encode(images).codes)  # (B, D, 16, 16): frozen codes
-        recon = vq.decode(z_q)
-        loss = (recon - images).abs().mean() + ((recon - images) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    vq.eval()
-    vq.save_pretrained(out)
-    return Path(out)

@@ -76,7 +76,7 @@ class VQConfig:
 
     @classmethod
     def load(cls, spec: str | Path | dict[str, Any] | VQConfig) -> VQConfig:
-        """A config from a preset name, a YAML/JSON file, a mapping, or a config.
+        """A config from a preset name, a YAML/JSON file, a tokenizer folder, a mapping, or a config.
 
         A mapping (or file) may name a base with `preset:` and override single fields.
         """
@@ -90,6 +90,8 @@ class VQConfig:
         if isinstance(spec, str) and spec in PRESETS:
             return cls.from_name(spec)
         path = Path(spec)
+        if path.is_dir() and (path / "config.json").is_file():  # a saved tokenizer
+            path = path / "config.json"
         if not path.is_file():
             raise MarsError(f"{spec!r} is neither a tokenizer preset ({', '.join(sorted(PRESETS))}) "
                             "nor a config file")
@@ -100,6 +102,8 @@ class VQConfig:
             raise MarsError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise MarsError(f"{path} must hold a mapping of VQConfig keys")
+        if data.get("model_type") == "mars-vqgan":  # a saved tokenizer's config.json
+            data.pop("model_type")
         return cls.load(data)
 
 

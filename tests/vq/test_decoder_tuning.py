@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mars.errors import MarsError
+from mars.vq.config import VQConfig
 from mars.vq.losses import palette_loss
 from mars.vq.train import Trainer, parse_palette
 
@@ -41,6 +42,7 @@ def test_decoder_only_training_keeps_every_code(tmp_path):
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert torch.equal(model.encode_to_codes(images), codes_before)
+    assert VQConfig.load(tmp_path / "final") == model.config  # a saved tokenizer names its architecture
 
 
 def test_bad_palette_and_decoder_settings_are_named(tmp_path):
