@@ -25,31 +25,12 @@ def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.T
     return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
-def palette_loss(images: torch.Tensor, recon: torch.Tensor, palette: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
-    """Cross-entropy of each reconstructed pixel's soft nearest-palette colour against the
-    original pixel's nearest palette colour; `images`, `recon` (B, 3, H, W) and `palette` (K, 3)
-    in [-1, 1].
-
-    For flat-colour worlds with a known palette (MARS-Shapes). Interior pixels are already right
-    and cost almost nothing; the loss lands on soft edge pixels, whose blend of a colour and white
-    is nearer a third palette colour (orange + white reads as yellow) and which a detector that
-    labels pixels by nearest colour turns into fringe objects. L1 alone sharpens those only slowly.
-    """
-    pixels = recon.float().permute(0, 2, 3, 1).reshape(-1, 3)  # (N, 3)
-    target = images.float().permute(0, 2, 3, 1).reshape(-1, 3)
-    labels = torch.cdist(target, palette).argmin(dim=1)  # (N,)
-    logits = -torch.cdist(pixels, palette).square() / temperature  # (N, K)
-    return F.cross_entropy(logits, labels)
-
-
 class VQGANLoss(nn.Module):
     """The generator and discriminator objectives; holds the discriminator and the perceptual net."""
 
     def __init__(self, *, rec_loss: str = "l1", rec_weight: float = 1.0, perceptual_weight: float = 1.0,
                  perceptual_stages: tuple[int, ...] = (0, 1, 2, 3), codebook_weight: float = 1.0,
-                 entropy_weight: float = 0.0, palette_weight: float = 0.0,
-                 palette: torch.Tensor | None = None, palette_temperature: float = 0.02,
+                 entropy_weight: float = 0.0,
                  disc_start: int = 0, disc_weight: float = 0.5, adaptive_disc_weight: bool = True,
                  disc_ndf: int = 64, disc_layers: int = 3):
         super().__init__()
@@ -60,11 +41,6 @@ class VQGANLoss(nn.Module):
         self.perceptual = PerceptualLoss(perceptual_stages) if perceptual_weight > 0 else None
         self.codebook_weight = codebook_weight
         self.entropy_weight = entropy_weight
-        if palette_weight > 0 and (palette is None or palette.ndim != 2 or palette.shape[1] != 3):
-            raise ValueError("palette_weight > 0 needs a (K, 3) palette")
-        self.palette_weight, self.palette_temperature = palette_weight, palette_temperature
-        self.register_buffer("palette", palette.float() if palette is not None else torch.zeros(0, 3),
-                             persistent=False)
         self.disc_start, self.disc_weight = disc_start, disc_weight
         self.adaptive_disc_weight = adaptive_disc_weight
         self.discriminator = NLayerDiscriminator(ndf=disc_ndf, n_layers=disc_layers)
@@ -87,10 +63,6 @@ class VQGANLoss(nn.Module):
             p_loss = self.perceptual(recon, images).mean()
             nll = nll + self.perceptual_weight * p_loss
             logs["perceptual_loss"] = p_loss.item()
-        if self.palette_weight > 0:
-            pal_loss = palette_loss(images, recon, self.palette, self.palette_temperature)
-            nll = nll + self.palette_weight * pal_loss
-            logs["palette_loss"] = pal_loss.item()
         loss = nll
         if quantized:
             loss = loss + self.codebook_weight * (quant.codebook_loss + quant.commit_loss)

@@ -62,9 +62,6 @@ class VQTrainConfig:
     entropy_weight: float = 0.0  # entropy regulariser on soft code assignments (0 = off)
     entropy_temperature: float = 0.01
     entropy_until: int = 0  # step at which the entropy term stops (0 = never): it only guards the start
-    palette: str = ""  # flat-colour worlds: "shapes" (MARS-Shapes: white + 7) or "R,G,B R,G,B ..."
-    palette_weight: float = 0.0  # nearest-palette cross-entropy per pixel (see vq.losses.palette_loss)
-    palette_temperature: float = 0.02
     trainable: str = "all"  # "all", or "decoder": encoder and codebook frozen, so every code stays put
     disc_start: int = 5000  # step at which the PatchGAN starts (generator and discriminator)
     disc_weight: float = 0.5  # 0 = no GAN
@@ -103,37 +100,11 @@ class VQTrainConfig:
                                             or self.entropy_weight):
             raise MarsError("trainable=decoder keeps the codes fixed: set restart_dead_codes_every, "
                             "quantize_after and entropy_weight to 0")
-        if self.palette_weight > 0:
-            parse_palette(self.palette)  # fails early, naming the problem
-
-    def palette_tensor(self) -> torch.Tensor | None:
-        """The palette as (K, 3) in [-1, 1], or None when no palette is set."""
-        if not self.palette:
-            return None
-        return torch.tensor(parse_palette(self.palette), dtype=torch.float32) / 127.5 - 1.0
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["model"] = self.model.to_dict()
         return json.loads(json.dumps(data))  # tuples -> lists: plain YAML/JSON/checkpoint values
-
-
-def parse_palette(spec: str) -> list[tuple[int, int, int]]:
-    """"shapes" -> white + the MARS-Shapes palette; "R,G,B R,G,B ..." -> those colours."""
-    if spec == "shapes":
-        from mars.data.shapes import COLOURS
-
-        return [(255, 255, 255), *COLOURS.values()]
-    colours = []
-    for item in spec.split():
-        parts = item.split(",")
-        if len(parts) != 3 or not all(p.strip().isdigit() and int(p) <= 255 for p in parts):
-            raise MarsError(f"palette colour {item!r} is not R,G,B with values 0..255 "
-                            "(palette: shapes, or e.g. \"255,255,255 220,40,40\")")
-        colours.append(tuple(int(p) for p in parts))
-    if len(colours) < 2:
-        raise MarsError(f"palette {spec!r} needs at least two colours")
-    return colours
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> VQTrainConfig:
@@ -299,8 +270,7 @@ class Trainer:
         self.loss = VQGANLoss(
             rec_loss=cfg.rec_loss, rec_weight=cfg.rec_weight, perceptual_weight=cfg.perceptual_weight,
             perceptual_stages=cfg.perceptual_stages, codebook_weight=cfg.codebook_weight,
-            entropy_weight=cfg.entropy_weight, palette_weight=cfg.palette_weight,
-            palette=cfg.palette_tensor(), palette_temperature=cfg.palette_temperature,
+            entropy_weight=cfg.entropy_weight,
             disc_start=cfg.disc_start, disc_weight=cfg.disc_weight,
             adaptive_disc_weight=cfg.adaptive_disc_weight, disc_ndf=cfg.disc_ndf,
             disc_layers=cfg.disc_layers).to(self.device)
