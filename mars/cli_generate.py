@@ -35,10 +35,11 @@ def add_commands(subparsers) -> None:
     gen.add_argument("--out-dir", help="folder for the PNGs and manifest.jsonl")
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
-    gen.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale; 1 = off (default 4)")
-    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely codes; 0 = off (default 0)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
-    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1)")
+    # Sampling settings not given take the model's defaults (its generation_config.json), else 4 / 0 / 1 / 1.
+    gen.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 = off (default: the model's)")
+    gen.add_argument("--top-k", type=int, help="keep the k most likely codes; 0 = off (default: the model's)")
+    gen.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]; 1 = off (default: the model's)")
+    gen.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy (default: the model's)")
     gen.add_argument("--batch-size", type=int, default=8, help="images generated at once (default 8)")
     gen.add_argument("--image-size", type=int, help="output side in pixels (default: the model's)")
     gen.add_argument("--grid", action="store_true", help="also write a contact sheet of all images")
@@ -164,7 +165,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise MarsError(f"--batch-size must be >= 1, got {args.batch_size}")
     pipe = _load_pipeline(args)
-    settings = dict(cfg_scale=args.cfg_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+    settings = pipe.sampling_settings(args.cfg_scale, args.top_k, args.top_p, args.temperature)
     prompts = list(dict.fromkeys(j.prompt for j in jobs))
     pipe.encode_prompts(prompts, pipe.image_tokens(args.image_size))  # reject bad prompts before any work
     jobs[0].path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,16 @@
     DIR/model.safetensors    weights (or model-0000N-of-0000M.safetensors + index)
     DIR/tokenizer/           the text tokenizer (`mars_tokenizer.json`, + tokenizer.json for HF ones)
     DIR/vq/                  the VQ-GAN image tokenizer (its own config.json + model.safetensors)
+    DIR/generation_config.json  optional: the model's default sampling settings (cfg_scale, top_k,
+                             top_p, temperature), used when a call does not set them
 
 A `--model` argument is a folder or the name of a built-in model shipped under `mars/assets/`.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 from mars.errors import MarsError
@@ -20,6 +24,9 @@ BUILTIN_MODELS = ("shapes-demo",)
 DEFAULT_MODEL = "shapes-demo"
 TOKENIZER_DIR = "tokenizer"
 VQ_DIR = "vq"
+GENERATION_CONFIG = "generation_config.json"
+# Library defaults for text-to-image sampling; a model's generation_config.json overrides them.
+SAMPLING_DEFAULTS = {"cfg_scale": 4.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
 
 
 def resolve_model_path(name_or_dir: str | Path | None) -> Path:
@@ -46,3 +53,29 @@ def load_model_text_tokenizer(model_dir: str | Path, kind: str) -> TextTokenizer
     if kind in ("qwen", "bytes"):
         return load_text_tokenizer(kind)
     raise MarsError(f"{model_dir} needs a tokenizer/ folder with tokenizer.json (config text_tokenizer={kind})")
+
+
+def load_generation_config(model_dir: str | Path) -> dict[str, float | int]:
+    """The model's default sampling settings: SAMPLING_DEFAULTS updated by its generation_config.json."""
+    path = Path(model_dir) / GENERATION_CONFIG
+    settings = dict(SAMPLING_DEFAULTS)
+    if not path.is_file():
+        return settings
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MarsError(f"cannot parse {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise MarsError(f"{path} must hold a JSON object")
+    unknown = set(data) - set(SAMPLING_DEFAULTS)
+    if unknown:
+        raise MarsError(f"{path}: unknown setting(s) {sorted(unknown)}; known: {', '.join(SAMPLING_DEFAULTS)}")
+    for key, value in data.items():
+        kind = int if key == "top_k" else float
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                or (kind is int and value != int(value)):
+            raise MarsError(f"{path}: {key} must be a non-negative {kind.__name__}, got {value!r}")
+        settings[key] = kind(value)
+    if not 0 < settings["top_p"] <= 1:
+        raise MarsError(f"{path}: top_p must be in (0, 1], got {settings['top_p']}")
+    return settings

@@ -3,6 +3,7 @@
     from mars import MarsPipeline
     pipe = MarsPipeline.from_pretrained("shapes-demo")        # built-in name or a model folder
     images = pipe.generate(["a red circle", "一个蓝色的正方形"], cfg_scale=4.0, seed=0)
+    images = pipe.generate("a red circle")   # the model's own sampling defaults (generation_config.json)
     texts = pipe.caption(images)
     image, text = pipe.generate_with_text("a red circle")
 
@@ -13,6 +14,7 @@ on the other prompts of the call.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +35,15 @@ from mars.generate import (
     make_generators,
 )
 from mars.model.semvie import SemVIE
-from mars.model_dir import DEFAULT_MODEL, VQ_DIR, load_model_text_tokenizer, resolve_model_path
+from mars.model_dir import (
+    DEFAULT_MODEL,
+    GENERATION_CONFIG,
+    SAMPLING_DEFAULTS,
+    VQ_DIR,
+    load_generation_config,
+    load_model_text_tokenizer,
+    resolve_model_path,
+)
 from mars.text_tokenizer import TextTokenizer
 from mars.vq import VQModel, load_tokenizer
 
@@ -69,7 +79,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 class MarsPipeline:
     """A SemVIE model with its text tokenizer and VQ-GAN: prompts -> images, images -> text."""
 
-    def __init__(self, model: SemVIE, text_tokenizer: TextTokenizer, vq: VQModel) -> None:
+    def __init__(self, model: SemVIE, text_tokenizer: TextTokenizer, vq: VQModel,
+                 generation_config: dict[str, float | int] | None = None) -> None:
         config = model.config
         if vq.config.codebook_size != config.image_vocab_size:
             raise MarsError(f"the VQ-GAN has {vq.config.codebook_size} codes but the model "
@@ -83,6 +94,8 @@ class MarsPipeline:
         self.model = model.eval()
         self.tokenizer = text_tokenizer
         self.vq = vq.eval()
+        # Sampling settings a call leaves at None: SAMPLING_DEFAULTS, or the model folder's own.
+        self.generation_config = {**SAMPLING_DEFAULTS, **(generation_config or {})}
 
     @classmethod
     def from_pretrained(
@@ -104,7 +117,7 @@ class MarsPipeline:
         model = SemVIE.from_pretrained(path, device=device, dtype=dtype)
         text_tokenizer = load_model_text_tokenizer(path, model.config.text_tokenizer)
         vq = load_tokenizer(path / VQ_DIR, device=device)
-        return cls(model, text_tokenizer, vq)
+        return cls(model, text_tokenizer, vq, load_generation_config(path))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write a folder `from_pretrained` reads: config + weights, tokenizer/, vq/."""
@@ -112,6 +125,14 @@ class MarsPipeline:
         self.model.save_pretrained(directory)
         self.tokenizer.save(directory / "tokenizer")
         self.vq.save_pretrained(directory / VQ_DIR)
+        if self.generation_config != SAMPLING_DEFAULTS:
+            (directory / GENERATION_CONFIG).write_text(json.dumps(self.generation_config, indent=2) + "\n")
+
+    def sampling_settings(self, cfg_scale: float | None = None, top_k: int | None = None,
+                          top_p: float | None = None, temperature: float | None = None) -> dict[str, float | int]:
+        """The settings a generate call uses: the given ones, the model's defaults for the rest."""
+        given = {"cfg_scale": cfg_scale, "top_k": top_k, "top_p": top_p, "temperature": temperature}
+        return {k: self.generation_config[k] if v is None else v for k, v in given.items()}
 
     @property
     def device(self) -> torch.device:
@@ -121,10 +142,10 @@ class MarsPipeline:
     def generate(
         self,
         prompts: str | Sequence[str],
-        cfg_scale: float = 4.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        temperature: float = 1.0,
+        cfg_scale: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
         seed: int | Sequence[int] = 0,
         num_images_per_prompt: int = 1,
         batch_size: int = 8,
@@ -138,11 +159,13 @@ class MarsPipeline:
         `seed + i`, or `seed[i]` when `seed` is a list with one seed per image (the server batches
         requests with different seeds this way). `batch_size` images are made at once (twice the
         rows with guidance).
+        Sampling settings left at None take the model's defaults (`generation_config`: its
+        generation_config.json, else cfg_scale 4, top_k 0, top_p 1, temperature 1).
         `image_size` defaults to the model's; `compile` compiles the decode step and, on CUDA,
         replays it as a CUDA graph (worth it for many batches of the same shape).
         """
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        sampling = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+        sampling = SampleConfig(**self.sampling_settings(cfg_scale, top_k, top_p, temperature))
         grid = self._grid(image_size)
         ids = self.encode_prompts(prompt_list, grid * grid)
         _check_count("num_images_per_prompt", num_images_per_prompt)
@@ -163,18 +186,20 @@ class MarsPipeline:
     def generate_with_text(
         self,
         prompt: str,
-        cfg_scale: float = 4.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        temperature: float = 1.0,
+        cfg_scale: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
         seed: int = 0,
         text_temperature: float = 0.0,
         max_new_tokens: int = 64,
         image_size: int | None = None,
     ) -> tuple[Image.Image, str]:
         """Joint generation: an image for `prompt`, then the text the model writes after `</img>`."""
-        sampling = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
-        text_sampling = SampleConfig(temperature=text_temperature, top_k=top_k, top_p=top_p, cfg_scale=1.0)
+        settings = self.sampling_settings(cfg_scale, top_k, top_p, temperature)
+        sampling = SampleConfig(**settings)
+        text_sampling = SampleConfig(temperature=text_temperature, top_k=settings["top_k"], top_p=settings["top_p"],
+                                     cfg_scale=1.0)
         grid = self._grid(image_size)
         _check_count("max_new_tokens", max_new_tokens)
         ids = self.encode_prompts([prompt], grid * grid + max_new_tokens)

@@ -101,6 +101,25 @@ def test_bad_caption_requests(pipe, tmp_path):
         assert "\n" not in str(err.value)
 
 
+def test_generation_config_sets_the_models_sampling_defaults(tmp_path, tiny_model_dir):
+    folder = tmp_path / "tuned"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "generation_config.json").write_text('{"cfg_scale": 2.5, "top_k": 7, "temperature": 0.8}')
+    tuned = MarsPipeline.from_pretrained(folder, device="cpu")
+    assert tuned.sampling_settings() == {"cfg_scale": 2.5, "top_k": 7, "top_p": 1.0, "temperature": 0.8}
+    assert tuned.sampling_settings(cfg_scale=1.0)["cfg_scale"] == 1.0  # a given setting wins
+    implicit = tuned.generate("a red circle", seed=3)
+    explicit = tuned.generate("a red circle", seed=3, cfg_scale=2.5, top_k=7, top_p=1.0, temperature=0.8)
+    assert np.array_equal(pixels(implicit)[0], pixels(explicit)[0])
+    tuned.save_pretrained(tmp_path / "copy")  # the defaults travel with the model
+    assert MarsPipeline.from_pretrained(tmp_path / "copy", device="cpu").generation_config == tuned.generation_config
+    for bad, message in (('{"cfg": 2}', "unknown setting"), ('{"top_k": 1.5}', "non-negative int"),
+                         ('{"top_p": 0}', "top_p must be"), ("{oops", "cannot parse")):
+        (folder / "generation_config.json").write_text(bad)
+        with pytest.raises(MarsError, match=message):
+            MarsPipeline.from_pretrained(folder, device="cpu")
+
+
 def test_loading_checks_the_folder(tmp_path, tiny_model_dir, tiny_builders):
     with pytest.raises(MarsError, match="model not found"):
         MarsPipeline.from_pretrained(tmp_path / "nothing")

@@ -45,10 +45,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_sampling_args(p: argparse.ArgumentParser, seed_help: str) -> None:
     _add_model_args(p)
     p.add_argument("--seed", type=int, default=0, help=seed_help)
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k filter, 0 = off (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="top-p filter, 1 = off (default)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale "
+                                                                 "(default: the model's, else 4)")
+    p.add_argument("--top-k", type=int, default=None, help="top-k filter, 0 = off (default: the model's, else 0)")
+    p.add_argument("--top-p", type=float, default=None, help="top-p filter, 1 = off (default: the model's, else 1)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: the model's, else 1)")
     p.add_argument("--shard", default=None, metavar="R/W",
                    help="make only images i with i %% W == R (default: torchrun's RANK/WORLD_SIZE, else all)")
 
@@ -67,9 +69,9 @@ def _generator(args: argparse.Namespace):
     from mars.eval.runner import pipeline_generate_fn
 
     pipe, model_path = _load_pipeline(args)
-    settings = {"model": model_path, "cfg_scale": args.cfg_scale, "top_k": args.top_k, "top_p": args.top_p,
-                "temperature": args.temperature, "seed": args.seed}
-    return pipeline_generate_fn(pipe, args.cfg_scale, args.top_k, args.top_p, args.temperature), settings
+    sampling = pipe.sampling_settings(args.cfg_scale, args.top_k, args.top_p, args.temperature)
+    settings = {"model": model_path, **sampling, "seed": args.seed}
+    return pipeline_generate_fn(pipe, **sampling), settings
 
 
 def add_commands(subparsers) -> None:

@@ -278,13 +278,13 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
         check_generation(body, pipeline.tokenizer, limits, token_limit)
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - limits.max_images + 2)
         seeds = [seed + i for i in range(body.n)]
-        key = ("generate", body.cfg_scale, body.top_k, body.top_p, body.temperature)
+        chosen = pipeline.sampling_settings(body.cfg_scale, body.top_k, body.top_p, body.temperature)
+        key = ("generate", chosen["cfg_scale"], chosen["top_k"], chosen["top_p"], chosen["temperature"])
         result = await run_job(request.app.state.batcher, request, key, [(body.prompt, s) for s in seeds])
         encoded = await run_in_threadpool(lambda: [png_base64(img) for img in result.outputs])
         data = [GeneratedImage(b64_json=b64, seed=s, width=img.width, height=img.height)
                 for b64, s, img in zip(encoded, seeds, result.outputs)]
-        settings = GenerationSettings(cfg_scale=body.cfg_scale, top_k=body.top_k, top_p=body.top_p,
-                                      temperature=body.temperature)
+        settings = GenerationSettings(**chosen)
         return GenerationResponse(created=int(time.time()), model=model_name, prompt=body.prompt, seeds=seeds,
                                   settings=settings, data=data, timings=timings(result, arrived))
 

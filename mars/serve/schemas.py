@@ -41,11 +41,12 @@ class GenerationRequest(_Strict):
     n: int = Field(1, ge=1, description="Number of images; image i uses seed + i.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED,
                              description="Seed of the first image; omitted: the server picks one.")
-    cfg_scale: float = Field(4.0, ge=0.0, le=50.0, allow_inf_nan=False,
-                             description="Classifier-free guidance; 1 = off, 0 = unconditional.")
-    top_k: int = Field(0, ge=0, le=2**31 - 1, description="Keep the k most likely codes; 0 = off.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling; 1 = off.")
-    temperature: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False, description="0 = greedy.")
+    # Sampling settings left out take the model's defaults (its generation_config.json).
+    cfg_scale: float | None = Field(None, ge=0.0, le=50.0, allow_inf_nan=False,
+                                    description="Classifier-free guidance; 1 = off, 0 = unconditional.")
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1, description="Keep the k most likely codes; 0 = off.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling; 1 = off.")
+    temperature: float | None = Field(None, ge=0.0, le=10.0, allow_inf_nan=False, description="0 = greedy.")
 
 
 class GeneratedImage(BaseModel):
