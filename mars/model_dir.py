@@ -12,8 +12,6 @@ A `--model` argument is a folder or the name of a built-in model shipped under `
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 from mars.errors import MarsError
@@ -24,9 +22,7 @@ BUILTIN_MODELS = ("shapes-demo",)
 DEFAULT_MODEL = "shapes-demo"
 TOKENIZER_DIR = "tokenizer"
 VQ_DIR = "vq"
-GENERATION_CONFIG = "generation_config.json"
-# Library defaults for text-to-image sampling; a model's generation_config.json overrides them.
-SAMPLING_DEFAULTS = {"cfg_scale": 4.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+GENERATION_CONFIG = "generation_config.json"  # SampleConfig fields; read by mars.pipeline
 
 
 def resolve_model_path(name_or_dir: str | Path | None) -> Path:
@@ -54,28 +50,3 @@ def load_model_text_tokenizer(model_dir: str | Path, kind: str) -> TextTokenizer
         return load_text_tokenizer(kind)
     raise MarsError(f"{model_dir} needs a tokenizer/ folder with tokenizer.json (config text_tokenizer={kind})")
 
-
-def load_generation_config(model_dir: str | Path) -> dict[str, float | int]:
-    """The model's default sampling settings: SAMPLING_DEFAULTS updated by its generation_config.json."""
-    path = Path(model_dir) / GENERATION_CONFIG
-    settings = dict(SAMPLING_DEFAULTS)
-    if not path.is_file():
-        return settings
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise MarsError(f"cannot parse {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise MarsError(f"{path} must hold a JSON object")
-    unknown = set(data) - set(SAMPLING_DEFAULTS)
-    if unknown:
-        raise MarsError(f"{path}: unknown setting(s) {sorted(unknown)}; known: {', '.join(SAMPLING_DEFAULTS)}")
-    for key, value in data.items():
-        kind = int if key == "top_k" else float
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-                or (kind is int and value != int(value)):
-            raise MarsError(f"{path}: {key} must be a non-negative {kind.__name__}, got {value!r}")
-        settings[key] = kind(value)
-    if not 0 < settings["top_p"] <= 1:
-        raise MarsError(f"{path}: top_p must be in (0, 1], got {settings['top_p']}")
-    return settings

@@ -14,6 +14,7 @@ on the other prompts of the call.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mars.config import from_dict, read_config_file
 from mars.data.images import UnusableImage, load_image, pil_to_tensor, resize_center_crop, tensor_to_pil
 from mars.errors import MarsError
 from mars.generate import (
@@ -35,15 +37,7 @@ from mars.generate import (
     make_generators,
 )
 from mars.model.semvie import SemVIE
-from mars.model_dir import (
-    DEFAULT_MODEL,
-    GENERATION_CONFIG,
-    SAMPLING_DEFAULTS,
-    VQ_DIR,
-    load_generation_config,
-    load_model_text_tokenizer,
-    resolve_model_path,
-)
+from mars.model_dir import DEFAULT_MODEL, GENERATION_CONFIG, VQ_DIR, load_model_text_tokenizer, resolve_model_path
 from mars.text_tokenizer import TextTokenizer
 from mars.vq import VQModel, load_tokenizer
 
@@ -80,7 +74,7 @@ class MarsPipeline:
     """A SemVIE model with its text tokenizer and VQ-GAN: prompts -> images, images -> text."""
 
     def __init__(self, model: SemVIE, text_tokenizer: TextTokenizer, vq: VQModel,
-                 generation_config: dict[str, float | int] | None = None) -> None:
+                 generation_config: SampleConfig | None = None) -> None:
         config = model.config
         if vq.config.codebook_size != config.image_vocab_size:
             raise MarsError(f"the VQ-GAN has {vq.config.codebook_size} codes but the model "
@@ -94,8 +88,8 @@ class MarsPipeline:
         self.model = model.eval()
         self.tokenizer = text_tokenizer
         self.vq = vq.eval()
-        # Sampling settings a call leaves at None: SAMPLING_DEFAULTS, or the model folder's own.
-        self.generation_config = {**SAMPLING_DEFAULTS, **(generation_config or {})}
+        # Sampling settings a call leaves at None: the model folder's own, else SampleConfig's defaults.
+        self.generation_config = generation_config or SampleConfig()
 
     @classmethod
     def from_pretrained(
@@ -125,14 +119,16 @@ class MarsPipeline:
         self.model.save_pretrained(directory)
         self.tokenizer.save(directory / "tokenizer")
         self.vq.save_pretrained(directory / VQ_DIR)
-        if self.generation_config != SAMPLING_DEFAULTS:
-            (directory / GENERATION_CONFIG).write_text(json.dumps(self.generation_config, indent=2) + "\n")
+        if self.generation_config != SampleConfig():
+            text = json.dumps(dataclasses.asdict(self.generation_config), indent=2) + "\n"
+            (directory / GENERATION_CONFIG).write_text(text, encoding="utf-8")
 
     def sampling_settings(self, cfg_scale: float | None = None, top_k: int | None = None,
                           top_p: float | None = None, temperature: float | None = None) -> dict[str, float | int]:
         """The settings a generate call uses: the given ones, the model's defaults for the rest."""
         given = {"cfg_scale": cfg_scale, "top_k": top_k, "top_p": top_p, "temperature": temperature}
-        return {k: self.generation_config[k] if v is None else v for k, v in given.items()}
+        chosen = dataclasses.replace(self.generation_config, **{k: v for k, v in given.items() if v is not None})
+        return dataclasses.asdict(chosen)
 
     @property
     def device(self) -> torch.device:
@@ -300,6 +296,18 @@ class MarsPipeline:
                                 f"{self.model.config.max_seq_len} leaves room for {limit} beside the image")
             ids.append(tokens)
         return ids
+
+
+def load_generation_config(model_dir: str | os.PathLike) -> SampleConfig:
+    """A model folder's default sampling settings (its generation_config.json), else SampleConfig()."""
+    path = Path(model_dir) / GENERATION_CONFIG
+    if not path.is_file():
+        return SampleConfig()
+    data = read_config_file(path)  # its errors name the file
+    try:
+        return from_dict(SampleConfig, data)
+    except MarsError as err:
+        raise MarsError(f"{path}: {err}") from None
 
 
 def _image_seeds(seed: int | Sequence[int], count: int) -> list[int]:

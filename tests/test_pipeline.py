@@ -113,8 +113,8 @@ def test_generation_config_sets_the_models_sampling_defaults(tmp_path, tiny_mode
     assert np.array_equal(pixels(implicit)[0], pixels(explicit)[0])
     tuned.save_pretrained(tmp_path / "copy")  # the defaults travel with the model
     assert MarsPipeline.from_pretrained(tmp_path / "copy", device="cpu").generation_config == tuned.generation_config
-    for bad, message in (('{"cfg": 2}', "unknown setting"), ('{"top_k": 1.5}', "non-negative int"),
-                         ('{"top_p": 0}', "top_p must be"), ("{oops", "cannot parse")):
+    for bad, message in (('{"cfg": 2}', "unknown key 'cfg'"), ('{"top_k": 1.5}', "top_k: expected an integer"),
+                         ('{"top_p": 0}', "top_p must lie"), ("{oops", "cannot parse")):
         (folder / "generation_config.json").write_text(bad)
         with pytest.raises(MarsError, match=message):
             MarsPipeline.from_pretrained(folder, device="cpu")

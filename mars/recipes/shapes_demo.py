@@ -28,6 +28,7 @@ Settings live in configs/shapes-demo/*.yaml; `--set CONFIG.KEY=VALUE` overrides 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -213,8 +214,6 @@ class Recipe:
 
     def _add_time(self, step: str, seconds: float) -> None:
         """Accumulate a step's wall time in OUT/recipe_times.json (atomic rewrite)."""
-        import fcntl
-
         file = self.out / TIMES_FILE
         with open(self.out / f".{TIMES_FILE}.lock", "w") as lock:  # the decoder process writes it too
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -8,14 +8,11 @@ quantizer settings (LlamaGen's `codebook_l2_norm` / `codebook_embed_dim`).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mars.config import apply_overrides, from_dict
+from mars.config import apply_overrides, from_dict, read_config_file
 from mars.errors import MarsError
 
 
@@ -95,18 +92,13 @@ class VQConfig:
         if not path.is_file():
             raise MarsError(f"{spec!r} is neither a tokenizer preset ({', '.join(sorted(PRESETS))}) "
                             "nor a config file")
-        text = path.read_text(encoding="utf-8")
-        try:
-            data = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
-        except (yaml.YAMLError, json.JSONDecodeError) as err:
-            raise MarsError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise MarsError(f"{path} must hold a mapping of VQConfig keys")
-        if data.get("model_type") == "mars-vqgan":  # a saved tokenizer's config.json
-            data.pop("model_type")
+        data = read_config_file(path)
+        if data.pop("model_type", MODEL_TYPE) != MODEL_TYPE:  # a saved tokenizer's config.json has one
+            raise MarsError(f"{path} does not describe a {MODEL_TYPE} tokenizer")
         return cls.load(data)
 
 
+MODEL_TYPE = "mars-vqgan"  # the `model_type` of a saved tokenizer's config.json
 PRESETS: dict[str, dict[str, Any]] = {
     # MARS's tokenizer: f16, 8192 codes, taming/LlamaGen geometry with LlamaGen's 8-d l2 codes.
     "f16-8192": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),

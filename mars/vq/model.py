@@ -18,12 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mars.errors import MarsError
-from mars.vq.config import VQConfig
+from mars.vq.config import MODEL_TYPE, VQConfig
 from mars.vq.quantizer import QuantizerOutput, VectorQuantizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-MODEL_TYPE = "mars-vqgan"
 
 
 def norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -261,10 +260,7 @@ class VQModel(nn.Module):
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
             raise MarsError(f"{directory} is not a tokenizer directory ({CONFIG_NAME} + {WEIGHTS_NAME})")
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-        if meta.pop("model_type", MODEL_TYPE) != MODEL_TYPE:
-            raise MarsError(f"{config_path} does not describe a {MODEL_TYPE} tokenizer")
-        model = cls(VQConfig.from_dict(meta))
+        model = cls(VQConfig.load(config_path))
         load_state_dict_strict(model, read_safetensors(weights_path), source=str(weights_path))
         return model.to(device).eval()
 

@@ -291,7 +291,8 @@ class Trainer:
         self.restarted = 0
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """All parameters, or (trainable=decoder) only the decoder's: the rest is frozen."""
+        """All parameters, or (trainable=decoder) only the decoder's, after freezing everything else
+        (requires_grad False on the encoder, quant_conv and codebook)."""
         if self.cfg.trainable == "all":
             return list(self.model.parameters())
         self.model.requires_grad_(False)
