@@ -118,21 +118,26 @@ def sample(
 
     Row b uses only `generators[b]` (None: the global RNG), so a row's draw does not depend on
     the other rows of the batch. Drawing is the exponential race `argmax(p / E)`, E ~ Exp(1),
-    which samples exactly from p and needs no host sync.
+    which samples exactly from p and needs no host sync. With top-k the rest of the work (and the
+    random numbers) covers only the k candidates, not the whole vocabulary; a tie with the k-th
+    logit is then broken by `torch.topk` instead of kept as `top_k_filter` keeps it.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_k_filter(logits, top_k)
+    candidates = None
+    if 0 < top_k < logits.shape[-1]:
+        logits, candidates = torch.topk(logits, top_k, dim=-1)  # (B, k) each, largest first
     logits = logits.float() / temperature
     logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(dim=-1)  # (B, V)
+    probs = logits.softmax(dim=-1)  # (B, V) or (B, k)
     if generators is None:
         noise = torch.empty_like(probs).exponential_()
     else:
         if len(generators) != probs.shape[0]:
             raise ValueError(f"{probs.shape[0]} rows but {len(generators)} generators")
         noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
-    return (probs / noise).argmax(dim=-1)
+    choice = (probs / noise).argmax(dim=-1)  # (B,)
+    return choice if candidates is None else candidates.gather(-1, choice[:, None]).squeeze(-1)
 
 
 def make_generators(seeds: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
