@@ -160,6 +160,33 @@ def test_recipe_trains_the_vq_stages_in_turn(tmp_path):
     assert not recipe.captions.exists()  # --only: nothing else ran
 
 
+@pytest.mark.parametrize("config_dir", [REPO_CONFIGS, REPO_CONFIGS.parent / "shapes-gpu"], ids=["cpu", "gpu"])
+def test_recipe_presets_parse_and_fit_together(tmp_path, config_dir):
+    """Every YAML of a recipe preset parses with the paths the recipe sets, and the pieces agree:
+    an f16 tokenizer, a decoder stage that cannot change codes, a model whose image rows match the
+    tokenizer's codebook and whose context holds the longest training sequence."""
+    from mars.train.trainer import resolve_model_config
+    from mars.vq.train import load_train_config as load_vq_config
+
+    recipe = Recipe(tmp_path, vq=SHIPPED / "vq", config_dir=config_dir, progress=False)
+    previous = None
+    for name in recipe.config.vq_stages:
+        vq = load_vq_config(recipe._config_file(name), [f"out_dir={tmp_path / name}"]
+                            + ([f"init_from={previous}"] if previous else []))
+        assert vq.trainable == "all" and vq.model.downsample == 16, name
+        previous = tmp_path / name / "final"
+    decoder = load_vq_config(recipe._config_file(recipe.config.vq_decoder), [f"model={SHIPPED / 'vq'}"])
+    assert decoder.trainable == "decoder" and decoder.restart_dead_codes_every == 0
+    stage0 = recipe.stage_config("stage0")
+    model = resolve_model_config(stage0)
+    assert model.image_vocab_size == json.loads((SHIPPED / "vq" / "config.json").read_text())["codebook_size"]
+    for stage in ("stage1", "stage2"):
+        cfg = recipe.stage_config(stage)
+        assert cfg.stage == stage and str(cfg.init_from) == str(recipe.final("stage0" if stage == "stage1" else "stage1"))
+        longest_i2t = model.image_tokens + 2 + 8 + cfg.data.max_text_len + 1  # instruction: a few ids
+        assert longest_i2t <= model.max_seq_len
+
+
 def test_recipe_rejects_bad_arguments(tmp_path):
     with pytest.raises(MarsError, match="not of the form"):
         parse_settings(["max_steps=3"])
