@@ -112,6 +112,17 @@ def test_each_row_uses_its_own_generator():
     assert batch.tolist() == alone
 
 
+def test_top_k_draws_stay_among_the_k_candidates_and_rows_are_independent():
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(3))
+    allowed = torch.topk(logits, 5, dim=-1).indices
+    draws = torch.stack([sample(logits, 1.5, top_k=5, top_p=0.9, generators=make_generators(range(6 * r, 6 * r + 6)))
+                         for r in range(50)])  # (50, 6)
+    assert all(bool(torch.isin(draws[:, b], allowed[b]).all()) for b in range(6))
+    assert all(len(set(draws[:, b].tolist())) > 1 for b in range(6))  # sampled, not greedy
+    alone = [int(sample(logits[b : b + 1], 1.5, top_k=5, top_p=0.9, generators=make_generators([b]))) for b in range(6)]
+    assert draws[0].tolist() == alone
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
                                  dict(cfg_scale=-1.0), dict(temperature=float("nan"))])
 def test_bad_settings_raise(bad):
