@@ -69,15 +69,16 @@ def error_response(status: int, message: str, type: str, headers: dict[str, str]
 # ---------------------------------------------------------------------------------------------
 
 
-def run_batch(pipeline, key: Hashable, rows: list[Any]) -> list[Any]:
+def run_batch(pipeline, key: Hashable, rows: list[Any], compile: bool = False) -> list[Any]:
     """One batch on the worker thread: ("generate", cfg, top_k, top_p, temperature) with rows
-    (prompt, seed) -> PIL images; ("caption", lang) with rows PIL images -> strings."""
+    (prompt, seed) -> PIL images; ("caption", lang) with rows PIL images -> strings. `compile`:
+    the decode step runs compiled (each new batch size compiles once, the first time it occurs)."""
     if key[0] == "generate":
         _, cfg_scale, top_k, top_p, temperature = key
         prompts = [prompt for prompt, _ in rows]
         seeds = [seed for _, seed in rows]
         return pipeline.generate(prompts, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
-                                 temperature=temperature, seed=seeds, batch_size=len(prompts))
+                                 temperature=temperature, seed=seeds, batch_size=len(prompts), compile=compile)
     if key[0] == "caption":
         return pipeline.caption(rows, lang=key[1])
     raise ValueError(f"unknown batch kind {key[0]!r}")
@@ -215,9 +216,10 @@ class BodyLimit:
 
 
 def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_queue: int = 64,
-               batch_wait_ms: float = 10.0, limits: ServeLimits | None = None) -> FastAPI:
+               batch_wait_ms: float = 10.0, limits: ServeLimits | None = None, compile: bool = False) -> FastAPI:
     """The FastAPI app serving `pipeline` (a `MarsPipeline`); its worker thread runs while the app
-    runs (FastAPI lifespan: use `with TestClient(app)` in tests)."""
+    runs (FastAPI lifespan: use `with TestClient(app)` in tests). `compile` runs image decoding
+    compiled (`MarsPipeline.generate(compile=True)`)."""
     if max_batch_size < 1 or max_queue < max_batch_size:
         raise MarsError(f"need max_batch_size >= 1 and max_queue >= max_batch_size, got {max_batch_size}, {max_queue}")
     limits = limits or ServeLimits(max_images=max_batch_size)
@@ -229,7 +231,8 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = Batcher(lambda key, rows: run_batch(pipeline, key, rows), max_batch_size, max_queue, batch_wait_ms)
+        batcher = Batcher(lambda key, rows: run_batch(pipeline, key, rows, compile), max_batch_size, max_queue,
+                          batch_wait_ms)
         batcher.start()
         app.state.batcher = batcher
         try:

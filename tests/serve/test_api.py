@@ -81,6 +81,15 @@ def test_generate_returns_the_pipelines_images_with_their_seeds(client, tiny_pip
     assert t["batch_size"] == 2
 
 
+@pytest.mark.slow  # compiling takes ~30 s on a CPU
+def test_compiled_server_returns_the_same_images(recording, tiny_pipeline):
+    with TestClient(create_app(recording, model_name="tiny", compile=True)) as compiled:
+        out = compiled.post(GEN, json={"prompt": "a red circle", "n": 2, "temperature": 0.0}).json()
+    expected = tiny_pipeline.generate(["a red circle"] * 2, temperature=0.0)
+    for item, want in zip(out["data"], expected):
+        np.testing.assert_array_equal(pixels(png_image(item["b64_json"])), pixels(want))
+
+
 def test_server_picks_a_seed_that_reproduces_the_image(client):
     first = client.post(GEN, json={"prompt": "一个蓝色的正方形"}).json()
     (seed,) = first["seeds"]
