@@ -13,6 +13,7 @@ from PIL import Image
 
 from mars.cli import main as mars_main
 from mars.errors import MarsError
+from mars.generate import SampleConfig
 from mars.model_dir import ASSETS
 from mars.pipeline import MarsPipeline
 from mars.recipes.cli import parse_settings
@@ -111,6 +112,7 @@ def test_recipe_runs_every_step_then_skips_and_resumes(tmp_path):
     # Stage 0 sized the image rows from the VQ; the shipped folder is a loadable model.
     assert json.loads((out / "stage0/final/config.json").read_text())["image_vocab_size"] == 64
     pipe = MarsPipeline.from_pretrained(ship, device="cpu")
+    assert pipe.generation_config == SampleConfig(cfg_scale=4.0, top_k=100)  # recipe.yaml's `generation`
     # The shipped VQ is the fine-tuned decoder: other weights, but exactly the codes the model learnt.
     from mars.data.images import pil_to_tensor
     from mars.data.shapes import render_scene, scene_for_index
@@ -168,7 +170,9 @@ def test_recipe_presets_parse_and_fit_together(tmp_path, config_dir):
     from mars.train.trainer import resolve_model_config
     from mars.vq.train import load_train_config as load_vq_config
 
-    recipe = Recipe(tmp_path, vq=SHIPPED / "vq", config_dir=config_dir, progress=False)
+    recipe = Recipe(tmp_path, vq=SHIPPED / "vq", config_dir=config_dir, progress=False,
+                    overrides={"recipe": ["generation.top_k=7"]})
+    assert isinstance(recipe.config.generation, SampleConfig) and recipe.config.generation.top_k == 7
     previous = None
     for name in recipe.config.vq_stages:
         vq = load_vq_config(recipe._config_file(name), [f"out_dir={tmp_path / name}"]

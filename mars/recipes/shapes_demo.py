@@ -37,11 +37,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mars.config import load_config
 from mars.errors import MarsError
+from mars.generate import SampleConfig
+from mars.model_dir import GENERATION_CONFIG
 
 logger = logging.getLogger("mars.recipes")
 
@@ -67,6 +69,8 @@ class RecipeConfig:
     vq_stages: tuple[str, ...] = ("vq", "vq-refine")  # VQ configs trained in turn, each from the last
     vq_decoder: str = "vq-decoder"  # decoder-only config trained last ("" = ship the VQ as it is)
     parallel: bool = True  # train the decoder in a second process beside preprocess and stages 0-II
+    generation: SampleConfig = field(default_factory=SampleConfig)  # the shipped model's sampling
+    # defaults, written to its generation_config.json
 
 
 class Recipe:
@@ -321,11 +325,13 @@ class Recipe:
         """Copy stage 2's final model (weights, config, tokenizer/) to the shipped folder, with the
         fine-tuned VQ decoder as its vq/ (the same codes: its encoder and codebook are unchanged)."""
         vq = self.vq_decoder_dir if self.config.vq_decoder else None
-        ship_model(self.final("stage2"), self.ship_to, vq=vq)
+        ship_model(self.final("stage2"), self.ship_to, vq=vq, generation=self.config.generation)
 
 
-def ship_model(src: str | Path, dst: str | Path, vq: str | Path | None = None, max_bytes: int = 60 * 2**20) -> Path:
-    """Copy a model folder to `dst` (replacing it; `vq` replaces its vq/), refusing more than `max_bytes`."""
+def ship_model(src: str | Path, dst: str | Path, vq: str | Path | None = None, max_bytes: int = 60 * 2**20,
+               generation: SampleConfig | None = None) -> Path:
+    """Copy a model folder to `dst` (replacing it; `vq` replaces its vq/; `generation` becomes its
+    generation_config.json), refusing more than `max_bytes`."""
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise MarsError(f"{src} is not a model folder (no config.json)")
@@ -336,6 +342,8 @@ def ship_model(src: str | Path, dst: str | Path, vq: str | Path | None = None, m
     if vq is not None:
         shutil.rmtree(tmp / "vq", ignore_errors=True)
         shutil.copytree(vq, tmp / "vq", ignore=shutil.ignore_patterns("eval.json"))
+    if generation is not None:
+        (tmp / GENERATION_CONFIG).write_text(json.dumps(asdict(generation), indent=1) + "\n")
     size = folder_bytes(tmp)
     if size > max_bytes:
         shutil.rmtree(tmp)
