@@ -1,0 +1,62 @@
+"""Seconds per image of a model end to end: `MarsPipeline.generate` (prompt -> tokens -> VQ decode).
+
+    python benchmarks/pipeline_speed.py                         # the built-in model, 1 thread
+    python benchmarks/pipeline_speed.py --model DIR --batch 1 8 --threads 2
+
+Uses the model's own sampling settings (its generation_config.json). For each batch size, eager and
+compiled (`compile=True`) runs alternate in one process, so a machine whose speed drifts affects
+both alike; after one warm-up call each (the compiled one includes compiling, reported apart) it
+prints the best and the median of `--repeats` runs, in wall and CPU seconds per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mars.pipeline import MarsPipeline
+
+PROMPT = "a red circle to the left of a blue square"
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="shapes-demo", help="model folder or built-in name")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--no-compile", action="store_true", help="eager runs only")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = MarsPipeline.from_pretrained(args.model)
+    modes = [False] if args.no_compile else [False, True]
+    print(f"{args.model} on {pipe.device}, {args.threads} thread(s), torch {torch.__version__}, "
+          f"sampling {pipe.sampling_settings()}")
+    print("| batch | mode | best s / image (wall) | median (wall) | best (CPU) | first call s |")
+    print("|---|---|---|---|---|---|")
+    for batch in args.batch:
+        prompts = [PROMPT] * batch
+        first = {c: timed(lambda c=c: pipe.generate(prompts, seed=0, batch_size=batch, compile=c))[0] for c in modes}
+        runs: dict[bool, list[tuple[float, float]]] = {c: [] for c in modes}
+        for r in range(args.repeats):
+            for c in modes:
+                runs[c].append(timed(lambda c=c: pipe.generate(prompts, seed=r + 1, batch_size=batch, compile=c)))
+        for c in modes:
+            walls = [w / batch for w, _ in runs[c]]
+            cpus = [u / batch for _, u in runs[c]]
+            print(f"| {batch} | {'compiled' if c else 'eager'} | {min(walls):.3f} | {statistics.median(walls):.3f} | "
+                  f"{min(cpus):.3f} | {first[c]:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
