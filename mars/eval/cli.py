@@ -173,7 +173,7 @@ def add_commands(subparsers) -> None:
 
 def run_shapes(args: argparse.Namespace) -> int:
     from mars.eval.runner import check_settings, resolve_shard
-    from mars.eval.shapes_eval import RESULTS_FILE, run_shapes_eval, shapes_items, summary_table
+    from mars.eval.shapes_eval import RESULTS_FILE, diagnostics_table, run_shapes_eval, shapes_items, summary_table
 
     shard = resolve_shard(args.shard)
     shapes_items(args.n_per_category, args.seed, _langs(args.lang))  # argument errors before loading
@@ -183,6 +183,7 @@ def run_shapes(args: argparse.Namespace) -> int:
                               args.batch_size, shard, settings)
     if results is not None:
         print(summary_table(results["summary"]))
+        print(diagnostics_table(results["diagnostics"]))
         print(f"verdicts of every image: {Path(args.out_dir) / RESULTS_FILE}")
     return 0
 

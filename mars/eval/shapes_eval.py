@@ -11,19 +11,27 @@ Layout of the output folder:
 
     DIR/images/{lang}/{category}/{i:04d}.png
     DIR/settings.json        generation settings (a resumed run must use the same)
-    DIR/results.json         summary + every image's verdict (prompt, file, correct, reason, detected)
+    DIR/results.json         summary, partial-credit diagnostics, and every image's verdict
+                             (prompt, file, correct, reason, detected)
+
+The diagnostics say how far a model is from passing when it does not: per language, the fraction
+of images with as many objects as asked, with every asked colour among the detected objects, and
+with every asked object (colour and shape, as often as asked) among them, extra objects allowed;
+plus the median number of objects per image.
 """
 
 from __future__ import annotations
 
 import random
+import statistics
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mars.data.captions import LANGS, canonical_prompts
+from mars.data.captions import LANGS, canonical_prompts, parse_canonical
 from mars.data.checker import check_prompt
 from mars.data.shapes import EVAL_CATEGORIES
 from mars.errors import MarsError
@@ -82,7 +90,34 @@ def score_items(out_dir: str | Path, items: list[ShapesItem]) -> dict:
             per_category[category] = sum(marks) / len(marks)
         per_category["overall"] = sum(per_category.values()) / len(EVAL_CATEGORIES)
         summary[lang] = per_category
-    return {"summary": summary, "images": records}
+    return {"summary": summary, "diagnostics": diagnostics(records), "images": records}
+
+
+def diagnostics(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Partial credit per language: {"right_count", "colours_present", "objects_present": fractions
+    of images; "median_objects"}. An image passes only with all of these and more (exact multiset,
+    relations), so these move first while a model learns."""
+    out = {}
+    for lang in dict.fromkeys(r["lang"] for r in records):
+        rows = [r for r in records if r["lang"] == lang]
+        right_count = colours = objects = 0
+        for r in rows:
+            wanted = parse_canonical(r["prompt"]).objects
+            seen = Counter((o["colour"], o["shape"]) for o in r["detected"])
+            right_count += len(r["detected"]) == len(wanted)
+            colours += {c for c, _ in wanted} <= {c for c, _ in seen}
+            objects += not (Counter(wanted) - seen)  # every asked object, extras allowed
+        out[lang] = {"right_count": right_count / len(rows), "colours_present": colours / len(rows),
+                     "objects_present": objects / len(rows),
+                     "median_objects": float(statistics.median(len(r["detected"]) for r in rows))}
+    return out
+
+
+def diagnostics_table(diagnostics_by_lang: dict[str, dict[str, float]]) -> str:
+    """Diagnostics as rows, languages as columns."""
+    langs = list(diagnostics_by_lang)
+    names = ("right_count", "colours_present", "objects_present", "median_objects")
+    return format_table(["diagnostic", *langs], [[n] + [diagnostics_by_lang[lang][n] for lang in langs] for n in names])
 
 
 def summary_table(summary: dict[str, dict[str, float]]) -> str:

@@ -71,12 +71,18 @@ def test_perfect_generator_scores_one_and_blank_scores_zero(tmp_path):
     for lang in ("en", "zh"):
         assert perfect["summary"][lang] == {**{c: 1.0 for c in EVAL_CATEGORIES}, "overall": 1.0}
     assert all(r["reason"] == "ok" for r in perfect["images"])
+    for lang in ("en", "zh"):
+        partial = perfect["diagnostics"][lang]
+        assert partial["right_count"] == partial["colours_present"] == partial["objects_present"] == 1.0
+        assert partial["median_objects"] >= 1
 
     blank = run_shapes_eval(FakeGenerator(lambda p: Image.new("RGB", (256, 256), "white")), tmp_path / "blank",
                             n_per_category=3, seed=1)
     for lang in ("en", "zh"):
         assert blank["summary"][lang] == {**{c: 0.0 for c in EVAL_CATEGORIES}, "overall": 0.0}
     assert all("found 0" in r["reason"] for r in blank["images"])
+    assert blank["diagnostics"]["en"] == {"right_count": 0.0, "colours_present": 0.0, "objects_present": 0.0,
+                                          "median_objects": 0.0}
 
     # the JSON holds every image's verdict, and the saved image is the one judged
     saved = json.loads((tmp_path / "perfect" / "results.json").read_text(encoding="utf-8"))
@@ -97,6 +103,10 @@ def test_one_wrong_category_shows_in_its_row_only(tmp_path):
     assert summary["counting"] == 0.0
     assert all(summary[c] == 1.0 for c in EVAL_CATEGORIES if c != "counting")
     assert summary["overall"] == pytest.approx(5 / 6)
+    # partial credit: every colour is there, the counting images lack objects
+    partial = result["diagnostics"]["en"]
+    assert partial["colours_present"] == 1.0
+    assert partial["right_count"] == partial["objects_present"] == pytest.approx(5 / 6)
 
 
 def test_resume_generates_only_missing_images(tmp_path):
