@@ -2,6 +2,7 @@
 
     mars eval shapes                the MARS-Shapes benchmark (generate + exact checker)
     mars eval captions              captioning accuracy on held-out MARS-Shapes scenes
+    mars eval loss                  T2I / I2T loss on held-out code shards (`mars preprocess` output)
     mars eval fid                   Frechet distance between two image folders (or .npz statistics)
     mars eval clip-score            CLIP score of generated images against their prompts
     mars eval coco                  COCO-30K images (+ FID against a reference)
@@ -101,6 +102,18 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out-dir", default="mars-eval-captions", help="output folder (default mars-eval-captions)")
     p.set_defaults(func=run_captions)
 
+    p = verbs.add_parser("loss", help="T2I / I2T loss on held-out code shards",
+                         description="The training losses (no CFG dropout) of a model on code shards it was not "
+                                     "trained on, e.g. `mars preprocess --data shapes:512:99 --out D` with the "
+                                     "model's tokenizers: nats per token and perplexity per task.")
+    _add_model_args(p)
+    p.add_argument("--shards", required=True, help="folder of code shards (mars preprocess --out)")
+    p.add_argument("--n", type=int, default=512, help="samples used, from the first (default 512)")
+    p.add_argument("--tasks", default="t2i,i2t", help="comma-separated: t2i, i2t (default both)")
+    p.add_argument("--max-text-len", type=int, default=40, help="text tokens kept per caption (default 40, "
+                                                                "as the built-in recipe trains)")
+    p.set_defaults(func=run_loss)
+
     p = verbs.add_parser("fid", help="Frechet distance between two image sets",
                          description="Frechet distance between image folders (searched recursively) or .npz "
                                      "statistics (mu, sigma). Default features: EfficientNet-Lite0 (no download; "
@@ -198,6 +211,26 @@ def run_captions(args: argparse.Namespace) -> int:
                                 args.seed, _langs(args.lang), args.batch_size)
     print(summary_table(results["summary"]))
     print(f"every caption: {Path(args.out_dir) / RESULTS_FILE}")
+    return 0
+
+
+def run_loss(args: argparse.Namespace) -> int:
+    from mars.data.shards import open_shards
+    from mars.eval.io import format_table
+    from mars.eval.loss_eval import heldout_loss
+
+    pipe, _ = _load_pipeline(args)
+    if not Path(args.shards).is_dir():
+        raise MarsError(f"--shards: {args.shards} is not a folder")
+    dataset = open_shards(args.shards, expect_text_tokenizer=pipe.tokenizer)
+    grid = dataset.grid[0] * dataset.grid[1]
+    if grid != pipe.model.config.image_tokens:
+        raise MarsError(f"{args.shards} holds {grid} codes per image, the model expects {pipe.model.config.image_tokens}")
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    results = heldout_loss(pipe.model, pipe.tokenizer, dataset, args.n, args.batch_size, tasks,
+                           max_text_len=args.max_text_len)
+    print(format_table(["task", "loss (nats/token)", "perplexity", "tokens"],
+                       [[t, r["loss"], r["perplexity"], r["tokens"]] for t, r in results.items()]))
     return 0
 
 

@@ -1,0 +1,51 @@
+"""`mars eval loss`: held-out T2I / I2T loss with the training loss functions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mars.cli import main
+from mars.config import SemVIEConfig
+from mars.data.shards import open_shards
+from mars.eval.loss_eval import heldout_loss
+from mars.model.semvie import SemVIE
+from mars.text_tokenizer import ByteTokenizer
+from mars.train.data import synthetic_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return synthetic_shards(tmp_path_factory.mktemp("shards"), 10, 5, SemVIEConfig.from_name("debug"), ByteTokenizer())
+
+
+def test_freshly_initialised_model_scores_log_codebook_on_t2i(shards):
+    """MARS initialisation gives every new vocabulary row (codes + specials) the same head row, so
+    they all get the same logit and the T2I loss over those rows is exactly ln(their number),
+    whatever the data; the targets are the codes and `</img>` of every image."""
+    model = SemVIE(SemVIEConfig.from_name("debug")).eval()
+    result = heldout_loss(model, ByteTokenizer(), open_shards(shards), n=10, batch_size=4)
+    assert result["t2i"]["loss"] == pytest.approx(math.log(model.vocab.num_new_rows), abs=1e-5)
+    assert result["t2i"]["tokens"] == 10 * (model.config.image_tokens + 1)
+    assert result["i2t"]["tokens"] > 0 and math.isfinite(result["i2t"]["loss"])
+
+
+def test_loss_does_not_depend_on_the_batch_size(tiny_model, shards):
+    dataset = open_shards(shards)
+    one = heldout_loss(tiny_model, ByteTokenizer(), dataset, n=10, batch_size=10)
+    split = heldout_loss(tiny_model, ByteTokenizer(), dataset, n=10, batch_size=3)
+    for task in ("t2i", "i2t"):
+        assert split[task]["loss"] == pytest.approx(one[task]["loss"], rel=1e-5)
+        assert split[task]["tokens"] == one[task]["tokens"]
+
+
+def test_cli_prints_both_tasks_and_rejects_bad_input(tiny_model_dir, shards, tmp_path, capsys):
+    assert main(["eval", "loss", "--model", str(tiny_model_dir), "--shards", str(shards), "--n", "6",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "t2i" in out and "i2t" in out and "perplexity" in out
+    assert main(["eval", "loss", "--model", str(tiny_model_dir), "--shards", str(tmp_path / "nope")]) != 0
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["eval", "loss", "--model", str(tiny_model_dir), "--shards", str(shards), "--tasks", "lm"]) != 0
+    assert "unknown task 'lm'" in capsys.readouterr().err
