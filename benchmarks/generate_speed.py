@@ -167,24 +167,17 @@ def run_hf(hf, config, batch, tokens, device, repeats=1) -> Timing:
     return timed(lambda: go(tokens), device, repeats)
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes per second moved (read + written) by a large tensor copy."""
-    n = (1 << 30 if device.type == "cuda" else 1 << 28) // 4
-    src = torch.randn(n, device=device)
+def memory_bandwidth(device: torch.device) -> tuple[float, float]:
+    """(copy, read) bytes per second on a large tensor: a copy counts what it reads and writes; a
+    sum only reads, like a decode step's weight reads."""
+    src = torch.randn((1 << 30 if device.type == "cuda" else 1 << 28) // 4, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    seconds = timed(lambda: dst.copy_(src), device, repeats=5).seconds
-    return 2 * src.numel() * 4 / seconds
-
-
-def read_bandwidth(device: torch.device) -> float:
-    """Bytes per second read by a sum over a large tensor: a read-only stream, like a decode step's
-    weight reads (a copy also writes, and the copy rate counts both directions)."""
-    n = (1 << 30 if device.type == "cuda" else 1 << 28) // 4
-    src = torch.randn(n, device=device)
-    src.sum()
-    seconds = timed(lambda: src.sum(), device, repeats=5).seconds
-    return src.numel() * 4 / seconds
+    nbytes = src.numel() * src.element_size()
+    rates = []
+    for op, moved in ((lambda: dst.copy_(src), 2 * nbytes), (lambda: src.sum(), nbytes)):
+        op()  # warm-up
+        rates.append(moved / timed(op, device, repeats=5).seconds)
+    return rates[0], rates[1]
 
 
 def decode_step_bytes(model: SemVIE) -> int:
@@ -252,7 +245,7 @@ def bench_size(label: str, config: SemVIEConfig, args, device: torch.device, dty
             seconds = run_hf(hf, config, batch, args.tokens, device, args.repeats)
             report("(c) HF generate + CFG", batch, args.tokens, seconds, best[batch])
     if label != "small":
-        copy, read = copy_bandwidth(device), read_bandwidth(device)
+        copy, read = memory_bandwidth(device)
         step = decode_step_bytes(model)
         print(f"\nmemory-bandwidth bound: {step / 1e6:.0f} MB of visual-expert + image-head weights read per decode "
               f"step (KV-cache reads not counted); copy bandwidth {copy / 1e9:.1f} GB/s (read + write) -> at most "

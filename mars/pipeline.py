@@ -120,8 +120,7 @@ class MarsPipeline:
         self.tokenizer.save(directory / "tokenizer")
         self.vq.save_pretrained(directory / VQ_DIR)
         if self.generation_config != SampleConfig():
-            text = json.dumps(dataclasses.asdict(self.generation_config), indent=2) + "\n"
-            (directory / GENERATION_CONFIG).write_text(text, encoding="utf-8")
+            save_generation_config(directory, self.generation_config)
 
     def sampling_settings(self, cfg_scale: float | None = None, top_k: int | None = None,
                           top_p: float | None = None, temperature: float | None = None) -> dict[str, float | int]:
@@ -308,6 +307,12 @@ def load_generation_config(model_dir: str | os.PathLike) -> SampleConfig:
         return from_dict(SampleConfig, data)
     except MarsError as err:
         raise MarsError(f"{path}: {err}") from None
+
+
+def save_generation_config(model_dir: str | os.PathLike, config: SampleConfig) -> None:
+    """Write `config` as a model folder's generation_config.json (what `load_generation_config` reads)."""
+    text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+    (Path(model_dir) / GENERATION_CONFIG).write_text(text, encoding="utf-8")
 
 
 def _image_seeds(seed: int | Sequence[int], count: int) -> list[int]:

@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 
 from mars.cli import main as mars_main
+from mars.data.sequences import INSTRUCTION_EN, INSTRUCTION_ZH
 from mars.errors import MarsError
 from mars.generate import SampleConfig
 from mars.model_dir import ASSETS
@@ -184,10 +185,13 @@ def test_recipe_presets_parse_and_fit_together(tmp_path, config_dir):
     stage0 = recipe.stage_config("stage0")
     model = resolve_model_config(stage0)
     assert model.image_vocab_size == json.loads((SHIPPED / "vq" / "config.json").read_text())["codebook_size"]
+    tokenizer = MarsPipeline.from_pretrained("shapes-demo").tokenizer
     for stage in ("stage1", "stage2"):
         cfg = recipe.stage_config(stage)
         assert cfg.stage == stage and str(cfg.init_from) == str(recipe.final("stage0" if stage == "stage1" else "stage1"))
-        longest_i2t = model.image_tokens + 2 + 8 + cfg.data.max_text_len + 1  # instruction: a few ids
+        # <img> codes </img> instruction caption <eos>, with the shipped BPE (the recipes train one like it)
+        instruction = max(len(tokenizer.encode(text)) for text in (INSTRUCTION_EN, INSTRUCTION_ZH))
+        longest_i2t = model.image_tokens + 2 + instruction + cfg.data.max_text_len + 1
         assert longest_i2t <= model.max_seq_len
 
 

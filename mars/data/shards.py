@@ -168,13 +168,19 @@ class CodeShardDataset(Dataset):
 
 
 def open_shards(directory: str | Path, expect_vq_hash: str | None = None,
-                expect_text_tokenizer=None) -> CodeShardDataset:
+                expect_text_tokenizer=None, expect_image_tokens: int | None = None) -> CodeShardDataset:
     """Open a preprocessed folder, checking that it was made with the tokenizers in use.
 
     `expect_vq_hash` is the VQ tokenizer's `identity_hash()`; `expect_text_tokenizer` a
-    TextTokenizer. A mismatch raises MarsError: codes of another tokenizer would train garbage.
+    TextTokenizer; `expect_image_tokens` the model's codes per image. A mismatch raises MarsError:
+    codes of another tokenizer would train garbage.
     """
     dataset = CodeShardDataset(directory)
+    grid_len = dataset.grid[0] * dataset.grid[1]
+    if expect_image_tokens is not None and grid_len != expect_image_tokens:
+        raise MarsError(f"{directory} holds {grid_len} codes per image but the model is set for "
+                        f"{expect_image_tokens}; use shards encoded at the model's image size (when "
+                        "training, model_overrides.image_size can change the model's)")
     if expect_vq_hash is not None and dataset.vq_hash != expect_vq_hash:
         raise MarsError(f"{directory} was encoded with VQ tokenizer {dataset.vq_hash}, but the model's "
                         f"tokenizer is {expect_vq_hash}; rerun `mars preprocess` with this tokenizer")

@@ -220,12 +220,8 @@ def run_loss(args: argparse.Namespace) -> int:
     from mars.eval.loss_eval import heldout_loss
 
     pipe, _ = _load_pipeline(args)
-    if not Path(args.shards).is_dir():
-        raise MarsError(f"--shards: {args.shards} is not a folder")
-    dataset = open_shards(args.shards, expect_text_tokenizer=pipe.tokenizer)
-    grid = dataset.grid[0] * dataset.grid[1]
-    if grid != pipe.model.config.image_tokens:
-        raise MarsError(f"{args.shards} holds {grid} codes per image, the model expects {pipe.model.config.image_tokens}")
+    dataset = open_shards(args.shards, expect_text_tokenizer=pipe.tokenizer,
+                          expect_image_tokens=pipe.model.config.image_tokens)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     results = heldout_loss(pipe.model, pipe.tokenizer, dataset, args.n, args.batch_size, tasks,
                            max_text_len=args.max_text_len)

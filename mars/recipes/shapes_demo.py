@@ -37,13 +37,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mars.config import load_config
 from mars.errors import MarsError
 from mars.generate import SampleConfig
-from mars.model_dir import GENERATION_CONFIG
+from mars.pipeline import save_generation_config
 
 logger = logging.getLogger("mars.recipes")
 
@@ -343,7 +343,7 @@ def ship_model(src: str | Path, dst: str | Path, vq: str | Path | None = None, m
         shutil.rmtree(tmp / "vq", ignore_errors=True)
         shutil.copytree(vq, tmp / "vq", ignore=shutil.ignore_patterns("eval.json"))
     if generation is not None:
-        (tmp / GENERATION_CONFIG).write_text(json.dumps(asdict(generation), indent=1) + "\n")
+        save_generation_config(tmp, generation)
     size = folder_bytes(tmp)
     if size > max_bytes:
         shutil.rmtree(tmp)

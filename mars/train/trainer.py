@@ -188,14 +188,9 @@ class Trainer:
             folder = Path(cfg.data.shards)
         # Codes from another VQ-GAN would train garbage: check the shards' tokenizer hash.
         vq = None if cfg.data.synthetic else self._vq()
-        records = open_shards(folder, expect_vq_hash=vq.identity_hash() if vq is not None else None,
-                              expect_text_tokenizer=self.text_tokenizer)
-        grid_len = records.grid[0] * records.grid[1]
-        if grid_len != mc.image_tokens and "lm" not in cfg.tasks:
-            raise MarsError(f"{folder} holds {grid_len} codes per image but the model is set for "
-                            f"{mc.image_tokens} ({mc.image_size} px); set model_overrides.image_size "
-                            "or use matching shards")
-        return records
+        return open_shards(folder, expect_vq_hash=vq.identity_hash() if vq is not None else None,
+                           expect_text_tokenizer=self.text_tokenizer,
+                           expect_image_tokens=None if "lm" in cfg.tasks else mc.image_tokens)
 
     def _maybe_resume(self) -> int:
         cfg, env = self.cfg, self.env

@@ -132,6 +132,10 @@ def test_hash_and_settings_mismatch_are_caught(vq, reference, tmp_path):
         kind = "hf"
     with pytest.raises(MarsError, match="text tokenizer"):
         open_shards(reference, expect_text_tokenizer=OtherText())
+    grid = open_shards(reference).grid
+    assert len(open_shards(reference, expect_image_tokens=grid[0] * grid[1])) == 10
+    with pytest.raises(MarsError, match=f"holds {grid[0] * grid[1]} codes per image but the model is set for 7"):
+        open_shards(reference, expect_image_tokens=7)
 
     # Resuming into a folder made with another tokenizer is refused, --overwrite starts over.
     first = preprocess(vq, ByteTokenizer(), "shapes:2", tmp_path, resolution=RES, progress=False)

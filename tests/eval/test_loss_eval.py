@@ -46,6 +46,6 @@ def test_cli_prints_both_tasks_and_rejects_bad_input(tiny_model_dir, shards, tmp
     out = capsys.readouterr().out
     assert "t2i" in out and "i2t" in out and "perplexity" in out
     assert main(["eval", "loss", "--model", str(tiny_model_dir), "--shards", str(tmp_path / "nope")]) != 0
-    assert "is not a folder" in capsys.readouterr().err
+    assert "no index.json in" in capsys.readouterr().err
     assert main(["eval", "loss", "--model", str(tiny_model_dir), "--shards", str(shards), "--tasks", "lm"]) != 0
     assert "unknown task 'lm'" in capsys.readouterr().err
