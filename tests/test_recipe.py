@@ -79,7 +79,7 @@ def _tiny_configs(folder: Path) -> Path:
     edit("vq-decoder", data="shapes:8:1", resolution=64, crop_size=64, batch_size=2, steps=2, ckpt_every=1,
          image_every=0)
     tiny = dict(preset="shapes-demo", num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16,
-                intermediate_size=64, text_vocab_size=300, max_seq_len=96, image_size=64)
+                intermediate_size=64, text_vocab_size=300, max_seq_len=96)  # image_size: recipe.resolution
     edit("stage0", model=tiny, max_steps=3, batch_size=4, micro_batch_size=4, warmup_steps=1, save_every=2)
     for stage in ("stage1", "stage2"):
         edit(stage, max_steps=3, batch_size=4, micro_batch_size=2, warmup_steps=1, save_every=2,
@@ -110,8 +110,10 @@ def test_recipe_runs_every_step_then_skips_and_resumes(tmp_path):
     assert "tokenizer" in (out / "vq-decoder.log").read_text()
     times = json.loads((out / "recipe_times.json").read_text())
     assert set(times) == set(status) - {"vq"} and all(t["runs"] == 1 for t in times.values())
-    # Stage 0 sized the image rows from the VQ; the shipped folder is a loadable model.
-    assert json.loads((out / "stage0/final/config.json").read_text())["image_vocab_size"] == 64
+    # Stage 0 sized the image rows from the VQ and the image from recipe.resolution; the shipped
+    # folder is a loadable model.
+    stage0 = json.loads((out / "stage0/final/config.json").read_text())
+    assert stage0["image_vocab_size"] == 64 and stage0["image_size"] == 64  # recipe.resolution, not the preset's 256
     pipe = MarsPipeline.from_pretrained(ship, device="cpu")
     assert pipe.generation_config == SampleConfig(cfg_scale=4.0, top_k=100)  # recipe.yaml's `generation`
     # The shipped VQ is the fine-tuned decoder: other weights, but exactly the codes the model learnt.
@@ -185,6 +187,7 @@ def test_recipe_presets_parse_and_fit_together(tmp_path, config_dir):
     stage0 = recipe.stage_config("stage0")
     model = resolve_model_config(stage0)
     assert model.image_vocab_size == json.loads((SHIPPED / "vq" / "config.json").read_text())["codebook_size"]
+    assert model.image_size == recipe.config.resolution  # the pictures preprocess encodes
     tokenizer = MarsPipeline.from_pretrained("shapes-demo").tokenizer
     for stage in ("stage1", "stage2"):
         cfg = recipe.stage_config(stage)

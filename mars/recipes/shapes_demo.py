@@ -309,11 +309,12 @@ class Recipe:
         cfg = load_train_config(self._config_file(stage),
                                 [f"out_dir={self.out / stage}", "resume=auto", *paths, *self.overrides.get(stage, [])])
         if stage == "stage0":
-            # The model's image rows must match the VQ's codebook (set here, not in the YAML, so
-            # `--vq` may bring a tokenizer of another codebook size).
+            # The model's image rows must match the VQ's codebook and its image size the pictures
+            # `preprocess` encodes (set here, not in the YAML, so `--vq` may bring a tokenizer of
+            # another codebook size and `recipe.resolution` another image size).
             codebook = json.loads((self.vq_dir / "config.json").read_text())["codebook_size"]
             model = {"preset": cfg.model} if isinstance(cfg.model, str) else dict(cfg.model)
-            cfg.model = {**model, "image_vocab_size": codebook}
+            cfg.model = {**model, "image_vocab_size": codebook, "image_size": self.config.resolution}
         return cfg
 
     def train(self, stage: str) -> None:
