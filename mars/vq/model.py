@@ -25,19 +25,38 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels at each position of a (B, C, H, W) map: unlike GroupNorm,
+    whose statistics span the whole picture, an output depends only on its own position.
+    Parameters `weight` / `bias` of shape (C,), as GroupNorm's."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def norm(channels: int, cfg: VQConfig) -> nn.Module:
+    """The normalisation layer `cfg.norm_type` names ("group": taming's GroupNorm, "layer")."""
+    if cfg.norm_type == "layer":
+        return ChannelLayerNorm(channels)
+    return nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, twice, plus a (1x1-projected if needed) shortcut."""
+    """Norm -> SiLU -> conv, twice, plus a (1x1-projected if needed) shortcut."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int):
+    def __init__(self, in_channels: int, out_channels: int, cfg: VQConfig):
         super().__init__()
-        self.norm1 = norm(in_channels, groups)
+        self.norm1 = norm(in_channels, cfg)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = norm(out_channels, groups)
-        self.dropout = nn.Dropout(dropout)
+        self.norm2 = norm(out_channels, cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
@@ -53,9 +72,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions of a feature map (1x1 conv projections)."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, cfg: VQConfig):
         super().__init__()
-        self.norm = norm(channels, groups)
+        self.norm = norm(channels, cfg)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -97,7 +116,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: VQConfig):
         super().__init__()
-        g, levels = cfg.norm_groups, len(cfg.ch_mult)
+        levels = len(cfg.ch_mult)
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         in_mult = (1,) + cfg.ch_mult
         res = cfg.resolution
@@ -108,19 +127,19 @@ class Encoder(nn.Module):
             block_in = cfg.ch * in_mult[i]
             block_out = cfg.ch * cfg.ch_mult[i]
             for _ in range(cfg.num_res_blocks):
-                level.block.append(ResnetBlock(block_in, block_out, cfg.dropout, g))
+                level.block.append(ResnetBlock(block_in, block_out, cfg))
                 block_in = block_out
                 if res in cfg.attn_resolutions:
-                    level.attn.append(AttnBlock(block_in, g))
+                    level.attn.append(AttnBlock(block_in, cfg))
             if i != levels - 1:
                 level.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(level)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, cfg.dropout, g)
-        self.mid.attn_1 = AttnBlock(block_in, g)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, cfg.dropout, g)
-        self.norm_out = norm(block_in, g)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, cfg)
+        self.mid.attn_1 = AttnBlock(block_in, cfg) if cfg.mid_attention else nn.Identity()
+        self.mid.block_2 = ResnetBlock(block_in, block_in, cfg)
+        self.norm_out = norm(block_in, cfg)
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,29 +160,29 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: VQConfig):
         super().__init__()
-        g, levels = cfg.norm_groups, len(cfg.ch_mult)
+        levels = len(cfg.ch_mult)
         block_in = cfg.ch * cfg.ch_mult[-1]
         res = cfg.resolution // 2 ** (levels - 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, cfg.dropout, g)
-        self.mid.attn_1 = AttnBlock(block_in, g)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, cfg.dropout, g)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, cfg)
+        self.mid.attn_1 = AttnBlock(block_in, cfg) if cfg.mid_attention else nn.Identity()
+        self.mid.block_2 = ResnetBlock(block_in, block_in, cfg)
         self.up = nn.ModuleList()
         for i in reversed(range(levels)):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             block_out = cfg.ch * cfg.ch_mult[i]
             for _ in range(cfg.num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, block_out, cfg.dropout, g))
+                level.block.append(ResnetBlock(block_in, block_out, cfg))
                 block_in = block_out
                 if res in cfg.attn_resolutions:
-                    level.attn.append(AttnBlock(block_in, g))
+                    level.attn.append(AttnBlock(block_in, cfg))
             if i != 0:
                 level.upsample = Upsample(block_in)
                 res *= 2
             self.up.insert(0, level)  # keep up[i] <-> level i, as taming
-        self.norm_out = norm(block_in, g)
+        self.norm_out = norm(block_in, cfg)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

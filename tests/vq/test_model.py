@@ -16,7 +16,7 @@ def narrow(preset: str) -> VQConfig:
     return VQConfig.load({"preset": preset, "ch": 8, "z_channels": 8, "norm_groups": 4, "codebook_size": 64})
 
 
-@pytest.mark.parametrize("preset", ["f16-8192", "shapes-small"])
+@pytest.mark.parametrize("preset", ["f16-8192", "shapes-small", "shapes-local"])
 @pytest.mark.parametrize("size", [256, 512])
 def test_preset_shapes_on_meta(preset, size):
     with torch.device("meta"):
@@ -28,7 +28,7 @@ def test_preset_shapes_on_meta(preset, size):
     assert tuple(recon.shape) == (2, 3, size, size)
 
 
-@pytest.mark.parametrize("preset", ["f16-8192", "shapes-small"])
+@pytest.mark.parametrize("preset", ["f16-8192", "shapes-small", "shapes-local"])
 @pytest.mark.parametrize("size", [256, 512])
 def test_encode_decode_shapes_narrow(preset, size):
     torch.manual_seed(0)
@@ -52,6 +52,25 @@ def test_f16_8192_geometry():
     assert "encoder.down.4.attn.1.proj_out.weight" in names  # attention at 16x16 (level 4)
     assert "decoder.up.4.attn.2.q.weight" in names
     assert "encoder.down.3.attn.0.q.weight" not in names
+
+
+@pytest.mark.parametrize("preset, local", [("shapes-small", False), ("shapes-local", True)])
+def test_codes_depend_on_the_whole_picture_only_with_group_norm(preset, local):
+    """shapes-local's code at (0, 0) ignores pixels outside its receptive field (< 192 px); with
+    GroupNorm statistics and mid-block attention (taming, shapes-small) every code sees everything."""
+    torch.manual_seed(0)
+    model = VQModel(narrow(preset)).eval()
+    image = torch.rand(1, 3, 256, 256) * 2 - 1
+    edited = image.clone()
+    edited[..., 192:, 192:] = -1.0  # a black square in the far corner
+    with torch.no_grad():
+        z, z_edited = model.encoder(image), model.encoder(edited)  # (1, C, 16, 16)
+    assert torch.equal(z[..., 0, 0], z_edited[..., 0, 0]) == local
+    assert not torch.equal(z[..., 15, 15], z_edited[..., 15, 15])  # the edited corner itself changes
+    names = dict(model.named_parameters())
+    assert ("encoder.mid.attn_1.q.weight" in names) != local
+    # Same parameter names and shapes for both norms (weight/bias per channel).
+    assert names["encoder.down.0.block.0.norm1.weight"].shape == (8,)
 
 
 def test_size_must_be_multiple_of_downsample(tiny_model):
@@ -107,4 +126,7 @@ def test_config_errors():
         VQConfig.load({"preset": "shapes-small", "codebok_size": 5})
     with pytest.raises(MarsError, match="GroupNorm"):
         VQConfig(ch=12)
-    assert set(PRESETS) >= {"f16-8192", "shapes-small"}
+    VQConfig(ch=12, norm_type="layer")  # no groups to split into
+    with pytest.raises(MarsError, match="norm_type must be 'group' or 'layer', got 'batch'"):
+        VQConfig(norm_type="batch")
+    assert set(PRESETS) >= {"f16-8192", "shapes-small", "shapes-local"}
