@@ -34,6 +34,9 @@ class ReconstructionReport:
     rfid_proxy: float | None  # EfficientNet-Lite0 Frechet distance (None if skipped)
     checker_agreement: float | None  # fraction of images with the same (colour, shape) multiset
     tokens_per_image: int
+    # % of the codes at least FAR_PX left of a whited-out right half that change when it is whited
+    # out: 0 for a tokenizer whose codes see only their surroundings (None: images too narrow)
+    far_code_changes: float | None = None
 
     def table(self) -> str:
         rows = [("images", f"{self.images}"), ("tokens / image", f"{self.tokens_per_image}"),
@@ -41,12 +44,31 @@ class ReconstructionReport:
                 ("codebook usage (%)", f"{self.codebook_usage:.1f}"),
                 ("rFID proxy (EffNet-Lite0)", "-" if self.rfid_proxy is None else f"{self.rfid_proxy:.3f}"),
                 ("shapes checker agreement", "-" if self.checker_agreement is None
-                 else f"{100 * self.checker_agreement:.1f}%")]
+                 else f"{100 * self.checker_agreement:.1f}%"),
+                (f"codes changed {FAR_PX}+ px from an edit", "-" if self.far_code_changes is None
+                 else f"{self.far_code_changes:.1f}%")]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+
+FAR_PX = 96  # distance from the edit at which `far_code_changes` counts codes
+
+
+def far_codes_changed(model: VQModel, images: torch.Tensor, codes: torch.Tensor) -> tuple[int, int]:
+    """(changed, counted): codes whose cell ends at least FAR_PX pixels left of the right half,
+    compared before and after that half is made white. Non-zero means a code depends on pixels
+    far away (GroupNorm statistics, attention), which an autoregressive model must then predict."""
+    f, width = model.config.downsample, images.shape[-1]
+    far_columns = (width // 2 - FAR_PX) // f  # cells c with (c + 1) * f <= width / 2 - FAR_PX
+    if far_columns <= 0:
+        return 0, 0
+    edited = images.clone()
+    edited[..., width // 2:] = 1.0
+    after = model.encode_to_codes(edited)
+    return int((after[..., :far_columns] != codes[..., :far_columns]).sum()), codes[..., :far_columns].numel()
 
 
 def frechet_metric(image_size: int = 224, stage: int | None = None) -> FrechetInceptionDistance:
@@ -83,13 +105,15 @@ def evaluate_reconstruction(model: VQModel, images: Iterable[torch.Tensor], *, b
     device = model.quant_conv.weight.device
     fid = frechet_metric().to(device) if rfid else None
     used = torch.zeros(model.config.codebook_size, dtype=torch.bool)
-    n, psnr_sum, ssim_sum, agree, tokens = 0, 0.0, 0.0, 0, 0
+    n, psnr_sum, ssim_sum, agree, tokens, far_changed, far_counted = 0, 0.0, 0.0, 0, 0, 0, 0
     bar = tqdm(total=total, desc="eval", disable=not progress, dynamic_ncols=True)
     for batch in batched(images, batch_size):
         batch = batch.to(device)
         codes = model.encode_to_codes(batch)  # (B, h, w)
         recon = model.decode_codes(codes)
         used[codes.flatten().unique().cpu()] = True
+        changed, counted = far_codes_changed(model, batch, codes)
+        far_changed, far_counted = far_changed + changed, far_counted + counted
         tokens = codes.shape[1] * codes.shape[2]
         # Measure what a user gets: 8-bit images in [0, 1].
         real = ((batch.float() + 1) * 127.5).round().clamp(0, 255) / 255.0
@@ -112,7 +136,8 @@ def evaluate_reconstruction(model: VQModel, images: Iterable[torch.Tensor], *, b
     return ReconstructionReport(
         images=n, psnr=psnr_sum / n, ssim=ssim_sum / n,
         codebook_usage=100.0 * float(used.float().mean()), rfid_proxy=rfid_value,
-        checker_agreement=agree / n if checker else None, tokens_per_image=tokens)
+        checker_agreement=agree / n if checker else None, tokens_per_image=tokens,
+        far_code_changes=100.0 * far_changed / far_counted if far_counted else None)
 
 
 def source_images(spec: str, resolution: int, n: int | None) -> tuple[Iterator[torch.Tensor], int | None]:

@@ -58,3 +58,30 @@ def test_psnr_of_perfect_tokenizer_is_high(tiny_model, monkeypatch):
     monkeypatch.setattr(tiny_model, "decode_codes", lambda c: lookup["x"])
     report = evaluate_reconstruction(tiny_model, images, rfid=False, progress=False)
     assert report.psnr >= 99 and report.ssim == pytest.approx(1.0)
+
+
+def _cell_codes(images: torch.Tensor, global_bit: bool) -> torch.Tensor:
+    """Stub tokenizer (f16): a cell's code is the sign of its mean; with `global_bit`, plus 2 if the
+    picture's mean is positive (a code that depends on the whole picture, as with GroupNorm)."""
+    cells = torch.nn.functional.avg_pool2d(images.mean(1, keepdim=True), 16)[:, 0]  # (B, h, w)
+    codes = (cells > 0).long()
+    if global_bit:
+        codes = codes + 2 * (images.mean(dim=(1, 2, 3)) > 0).long()[:, None, None]
+    return codes
+
+
+@pytest.mark.parametrize("global_bit, expected", [(False, 0.0), (True, 100.0)])
+def test_far_code_changes_counts_codes_that_see_the_edit(tiny_model, monkeypatch, global_bit, expected):
+    monkeypatch.setattr(tiny_model, "encode_to_codes", lambda x: _cell_codes(x, global_bit))
+    monkeypatch.setattr(tiny_model, "decode_codes", lambda c: torch.zeros(c.shape[0], 3, 256, 256))
+    monkeypatch.setattr(tiny_model.config, "codebook_size", 4)
+    monkeypatch.setattr(tiny_model.config, "ch_mult", (1, 1, 1, 1, 1))  # f16
+    images = [torch.full((3, 256, 256), -0.5) for _ in range(2)]  # grey; white right half flips the mean
+    report = evaluate_reconstruction(tiny_model, images, rfid=False, progress=False)
+    assert report.far_code_changes == expected
+    assert "codes changed 96+ px from an edit" in report.table()
+
+
+def test_far_code_changes_needs_wide_images(tiny_model):
+    report = evaluate_reconstruction(tiny_model, [torch.zeros(3, 32, 32)], rfid=False, progress=False)
+    assert report.far_code_changes is None  # no cell lies 96 px from the right half of 32 px
