@@ -23,6 +23,9 @@ from mars.vq.quantizer import QuantizerOutput, VectorQuantizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# Config fields added after tokenizers (and the code shards that record their hash) were saved:
+# hashed only when they differ from their default, so those hashes stay valid.
+HASHED_ONLY_IF_CHANGED = ("norm_type", "mid_attention")
 
 
 class ChannelLayerNorm(nn.Module):
@@ -285,7 +288,11 @@ class VQModel(nn.Module):
 
     def identity_hash(self) -> str:
         """Short sha256 of config + weights: equal hashes mean the same tokenizer."""
-        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        config = self.config.to_dict()
+        for name in HASHED_ONLY_IF_CHANGED:
+            if config[name] == getattr(VQConfig, name):
+                del config[name]
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for name, tensor in sorted(self.state_dict().items()):
             t = tensor.detach().float().cpu().contiguous()
             digest.update(f"{name}:{tuple(t.shape)}".encode())

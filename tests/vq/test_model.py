@@ -97,6 +97,19 @@ def test_identity_hash_tracks_weights_and_config(tiny_model):
         tiny_model.decoder.conv_out.bias.add_(1e-3)
     assert tiny_model.identity_hash() != before
     assert VQModel(tiny_config(beta=0.5)).identity_hash() != VQModel(tiny_config()).identity_hash()
+    layer_norm = VQModel(tiny_config(norm_type="layer"))
+    layer_norm.load_state_dict(tiny_model.state_dict())  # same names and shapes, other function
+    assert layer_norm.identity_hash() != tiny_model.identity_hash()
+
+
+def test_identity_hash_of_a_saved_tokenizer_is_stable():
+    """Shards record their tokenizer's hash: config fields added later (norm_type, mid_attention)
+    must not change the hash of a tokenizer saved before them (the shipped one: 6377dd65...)."""
+    from mars.model_dir import resolve_model_path
+
+    shipped = load_tokenizer("shapes-demo")
+    assert "norm_type" not in json.loads((resolve_model_path("shapes-demo") / "vq" / "config.json").read_text())
+    assert shipped.identity_hash() == "6377dd65defe775f"
 
 
 def test_load_tokenizer_accepts_vq_dir_and_model_dir(tmp_path, tiny_model):
