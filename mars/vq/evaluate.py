@@ -33,10 +33,10 @@ class ReconstructionReport:
     codebook_usage: float  # % of the codebook used on this set
     rfid_proxy: float | None  # EfficientNet-Lite0 Frechet distance (None if skipped)
     checker_agreement: float | None  # fraction of images with the same (colour, shape) multiset
-    tokens_per_image: int
     # % of the codes at least FAR_PX left of a whited-out right half that change when it is whited
     # out: 0 for a tokenizer whose codes see only their surroundings (None: images too narrow)
-    far_code_changes: float | None = None
+    far_code_changes: float | None
+    tokens_per_image: int
 
     def table(self) -> str:
         rows = [("images", f"{self.images}"), ("tokens / image", f"{self.tokens_per_image}"),
