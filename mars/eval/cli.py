@@ -109,7 +109,9 @@ def add_commands(subparsers) -> None:
     _add_model_args(p)
     p.add_argument("--shards", required=True, help="folder of code shards (mars preprocess --out)")
     p.add_argument("--n", type=int, default=512, help="samples used, from the first (default 512)")
-    p.add_argument("--tasks", default="t2i,i2t", help="comma-separated: t2i, i2t (default both)")
+    p.add_argument("--tasks", default="t2i,t2i-null,i2t",
+                   help="comma-separated: t2i, t2i-null (the same images after the null prompt), i2t "
+                        "(default all three)")
     p.add_argument("--max-text-len", type=int, default=40, help="text tokens kept per caption (default 40, "
                                                                 "as the built-in recipe trains)")
     p.set_defaults(func=run_loss)
@@ -227,6 +229,10 @@ def run_loss(args: argparse.Namespace) -> int:
                            max_text_len=args.max_text_len)
     print(format_table(["task", "loss (nats/token)", "perplexity", "tokens"],
                        [[t, r["loss"], r["perplexity"], r["tokens"]] for t, r in results.items()]))
+    if "t2i" in results and "t2i-null" in results:
+        gain = results["t2i-null"]["loss"] - results["t2i"]["loss"]
+        print(f"the prompt lowers the T2I loss by {gain:.3f} nats/token ({gain * pipe.model.config.image_tokens:.1f} "
+              f"nats per image)")
     return 0
 
 

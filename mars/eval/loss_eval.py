@@ -5,7 +5,9 @@ The same sequences and loss functions as training (`mars.data.sequences.Sequence
 `</img>` over the new vocabulary rows (codes + special tokens, as `t2i_loss_vocab: visual` trains),
 I2T the caption's over the whole vocabulary. Each sample's language is drawn from (seed, index). Compared
 with the training loss of the same step it shows overfitting; between models it is a cheap,
-noise-free progress measure where the shapes benchmark still scores 0.
+noise-free progress measure where the shapes benchmark still scores 0. `t2i-null` is the T2I loss
+of the same images after the null prompt (CFG's unconditional branch): its excess over `t2i` is how
+many nats per image token the model takes from the prompt.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from mars.errors import MarsError
 from mars.train.losses import task_loss
 from mars.vocab import MultimodalVocab
 
-TASKS = ("t2i", "i2t")
+TASKS = ("t2i", "t2i-null", "i2t")
 
 
 @torch.inference_mode()
@@ -35,17 +37,20 @@ def heldout_loss(model, text_tokenizer, dataset, n: int, batch_size: int = 16, t
     for task in tasks:
         if task not in TASKS:
             raise MarsError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    builder = SequenceBuilder(MultimodalVocab.from_config(model.config), text_tokenizer, null_prompt_prob=0.0,
-                              zh_prob=zh_fraction, seed=seed, max_text_len=max_text_len)
+    vocab = MultimodalVocab.from_config(model.config)
+    builders = {p: SequenceBuilder(vocab, text_tokenizer, null_prompt_prob=p, zh_prob=zh_fraction, seed=seed,
+                                   max_text_len=max_text_len) for p in (0.0, 1.0)}
     device = next(model.parameters()).device
     results = {}
     for task in tasks:
+        builder = builders[1.0 if task == "t2i-null" else 0.0]
+        kind = "i2t" if task == "i2t" else "t2i"
         total, tokens = 0.0, 0
         for start in range(0, n, batch_size):
-            sequences = [getattr(builder, task)(dataset[i], np.random.default_rng([seed, i]))  # its language
+            sequences = [getattr(builder, kind)(dataset[i], np.random.default_rng([seed, i]))  # its language
                          for i in range(start, min(start + batch_size, n))]
-            batch = builder.collate(task, sequences).to(device)
-            ce_sum, count = task_loss(model, batch, vocab="visual" if task == "t2i" else "full")
+            batch = builder.collate(kind, sequences).to(device)
+            ce_sum, count = task_loss(model, batch, vocab="visual" if kind == "t2i" else "full")
             total, tokens = total + float(ce_sum), tokens + int(count)
         loss = total / tokens
         results[task] = {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}

@@ -44,8 +44,20 @@ def test_cli_prints_both_tasks_and_rejects_bad_input(tiny_model_dir, shards, tmp
     assert main(["eval", "loss", "--model", str(tiny_model_dir), "--shards", str(shards), "--n", "6",
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "t2i" in out and "i2t" in out and "perplexity" in out
+    assert "t2i" in out and "t2i-null" in out and "i2t" in out and "perplexity" in out
+    assert "the prompt lowers the T2I loss by" in out
     assert main(["eval", "loss", "--model", str(tiny_model_dir), "--shards", str(tmp_path / "nope")]) != 0
     assert "no index.json in" in capsys.readouterr().err
     assert main(["eval", "loss", "--model", str(tiny_model_dir), "--shards", str(shards), "--tasks", "lm"]) != 0
     assert "unknown task 'lm'" in capsys.readouterr().err
+
+
+def test_null_prompt_loss_ignores_the_captions(tiny_model, shards):
+    """`t2i-null` scores the images after the null prompt, so other captions change `t2i` only."""
+    dataset = open_shards(shards)
+    recaptioned = [dict(dataset[i], text_ids=[7, 8, 9] * (i + 1), text_zh_ids=[5] * (i + 2)) for i in range(10)]
+    before = heldout_loss(tiny_model, ByteTokenizer(), dataset, n=10, batch_size=4, tasks=("t2i", "t2i-null"))
+    after = heldout_loss(tiny_model, ByteTokenizer(), recaptioned, n=10, batch_size=4, tasks=("t2i", "t2i-null"))
+    assert after["t2i-null"]["loss"] == pytest.approx(before["t2i-null"]["loss"], rel=1e-6)
+    assert after["t2i"]["loss"] != pytest.approx(before["t2i"]["loss"], rel=1e-4)
+    assert before["t2i-null"]["tokens"] == before["t2i"]["tokens"]
