@@ -40,7 +40,7 @@ def test_loss_does_not_depend_on_the_batch_size(tiny_model, shards):
         assert split[task]["tokens"] == one[task]["tokens"]
 
 
-def test_cli_prints_both_tasks_and_rejects_bad_input(tiny_model_dir, shards, tmp_path, capsys):
+def test_cli_prints_every_task_and_the_prompt_gain_and_rejects_bad_input(tiny_model_dir, shards, tmp_path, capsys):
     assert main(["eval", "loss", "--model", str(tiny_model_dir), "--shards", str(shards), "--n", "6",
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
