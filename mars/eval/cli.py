@@ -230,9 +230,10 @@ def run_loss(args: argparse.Namespace) -> int:
     print(format_table(["task", "loss (nats/token)", "perplexity", "tokens"],
                        [[t, r["loss"], r["perplexity"], r["tokens"]] for t, r in results.items()]))
     if "t2i" in results and "t2i-null" in results:
-        gain = results["t2i-null"]["loss"] - results["t2i"]["loss"]
-        print(f"the prompt lowers the T2I loss by {gain:.3f} nats/token ({gain * pipe.model.config.image_tokens:.1f} "
-              f"nats per image)")
+        t2i = results["t2i"]
+        gain = results["t2i-null"]["loss"] - t2i["loss"]
+        print(f"the prompt lowers the T2I loss by {gain:.3f} nats/token "
+              f"({gain * t2i['tokens'] / t2i['images']:.1f} nats per image)")
     return 0
 
 

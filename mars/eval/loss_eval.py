@@ -22,13 +22,14 @@ from mars.errors import MarsError
 from mars.train.losses import task_loss
 from mars.vocab import MultimodalVocab
 
-TASKS = ("t2i", "t2i-null", "i2t")
+# task -> (sequence kind, probability of the null prompt)
+TASKS = {"t2i": ("t2i", 0.0), "t2i-null": ("t2i", 1.0), "i2t": ("i2t", 0.0)}
 
 
 @torch.inference_mode()
 def heldout_loss(model, text_tokenizer, dataset, n: int, batch_size: int = 16, tasks: tuple[str, ...] = TASKS,
                  zh_fraction: float = 0.5, max_text_len: int = 40, seed: int = 0) -> dict[str, dict[str, float]]:
-    """{task: {"loss": nats per token, "perplexity", "tokens"}} over the first `n` samples of `dataset`."""
+    """{task: {"loss": nats per token, "perplexity", "tokens", "images"}} over the first `n` samples of `dataset`."""
     if n < 1 or batch_size < 1:
         raise MarsError(f"need n >= 1 and batch_size >= 1, got {n} and {batch_size}")
     n = min(n, len(dataset))
@@ -38,13 +39,12 @@ def heldout_loss(model, text_tokenizer, dataset, n: int, batch_size: int = 16, t
         if task not in TASKS:
             raise MarsError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     vocab = MultimodalVocab.from_config(model.config)
-    builders = {p: SequenceBuilder(vocab, text_tokenizer, null_prompt_prob=p, zh_prob=zh_fraction, seed=seed,
-                                   max_text_len=max_text_len) for p in (0.0, 1.0)}
     device = next(model.parameters()).device
     results = {}
     for task in tasks:
-        builder = builders[1.0 if task == "t2i-null" else 0.0]
-        kind = "i2t" if task == "i2t" else "t2i"
+        kind, null_prompt_prob = TASKS[task]
+        builder = SequenceBuilder(vocab, text_tokenizer, null_prompt_prob=null_prompt_prob, zh_prob=zh_fraction,
+                                  seed=seed, max_text_len=max_text_len)
         total, tokens = 0.0, 0
         for start in range(0, n, batch_size):
             sequences = [getattr(builder, kind)(dataset[i], np.random.default_rng([seed, i]))  # its language
@@ -53,5 +53,5 @@ def heldout_loss(model, text_tokenizer, dataset, n: int, batch_size: int = 16, t
             ce_sum, count = task_loss(model, batch, vocab="visual" if kind == "t2i" else "full")
             total, tokens = total + float(ce_sum), tokens + int(count)
         loss = total / tokens
-        results[task] = {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
+        results[task] = {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "images": n}
     return results

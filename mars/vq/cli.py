@@ -36,8 +36,8 @@ def add_commands(subparsers) -> None:
                                      "describes and write a tokenizer folder.")
     p.add_argument("checkpoint", help=".ckpt / .pt / .pth / .safetensors file")
     p.add_argument("--config", required=True,
-                   help="preset name (f16-8192, taming-f16-1024, taming-f16-16384, shapes-small, shapes-local) or a "
-                        "YAML/JSON file of VQConfig fields")
+                   help="preset name (f16-8192, taming-f16-1024, taming-f16-16384, shapes-small, "
+                        "shapes-local) or a YAML/JSON file of VQConfig fields")
     p.add_argument("--out", required=True, help="output tokenizer folder")
     p.set_defaults(func=run_import)
 

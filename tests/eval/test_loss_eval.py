@@ -28,6 +28,7 @@ def test_freshly_initialised_model_scores_log_codebook_on_t2i(shards):
     result = heldout_loss(model, ByteTokenizer(), open_shards(shards), n=10, batch_size=4)
     assert result["t2i"]["loss"] == pytest.approx(math.log(model.vocab.num_new_rows), abs=1e-5)
     assert result["t2i"]["tokens"] == 10 * (model.config.image_tokens + 1)
+    assert result["t2i"]["images"] == result["i2t"]["images"] == 10
     assert result["i2t"]["tokens"] > 0 and math.isfinite(result["i2t"]["loss"])
 
 
@@ -40,7 +41,7 @@ def test_loss_does_not_depend_on_the_batch_size(tiny_model, shards):
         assert split[task]["tokens"] == one[task]["tokens"]
 
 
-def test_cli_prints_every_task_and_the_prompt_gain_and_rejects_bad_input(tiny_model_dir, shards, tmp_path, capsys):
+def test_cli_prints_every_task_and_the_prompts_worth_and_rejects_bad_input(tiny_model_dir, shards, tmp_path, capsys):
     assert main(["eval", "loss", "--model", str(tiny_model_dir), "--shards", str(shards), "--n", "6",
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out

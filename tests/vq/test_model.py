@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mars.errors import MarsError
+from mars.model_dir import resolve_model_path
 from mars.vq import load_tokenizer
 from mars.vq.config import PRESETS, VQConfig
 from mars.vq.model import VQModel
@@ -105,8 +106,6 @@ def test_identity_hash_tracks_weights_and_config(tiny_model):
 def test_identity_hash_of_a_saved_tokenizer_is_stable():
     """Shards record their tokenizer's hash: config fields added later (norm_type, mid_attention)
     must not change the hash of a tokenizer saved before them (the shipped one: 6377dd65...)."""
-    from mars.model_dir import resolve_model_path
-
     shipped = load_tokenizer("shapes-demo")
     assert "norm_type" not in json.loads((resolve_model_path("shapes-demo") / "vq" / "config.json").read_text())
     assert shipped.identity_hash() == "6377dd65defe775f"
