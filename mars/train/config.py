@@ -67,6 +67,11 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # 0 = off
     t2i_loss_vocab: str = "full"  # full: softmax over the whole vocabulary; visual: new rows only
+    # > 0: add the prompt-contrast term (mars.train.losses.t2i_contrast_loss) with this weight: each
+    # image is also scored after another row's prompt (2x the T2I compute), pushed t2i_contrast_margin
+    # nats per image below its own prompt's likelihood
+    t2i_contrast_weight: float = 0.0
+    t2i_contrast_margin: float = 10.0
 
     # execution
     device: str = "auto"  # auto | cpu | cuda
@@ -104,6 +109,8 @@ class TrainConfig:
             raise MarsError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
         if self.t2i_loss_vocab not in ("full", "visual"):
             raise MarsError(f"t2i_loss_vocab must be full or visual, got {self.t2i_loss_vocab!r}")
+        if self.t2i_contrast_weight < 0 or self.t2i_contrast_margin < 0:
+            raise MarsError("t2i_contrast_weight and t2i_contrast_margin must be >= 0")
         if self.precision not in ("bf16", "fp32"):
             raise MarsError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):

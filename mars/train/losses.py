@@ -9,9 +9,17 @@ over the full multimodal vocabulary by default: that is the faithful objective (
 also learn not to emit text inside an image). `vocab="visual"` restricts T2I to the new rows
 (image codes + specials), which matches inference (it samples among image ids only) and skips the
 151,936 text rows of the head; it is an option, not the default.
+
+`t2i_contrast_loss` adds an optional prompt-contrast term (in the spirit of condition contrastive
+alignment, Chen et al. 2024): each image is also scored after another row's prompt, and the model is
+pushed to find it `margin` nats less likely there than after its own prompt. Plain likelihood
+training learns to read the prompt only through the few tokens where it matters (an object's first
+codes); this term trains exactly that dependence.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,22 +66,15 @@ def token_ce_sum(model, hidden: torch.Tensor, targets: torch.Tensor, rows: slice
     return F.cross_entropy(logits.float(), y, reduction="sum"), y.numel()
 
 
-def t2i_loss(model, batch: T2IBatch, prefix_no_grad: bool = True, vocab: str = "full", cache_dtype=torch.float32):
-    """`prompt <img> c_1..c_N </img>`, left-padded so `<img>` sits at column P for every row.
+def _visual_rows(model, vocab: str) -> slice | None:
+    return slice(model.vocab.text_size, model.vocab.size) if vocab == "visual" else None
 
-    With `prefix_no_grad` the text prefix (columns [0, P), text only, frozen, causal: it never
-    sees an image token) runs once under `torch.no_grad()` into a KV cache; only columns [P, T)
-    (all visual) run with autograd. This gives the same loss and gradients as the full forward
-    because nothing trainable is on the prefix's path (the caller checks that).
-    """
+
+def _t2i_suffix_hidden(model, batch: T2IBatch, cache_dtype) -> torch.Tensor:
+    """Hidden states of columns [P, T) (B, T-P, C), the text prefix run once without autograd."""
     ids, targets, pad = batch.input_ids, batch.targets, batch.pad_lengths  # (B, T) (B, T) (B,)
     P = batch.prefix_len
     B, T = ids.shape
-    rows = slice(model.vocab.text_size, model.vocab.size) if vocab == "visual" else None
-    if not prefix_no_grad:
-        hidden = model.forward_hidden(ids, model.image_mask(ids), pad_lengths=pad)  # (B, T, C)
-        return token_ce_sum(model, hidden, targets, rows)
-
     if bool((targets[:, :P] != IGNORE).any()) or bool(model.image_mask(ids[:, :P]).any()):
         raise ValueError("a T2I prefix must be text only and carry no targets")
     cache = PrefixKVCache(model.config, B, P, T, ids.device, cache_dtype, pad)
@@ -82,8 +83,78 @@ def t2i_loss(model, batch: T2IBatch, prefix_no_grad: bool = True, vocab: str = "
             model.forward_hidden(ids[:, :P], False, input_pos=torch.arange(P, device=ids.device), kv_cache=cache)
     cache.freeze()
     suffix_pos = torch.arange(P, T, device=ids.device)
-    hidden = model.forward_hidden(ids[:, P:], True, input_pos=suffix_pos, kv_cache=cache)  # (B, T-P, C)
-    return token_ce_sum(model, hidden, targets[:, P:], rows)
+    return model.forward_hidden(ids[:, P:], True, input_pos=suffix_pos, kv_cache=cache)
+
+
+def t2i_loss(model, batch: T2IBatch, prefix_no_grad: bool = True, vocab: str = "full", cache_dtype=torch.float32):
+    """`prompt <img> c_1..c_N </img>`, left-padded so `<img>` sits at column P for every row.
+
+    With `prefix_no_grad` the text prefix (columns [0, P), text only, frozen, causal: it never
+    sees an image token) runs once under `torch.no_grad()` into a KV cache; only columns [P, T)
+    (all visual) run with autograd. This gives the same loss and gradients as the full forward
+    because nothing trainable is on the prefix's path (the caller checks that).
+    """
+    rows = _visual_rows(model, vocab)
+    if not prefix_no_grad:
+        hidden = model.forward_hidden(batch.input_ids, model.image_mask(batch.input_ids),
+                                      pad_lengths=batch.pad_lengths)  # (B, T, C)
+        return token_ce_sum(model, hidden, batch.targets, rows)
+    hidden = _t2i_suffix_hidden(model, batch, cache_dtype)
+    return token_ce_sum(model, hidden, batch.targets[:, batch.prefix_len:], rows)
+
+
+def mismatched_prompts(batch: T2IBatch) -> tuple[T2IBatch, torch.Tensor]:
+    """The same images after the next row's prompt (rolled by one row), and which rows make a pair.
+
+    A row pairs when both its own and the borrowed prompt are real (not the null prompt) and differ.
+    Returns the rolled batch and a (B,) bool mask.
+    """
+    P = batch.prefix_len
+    prompts = batch.input_ids[:, :P]  # (B, P), left padded
+    rolled = torch.roll(prompts, 1, dims=0)
+    rolled_pad = torch.roll(batch.pad_lengths, 1, dims=0)
+    real = batch.pad_lengths < P  # (B,) a null prompt is all padding
+    valid = real & torch.roll(real, 1, dims=0) & (rolled != prompts).any(dim=1)
+    if batch.input_ids.shape[0] < 2:
+        valid = torch.zeros_like(valid)
+    ids = torch.cat([rolled, batch.input_ids[:, P:]], dim=1)
+    return T2IBatch(ids, batch.targets, rolled_pad, P), valid
+
+
+@dataclass
+class ContrastParts:
+    ce_sum: torch.Tensor  # summed cross-entropy of the true pairs (the plain T2I loss)
+    num_tokens: int  # its loss tokens
+    contrast_sum: torch.Tensor  # sum over pairs of softplus(margin - gap)
+    num_pairs: int
+    gap_sum: float  # sum over pairs of NLL(image | other prompt) - NLL(image | own prompt), nats
+
+
+def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full",
+                      cache_dtype=torch.float32) -> ContrastParts:
+    """T2I loss plus the prompt-contrast term, from one forward over [true rows; mismatched rows].
+
+    gap_b = NLL(image_b | prompt_{b-1}) - NLL(image_b | prompt_b) in nats per image; the term is
+    softplus(margin - gap_b), summed over the pairing rows (see `mismatched_prompts`), so it
+    pushes until the borrowed prompt makes the image `margin` nats less likely, then fades.
+    """
+    negative, valid = mismatched_prompts(batch)
+    both = T2IBatch(torch.cat([batch.input_ids, negative.input_ids]), torch.cat([batch.targets, negative.targets]),
+                    torch.cat([batch.pad_lengths, negative.pad_lengths]), batch.prefix_len)
+    hidden = _t2i_suffix_hidden(model, both, cache_dtype)  # (2B, T-P, C)
+    targets = both.targets[:, both.prefix_len:]
+    keep = targets != IGNORE
+    rows = _visual_rows(model, vocab)
+    logits = model.logits(hidden[keep], rows).float()  # (N, V)
+    y = targets[keep] - (rows.start if rows is not None else 0)
+    token_ce = F.cross_entropy(logits, y, reduction="none")  # (N,)
+    row_of = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
+    per_row = torch.zeros(targets.shape[0], device=token_ce.device).index_add(0, row_of, token_ce)  # (2B,)
+    B = batch.input_ids.shape[0]
+    gap = (per_row[B:] - per_row[:B])[valid]  # (pairs,)
+    return ContrastParts(ce_sum=per_row[:B].sum(), num_tokens=int(keep[:B].sum()),
+                         contrast_sum=F.softplus(margin - gap).sum(), num_pairs=int(valid.sum()),
+                         gap_sum=float(gap.detach().sum()))
 
 
 def i2t_loss(model, batch: I2TBatch):

@@ -34,7 +34,7 @@ from mars.text_tokenizer import load_text_tokenizer
 from mars.train import checkpoint, parallel
 from mars.train.config import TrainConfig
 from mars.train.data import StepData, TextCorpus, read_text_corpus, synthetic_shards
-from mars.train.losses import task_loss
+from mars.train.losses import t2i_contrast_loss, task_loss
 from mars.train.parallel import DistEnv
 from mars.train.stages import set_trainable, text_path_frozen
 from mars.vocab import MultimodalVocab
@@ -136,6 +136,8 @@ class Trainer:
         self.prefix_no_grad = cfg.prefix_no_grad and text_path_frozen(model)
         if cfg.prefix_no_grad and not self.prefix_no_grad and "t2i" in cfg.tasks:
             raise MarsError("prefix_no_grad needs a frozen text side; set prefix_no_grad=false for this stage")
+        if cfg.t2i_contrast_weight > 0 and not self.prefix_no_grad:
+            raise MarsError("t2i_contrast_weight needs the frozen-text T2I path (prefix_no_grad with a frozen text side)")
         if cfg.activation_checkpointing:
             parallel.apply_activation_checkpointing(model)
         if cfg.compile:
@@ -239,16 +241,24 @@ class Trainer:
         task, micro = self.data.micro_batches(step)
         local = torch.tensor([float(sum(m.num_tokens for m in micro))], dtype=torch.float64)
         num_targets = float(parallel.all_reduce_sum(local, env).item())  # loss tokens of the global batch
-        ce_total, tokens = 0.0, 0
+        ce_total, tokens, gap_total, pairs = 0.0, 0, 0.0, 0
         cache_dtype = torch.bfloat16 if self.bf16 else torch.float32
+        contrast = task == "t2i" and cfg.t2i_contrast_weight > 0
         for i, mb in enumerate(micro):
             parallel.set_grad_sync(model, i == len(micro) - 1)
             batch = mb.batch.to(env.device)
             with self.autocast():
-                ce_sum, _ = task_loss(model, batch, prefix_no_grad=self.prefix_no_grad, vocab=cfg.t2i_loss_vocab,
-                                      cache_dtype=cache_dtype)
+                if contrast:
+                    parts = t2i_contrast_loss(model, batch, cfg.t2i_contrast_margin, vocab=cfg.t2i_loss_vocab,
+                                              cache_dtype=cache_dtype)
+                    ce_sum, objective = parts.ce_sum, parts.ce_sum + cfg.t2i_contrast_weight * parts.contrast_sum
+                    gap_total, pairs = gap_total + parts.gap_sum, pairs + parts.num_pairs
+                else:
+                    ce_sum, _ = task_loss(model, batch, prefix_no_grad=self.prefix_no_grad,
+                                          vocab=cfg.t2i_loss_vocab, cache_dtype=cache_dtype)
+                    objective = ce_sum
             # Mean over the global batch's loss tokens; x world_size because FSDP averages over ranks.
-            (ce_sum * (env.world_size / num_targets)).backward()
+            (objective * (env.world_size / num_targets)).backward()
             ce_total += float(ce_sum.detach())
             tokens += batch.input_ids.numel()
         grad_norm = parallel.clip_grad_norm(self.trainable, cfg.grad_clip)
@@ -257,10 +267,14 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        sums = parallel.all_reduce_sum(torch.tensor([ce_total, float(tokens)], dtype=torch.float64), env).cpu()
+        sums = parallel.all_reduce_sum(torch.tensor([ce_total, float(tokens), gap_total, float(pairs)],
+                                                    dtype=torch.float64), env).cpu()
         loss = float(sums[0]) / num_targets
-        return {"step": step + 1, "task": task, "loss": loss, f"loss_{task}": loss, "lr": lr,
-                "grad_norm": grad_norm, "tokens": int(sums[1])}
+        metrics = {"step": step + 1, "task": task, "loss": loss, f"loss_{task}": loss, "lr": lr,
+                   "grad_norm": grad_norm, "tokens": int(sums[1])}
+        if contrast and sums[3] > 0:  # nats per image that another row's prompt costs the image
+            metrics["prompt_gap"] = float(sums[2] / sums[3])
+        return metrics
 
     def run(self) -> Path:
         """Train from `start_step` to `max_steps`; returns the final model folder."""

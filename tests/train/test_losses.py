@@ -9,7 +9,7 @@ from mars.config import SemVIEConfig
 from mars.data.sequences import IGNORE, build_i2t, build_t2i, collate_i2t, collate_t2i
 from mars.model.semvie import SemVIE
 from mars.train import parallel
-from mars.train.losses import i2t_loss, t2i_loss
+from mars.train.losses import i2t_loss, mismatched_prompts, t2i_contrast_loss, t2i_loss
 from mars.train.stages import set_trainable, text_path_frozen
 
 
@@ -92,3 +92,57 @@ def test_i2t_loss_reaches_visual_expert_only_through_attention():
     visual = [p.grad for name, p in model.named_parameters() if ".visual." in name and "qkv.weight" in name]
     assert all(g is not None and g.abs().sum() > 0 for g in visual)
     assert all(p.grad is None for name, p in model.named_parameters() if ".text." in name)
+
+
+# --- the prompt-contrast term ------------------------------------------------------------------
+
+
+def test_mismatched_prompts_borrow_the_previous_rows_prompt_and_skip_null_pairs():
+    model = _model(4)
+    batch = _t2i_batch(model, seed=4)  # prompt lengths 7, 3, 0 (null), 11
+    negative, valid = mismatched_prompts(batch)
+    P = batch.prefix_len
+    assert torch.equal(negative.input_ids[:, :P], batch.input_ids[[3, 0, 1, 2], :P])
+    assert torch.equal(negative.input_ids[:, P:], batch.input_ids[:, P:])  # same images
+    assert torch.equal(negative.pad_lengths, batch.pad_lengths[[3, 0, 1, 2]])
+    # row 2 has the null prompt, row 3 would borrow it: neither pairs
+    assert valid.tolist() == [True, True, False, False]
+    _, alone = mismatched_prompts(collate_t2i([build_t2i(model.vocab, [5, 6], torch.arange(16))], pad_id=256))
+    assert not alone.any()
+
+
+def _row_nll(model, prompt: list[int], codes: torch.Tensor) -> float:
+    """NLL of one image after one prompt, through a freshly collated one-row batch."""
+    with torch.no_grad():
+        ce_sum, _ = t2i_loss(model, collate_t2i([build_t2i(model.vocab, prompt, codes)], pad_id=256), prefix_no_grad=True)
+    return float(ce_sum)
+
+
+def test_contrast_parts_match_separately_scored_rows():
+    model = _model(5)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (4, 9, 6)]
+    codes = [torch.randint(0, model.vocab.image_size, (16,), generator=g) for _ in prompts]
+    batch = collate_t2i([build_t2i(model.vocab, p, c) for p, c in zip(prompts, codes)], pad_id=256)
+    with torch.no_grad():
+        parts = t2i_contrast_loss(model, batch, margin=3.0)
+        plain, n = t2i_loss(model, batch, prefix_no_grad=True)
+    assert parts.num_tokens == n and float(parts.ce_sum) == pytest.approx(float(plain), rel=1e-5)
+    gaps = [_row_nll(model, prompts[b - 1], codes[b]) - _row_nll(model, prompts[b], codes[b]) for b in range(3)]
+    assert parts.num_pairs == 3 and parts.gap_sum == pytest.approx(sum(gaps), rel=1e-4, abs=1e-4)
+    softplus = sum(float(torch.nn.functional.softplus(torch.tensor(3.0 - gap))) for gap in gaps)
+    assert float(parts.contrast_sum) == pytest.approx(softplus, rel=1e-4)
+
+
+def test_a_step_on_the_contrast_term_widens_the_prompt_gap():
+    model = _model(6)
+    batch = _t2i_batch(model, seed=6)
+    before = t2i_contrast_loss(model, batch, margin=50.0)
+    before.contrast_sum.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".visual." in n)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-3 * p.grad
+        after = t2i_contrast_loss(model, batch, margin=50.0)
+    assert after.gap_sum > before.gap_sum

@@ -93,3 +93,13 @@ def test_bf16_autocast_and_accumulation_track_fp32(tmp_path):
     for a, b in zip(fp32, bf16):
         assert a["task"] == b["task"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-2)
+
+
+def test_prompt_contrast_logs_the_prompt_gap_and_keeps_the_plain_loss(tmp_path):
+    common = ("data.synthetic=8", "tasks={t2i: 1.0}", "max_steps=2", "save_every=0", "data.cfg_dropout=0")
+    _, plain = run_stage("stage1", tmp_path / "plain", *common)
+    _, contrast = run_stage("stage1", tmp_path / "contrast", *common, "t2i_contrast_weight=2")
+    # the first step's logged loss is the plain T2I loss of the same weights and batch
+    assert contrast[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
+    assert all("prompt_gap" in m and math.isfinite(m["prompt_gap"]) for m in contrast)
+    assert not any("prompt_gap" in m for m in plain)
