@@ -5,7 +5,7 @@ import torch
 
 from mars.config import SemVIEConfig
 from mars.errors import MarsError
-from mars.model.semvie import KVCache, SemVIE, load_model_config
+from mars.model.semvie import KVCache, Linear, SemVIE, load_model_config, matmul_t
 
 
 def debug_model(seed=0, **overrides):
@@ -189,3 +189,17 @@ def test_bad_checkpoints_fail_with_one_line_reason(tmp_path):
     (tmp_path / "narrow" / "model.safetensors").write_bytes(data)
     with pytest.raises(MarsError, match=r"has shape \(128, 64\), expected \(96, 64\)"):
         SemVIE.from_pretrained(tmp_path / "narrow")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 12])
+def test_few_row_cpu_product_equals_the_plain_linear(rows):
+    torch.manual_seed(rows)
+    layer = Linear(48, 80, bias=True)
+    plain = torch.nn.Linear(48, 80, bias=True)
+    plain.load_state_dict(layer.state_dict())  # the same parameters and state-dict keys
+    x = torch.randn(rows, 1, 48)
+    out = layer(x)
+    assert out.shape == (rows, 1, 80) and out.is_contiguous()
+    torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-5)
+    weight = torch.randn(30, 48)
+    torch.testing.assert_close(matmul_t(x, weight), x @ weight.t(), rtol=1e-5, atol=1e-5)
