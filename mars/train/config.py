@@ -69,7 +69,8 @@ class TrainConfig:
     t2i_loss_vocab: str = "full"  # full: softmax over the whole vocabulary; visual: new rows only
     # > 0: add the prompt-contrast term (mars.train.losses.t2i_contrast_loss) with this weight: each
     # image is also scored after another row's prompt (2x the T2I compute), pushed t2i_contrast_margin
-    # nats per image below its own prompt's likelihood
+    # nats per image below its own prompt's likelihood. Like the cross-entropy, the per-image terms are
+    # divided by the batch's loss tokens, so a weight W counts one image's term like W code tokens.
     t2i_contrast_weight: float = 0.0
     t2i_contrast_margin: float = 10.0
 

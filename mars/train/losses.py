@@ -114,9 +114,7 @@ def mismatched_prompts(batch: T2IBatch) -> tuple[T2IBatch, torch.Tensor]:
     rolled = torch.roll(prompts, 1, dims=0)
     rolled_pad = torch.roll(batch.pad_lengths, 1, dims=0)
     real = batch.pad_lengths < P  # (B,) a null prompt is all padding
-    valid = real & torch.roll(real, 1, dims=0) & (rolled != prompts).any(dim=1)
-    if batch.input_ids.shape[0] < 2:
-        valid = torch.zeros_like(valid)
+    valid = real & torch.roll(real, 1, dims=0) & (rolled != prompts).any(dim=1)  # one row: its own prompt
     ids = torch.cat([rolled, batch.input_ids[:, P:]], dim=1)
     return T2IBatch(ids, batch.targets, rolled_pad, P), valid
 
