@@ -53,17 +53,22 @@ class PrefixKVCache(KVCache):
         return k_all, v_all
 
 
-def token_ce_sum(model, hidden: torch.Tensor, targets: torch.Tensor, rows: slice | None = None):
-    """Sum of cross-entropies at the positions of `hidden` (B, T, C) whose target is set.
+def token_ce(model, hidden: torch.Tensor, targets: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """Cross-entropy (N,) at the N positions of `hidden` (B, T, C) whose target is set, in row-major order.
 
     `rows` restricts the softmax to a vocabulary slice (targets must all lie in it)."""
     keep = targets != IGNORE  # (B, T)
-    h = hidden[keep]  # (N, C)
     y = targets[keep]  # (N,)
-    logits = model.logits(h, rows)  # (N, V) or (N, |rows|)
+    logits = model.logits(hidden[keep], rows)  # (N, V) or (N, |rows|)
     if rows is not None:
         y = y - rows.start
-    return F.cross_entropy(logits.float(), y, reduction="sum"), y.numel()
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+def token_ce_sum(model, hidden: torch.Tensor, targets: torch.Tensor, rows: slice | None = None):
+    """Sum of `token_ce` and the number of its positions."""
+    ce = token_ce(model, hidden, targets, rows)
+    return ce.sum(), ce.numel()
 
 
 def _visual_rows(model, vocab: str) -> slice | None:
@@ -142,12 +147,9 @@ def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full"
     hidden = _t2i_suffix_hidden(model, both, cache_dtype)  # (2B, T-P, C)
     targets = both.targets[:, both.prefix_len:]
     keep = targets != IGNORE
-    rows = _visual_rows(model, vocab)
-    logits = model.logits(hidden[keep], rows).float()  # (N, V)
-    y = targets[keep] - (rows.start if rows is not None else 0)
-    token_ce = F.cross_entropy(logits, y, reduction="none")  # (N,)
+    ce = token_ce(model, hidden, targets, _visual_rows(model, vocab))  # (N,)
     row_of = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
-    per_row = torch.zeros(targets.shape[0], device=token_ce.device).index_add(0, row_of, token_ce)  # (2B,)
+    per_row = torch.zeros(targets.shape[0], device=ce.device).index_add(0, row_of, ce)  # (2B,)
     B = batch.input_ids.shape[0]
     gap = (per_row[B:] - per_row[:B])[valid]  # (pairs,)
     return ContrastParts(ce_sum=per_row[:B].sum(), num_tokens=int(keep[:B].sum()),
