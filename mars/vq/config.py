@@ -35,6 +35,9 @@ class VQConfig:
     # (with mid_attention off) makes a code depend only on the pixels in its receptive field.
     norm_type: str = "group"
     mid_attention: bool = True  # self-attention over all positions in the encoder's and decoder's mid block
+    # Decoder channels at full resolution; 0 = `ch` (taming: one width for both). A wider decoder
+    # can be trained on the frozen codes of a finished tokenizer (`trainable: decoder`).
+    decoder_ch: int = 0
     codebook_size: int = 8192
     codebook_embed_dim: int = 8  # code vector size (quant_conv maps z_channels -> this)
     codebook_l2_norm: bool = True  # LlamaGen: match on the unit sphere (cosine similarity)
@@ -47,13 +50,27 @@ class VQConfig:
             raise MarsError("VQConfig.ch_mult must not be empty")
         if self.norm_type not in ("group", "layer"):
             raise MarsError(f"VQConfig.norm_type must be 'group' or 'layer', got {self.norm_type!r}")
+        if self.decoder_ch < 0:
+            raise MarsError(f"VQConfig.decoder_ch must be >= 0 (0 = ch), got {self.decoder_ch}")
         if self.norm_type == "group":
-            for channels in (*(self.ch * mult for mult in self.ch_mult), self.z_channels):
+            widths = {self.ch, self.decoder_width}
+            for channels in (*(w * mult for w in widths for mult in self.ch_mult), self.z_channels):
                 if channels % self.norm_groups:
                     raise MarsError(f"VQConfig: {channels} channels do not split into "
                                     f"{self.norm_groups} GroupNorm groups")
         if self.codebook_size < 2 or self.codebook_embed_dim < 1:
             raise MarsError("VQConfig: codebook_size must be >= 2 and codebook_embed_dim >= 1")
+
+    @property
+    def decoder_width(self) -> int:
+        """The decoder's channels at full resolution."""
+        return self.decoder_ch or self.ch
+
+    def encoder_fields(self) -> dict[str, Any]:
+        """The fields that fix the codes (everything but the decoder's width)."""
+        fields = self.to_dict()
+        del fields["decoder_ch"]
+        return fields
 
     @property
     def downsample(self) -> int:

@@ -25,7 +25,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Config fields added after tokenizers (and the code shards that record their hash) were saved:
 # hashed only when they differ from their default, so those hashes stay valid.
-HASHED_ONLY_IF_CHANGED = ("norm_type", "mid_attention")
+HASHED_ONLY_IF_CHANGED = ("norm_type", "mid_attention", "decoder_ch")
 
 
 class ChannelLayerNorm(nn.Module):
@@ -164,7 +164,8 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
         levels = len(cfg.ch_mult)
-        block_in = cfg.ch * cfg.ch_mult[-1]
+        width = cfg.decoder_width
+        block_in = width * cfg.ch_mult[-1]
         res = cfg.resolution // 2 ** (levels - 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
@@ -175,7 +176,7 @@ class Decoder(nn.Module):
         for i in reversed(range(levels)):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            block_out = cfg.ch * cfg.ch_mult[i]
+            block_out = width * cfg.ch_mult[i]
             for _ in range(cfg.num_res_blocks + 1):
                 level.block.append(ResnetBlock(block_in, block_out, cfg))
                 block_in = block_out

@@ -302,12 +302,23 @@ class Trainer:
         return tuned
 
     def init_weights(self, folder: Path) -> None:
-        """Start from a saved tokenizer (fine-tuning); its architecture must be `cfg.model`."""
+        """Start from a saved tokenizer (fine-tuning); its architecture must be `cfg.model`.
+
+        With `trainable: decoder` the decoder may be wider (`decoder_ch`): then only the parts that
+        make the codes (encoder, quant_conv, codebook) are loaded and the new decoder starts fresh."""
         pretrained = VQModel.from_pretrained(folder)
-        if pretrained.config != self.cfg.model:
+        if pretrained.config == self.cfg.model:
+            self.model.load_state_dict(pretrained.state_dict())
+            return
+        new_decoder = (self.cfg.trainable == "decoder"
+                       and pretrained.config.encoder_fields() == self.cfg.model.encoder_fields())
+        if not new_decoder:
             raise MarsError(f"init_from {folder} has a different architecture than the config's model "
-                            "(set model: to its config.json)")
-        self.model.load_state_dict(pretrained.state_dict())
+                            "(set model: to its config.json; with trainable: decoder only decoder_ch may differ)")
+        code_side = {k: v for k, v in pretrained.state_dict().items()
+                     if k.split(".")[0] in ("encoder", "quant_conv", "quantize")}
+        missing, unexpected = self.model.load_state_dict(code_side, strict=False)
+        assert not unexpected and all(k.split(".")[0] in ("decoder", "post_quant_conv") for k in missing)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

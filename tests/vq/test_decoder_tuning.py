@@ -5,6 +5,7 @@ import torch
 
 from mars.errors import MarsError
 from mars.vq.config import VQConfig
+from mars.vq.model import VQModel
 from mars.vq.train import Trainer
 
 from .test_train import shapes_images, tiny_cfg
@@ -31,3 +32,27 @@ def test_bad_decoder_settings_are_named(tmp_path):
         tiny_cfg(tmp_path, "trainable=decoder")  # tiny_cfg restarts dead codes
     with pytest.raises(MarsError, match="trainable must be"):
         tiny_cfg(tmp_path, "trainable=encoder")
+
+
+def test_a_wider_decoder_trains_on_the_frozen_codes_of_a_finished_tokenizer(tmp_path):
+    images = shapes_images(6)
+    decoder_only = ["trainable=decoder", "restart_dead_codes_every=0", "perceptual_weight=0", "disc_weight=0",
+                    "steps=3", "crop_size=32"]
+    finished = Trainer(tiny_cfg(tmp_path / "a", *decoder_only), images=images, progress=False).model
+    finished.save_pretrained(tmp_path / "vq")
+    codes = finished.encode_to_codes(images)
+    wide = Trainer(tiny_cfg(tmp_path / "b", *decoder_only, f"init_from={tmp_path / 'vq'}", "model.decoder_ch=32"),
+                   images=images, progress=False)
+    assert wide.model.decoder.conv_out.weight.shape[1] == 2 * finished.decoder.conv_out.weight.shape[1]
+    model = wide.fit()
+    assert torch.equal(model.encode_to_codes(images), codes)  # the codes, and so any LM on them, stay valid
+    reloaded = VQModel.from_pretrained(tmp_path / "b" / "final")
+    assert reloaded.config.decoder_width == 32 and torch.equal(reloaded.encode_to_codes(images), codes)
+    # the width is the only thing that may change, and only when just the decoder trains
+    with pytest.raises(MarsError, match="only decoder_ch may differ"):
+        Trainer(tiny_cfg(tmp_path / "c", *decoder_only, f"init_from={tmp_path / 'vq'}", "model.decoder_ch=32",
+                         "model.codebook_size=16"), images=images, progress=False)
+    with pytest.raises(MarsError, match="different architecture"):
+        Trainer(tiny_cfg(tmp_path / "d", f"init_from={tmp_path / 'vq'}", "model.decoder_ch=32"),
+                images=images, progress=False)
+
