@@ -55,4 +55,3 @@ def test_a_wider_decoder_trains_on_the_frozen_codes_of_a_finished_tokenizer(tmp_
     with pytest.raises(MarsError, match="different architecture"):
         Trainer(tiny_cfg(tmp_path / "d", f"init_from={tmp_path / 'vq'}", "model.decoder_ch=32"),
                 images=images, progress=False)
-
