@@ -66,12 +66,6 @@ class VQConfig:
         """The decoder's channels at full resolution."""
         return self.decoder_ch or self.ch
 
-    def encoder_fields(self) -> dict[str, Any]:
-        """The fields that fix the codes (everything but the decoder's width)."""
-        fields = self.to_dict()
-        del fields["decoder_ch"]
-        return fields
-
     @property
     def downsample(self) -> int:
         """Pixels per token side: 2 ** (len(ch_mult) - 1)."""

@@ -32,6 +32,7 @@ from mars.vq.model import VQModel
 from mars.vq.quantizer import CodeUsage
 
 CKPT_NAME = "ckpt.pt"
+DECODER_SIDE = ("decoder", "post_quant_conv")  # the modules `trainable: decoder` trains; the rest makes the codes
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -296,7 +297,7 @@ class Trainer:
         if self.cfg.trainable == "all":
             return list(self.model.parameters())
         self.model.requires_grad_(False)
-        tuned = [*self.model.decoder.parameters(), *self.model.post_quant_conv.parameters()]
+        tuned = [p for name in DECODER_SIDE for p in getattr(self.model, name).parameters()]
         for p in tuned:
             p.requires_grad_(True)
         return tuned
@@ -310,15 +311,12 @@ class Trainer:
         if pretrained.config == self.cfg.model:
             self.model.load_state_dict(pretrained.state_dict())
             return
-        new_decoder = (self.cfg.trainable == "decoder"
-                       and pretrained.config.encoder_fields() == self.cfg.model.encoder_fields())
-        if not new_decoder:
+        ours_but_its_decoder = dataclasses.replace(self.cfg.model, decoder_ch=pretrained.config.decoder_ch)
+        if self.cfg.trainable != "decoder" or pretrained.config != ours_but_its_decoder:
             raise MarsError(f"init_from {folder} has a different architecture than the config's model "
                             "(set model: to its config.json; with trainable: decoder only decoder_ch may differ)")
-        code_side = {k: v for k, v in pretrained.state_dict().items()
-                     if k.split(".")[0] in ("encoder", "quant_conv", "quantize")}
-        missing, unexpected = self.model.load_state_dict(code_side, strict=False)
-        assert not unexpected and all(k.split(".")[0] in ("decoder", "post_quant_conv") for k in missing)
+        code_side = {k: v for k, v in pretrained.state_dict().items() if k.split(".")[0] not in DECODER_SIDE}
+        self.model.load_state_dict(code_side, strict=False)  # the new decoder keeps its fresh weights
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
