@@ -30,6 +30,7 @@ from mars.vq.config import VQConfig
 from mars.vq.losses import VQGANLoss
 from mars.vq.model import VQModel
 from mars.vq.quantizer import CodeUsage
+from mars.vq.widen import widen_decoder
 
 CKPT_NAME = "ckpt.pt"
 DECODER_SIDE = ("decoder", "post_quant_conv")  # the modules `trainable: decoder` trains; the rest makes the codes
@@ -305,8 +306,10 @@ class Trainer:
     def init_weights(self, folder: Path) -> None:
         """Start from a saved tokenizer (fine-tuning); its architecture must be `cfg.model`.
 
-        With `trainable: decoder` the decoder may be wider (`decoder_ch`): then only the parts that
-        make the codes (encoder, quant_conv, codebook) are loaded and the new decoder starts fresh."""
+        With `trainable: decoder` the decoder may have another width (`decoder_ch`): the parts that
+        make the codes (encoder, quant_conv, codebook) are loaded, and the decoder is the trained one
+        widened (`mars.vq.widen`, same pictures at step 0) when the new width is a whole multiple of
+        the old, else a fresh one."""
         pretrained = VQModel.from_pretrained(folder)
         if pretrained.config == self.cfg.model:
             self.model.load_state_dict(pretrained.state_dict())
@@ -315,8 +318,14 @@ class Trainer:
         if self.cfg.trainable != "decoder" or pretrained.config != ours_but_its_decoder:
             raise MarsError(f"init_from {folder} has a different architecture than the config's model "
                             "(set model: to its config.json; with trainable: decoder only decoder_ch may differ)")
-        code_side = {k: v for k, v in pretrained.state_dict().items() if k.split(".")[0] not in DECODER_SIDE}
-        self.model.load_state_dict(code_side, strict=False)  # the new decoder keeps its fresh weights
+        trained = pretrained.state_dict()
+        if self.cfg.model.decoder_width % pretrained.config.decoder_width:
+            code_side = {k: v for k, v in trained.items() if k.split(".")[0] not in DECODER_SIDE}
+            self.model.load_state_dict(code_side, strict=False)  # the new decoder keeps its fresh weights
+            return
+        trained.update(widen_decoder(trained, self.model.state_dict(), pretrained.config, self.cfg.model,
+                                     seed=self.cfg.seed))
+        self.model.load_state_dict(trained)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
