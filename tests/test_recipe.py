@@ -67,7 +67,7 @@ def test_generate_without_model_writes_a_256px_png(tmp_path):
 def _tiny_configs(folder: Path) -> Path:
     """The repo's recipe configs, shrunk to seconds: 16 px-grid images at 64 px, a 2-layer model."""
     folder.mkdir()
-    for name in ("recipe", "vq", "vq-refine", "vq-decoder", "stage0", "stage1", "stage2"):
+    for name in ("recipe", "vq", "vq-refine", "vq-decoder", "vq-sharpen", "stage0", "stage1", "stage2"):
         shutil.copy(REPO_CONFIGS / f"{name}.yaml", folder / f"{name}.yaml")
 
     def edit(name: str, **changes) -> None:
@@ -76,8 +76,9 @@ def _tiny_configs(folder: Path) -> Path:
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(data))
 
     edit("recipe", data="shapes:12:3", caption_scenes=40, text_vocab_size=300, resolution=64, shard_size=8)
-    edit("vq-decoder", data="shapes:8:1", resolution=64, crop_size=64, batch_size=2, steps=2, ckpt_every=1,
-         image_every=0)
+    for name in ("vq-decoder", "vq-sharpen"):
+        edit(name, data="shapes:8:1", resolution=64, crop_size=64, batch_size=2, steps=2, ckpt_every=1,
+             image_every=0)
     tiny = dict(preset="shapes-demo", num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16,
                 intermediate_size=64, text_vocab_size=300, max_seq_len=96)  # image_size: recipe.resolution
     edit("stage0", model=tiny, max_steps=3, batch_size=4, micro_batch_size=4, warmup_steps=1, save_every=2)
@@ -125,6 +126,11 @@ def test_recipe_runs_every_step_then_skips_and_resumes(tmp_path):
     assert pipe.vq.identity_hash() != original.identity_hash()
     images = torch.stack([pil_to_tensor(render_scene(scene_for_index(5, i), 64)) for i in range(3)])
     assert torch.equal(pipe.vq.encode_to_codes(images), original.encode_to_codes(images))
+    # ... the last decoder stage's, which started from the one before it
+    sharpened = load_tokenizer(out / "vq-sharpen" / "final")
+    assert pipe.vq.identity_hash() == sharpened.identity_hash()
+    sharpen_config = yaml.safe_load((out / "vq-sharpen" / "train_config.yaml").read_text())
+    assert sharpen_config["init_from"] == str(out / "vq-decoder" / "final")
 
     # Everything done: a second run does nothing (shipping aside).
     status = Recipe(out, vq=vq, config_dir=configs, progress=False).run()
@@ -182,8 +188,9 @@ def test_recipe_presets_parse_and_fit_together(tmp_path, config_dir):
                             + ([f"init_from={previous}"] if previous else []))
         assert vq.trainable == "all" and vq.model.downsample == 16, name
         previous = tmp_path / name / "final"
-    decoder = load_vq_config(recipe._config_file(recipe.config.vq_decoder), [f"model={SHIPPED / 'vq'}"])
-    assert decoder.trainable == "decoder" and decoder.restart_dead_codes_every == 0
+    for name in recipe.config.vq_decoder_stages:
+        decoder = load_vq_config(recipe._config_file(name), [f"model={SHIPPED / 'vq'}"])
+        assert decoder.trainable == "decoder" and decoder.restart_dead_codes_every == 0, name
     stage0 = recipe.stage_config("stage0")
     model = resolve_model_config(stage0)
     assert model.image_vocab_size == json.loads((SHIPPED / "vq" / "config.json").read_text())["codebook_size"]

@@ -13,8 +13,10 @@ stopped; training steps resume from their own checkpoints with `resume=auto`):
     stage0          OUT/stage0/final            text LM on the captions (the language expert, then frozen)
     stage1          OUT/stage1/final            T2I + I2T (visual expert + new vocabulary rows)
     stage2          OUT/stage2/final            T2I only
-    vq_decoder      OUT/vq-decoder/final        the VQ's decoder alone trained on (vq-decoder.yaml):
-                                                sharper edges, exactly the same codes
+    vq_decoder      OUT/vq-sharpen/final        the VQ's decoder alone trained on, exactly the same
+                                                codes: vq-decoder.yaml (L1, hard edges), then
+                                                vq-sharpen.yaml (+ PatchGAN, sharp small shapes)
+                                                (the `vq_decoder_stages` of recipe.yaml)
     ship            mars/assets/shapes-demo     (--ship) stage II's model with the tuned decoder
 
 The decoder step changes no code, so with `parallel: true` it runs in a second process beside
@@ -23,7 +25,7 @@ recipe waits for it before shipping. `--only STEP` runs one step alone.
 
 Every step's wall time is added to OUT/recipe_times.json (a resumed step accumulates its time).
 Settings live in configs/shapes-demo/*.yaml; `--set CONFIG.KEY=VALUE` overrides one of them
-(CONFIG: recipe, a VQ stage, vq-decoder, stage0, stage1, stage2), e.g. `--set stage1.max_steps=10`.
+(CONFIG: recipe, a VQ stage, a decoder stage, stage0, stage1, stage2), e.g. `--set stage1.max_steps=10`.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class RecipeConfig:
     shard_size: int = 4096
     threads: int = 1  # torch CPU threads for every step (0 = torch's default); see recipe.yaml
     vq_stages: tuple[str, ...] = ("vq", "vq-refine")  # VQ configs trained in turn, each from the last
-    vq_decoder: str = "vq-decoder"  # decoder-only config trained last ("" = ship the VQ as it is)
+    vq_decoder_stages: tuple[str, ...] = ("vq-decoder", "vq-sharpen")  # decoder-only configs trained
+    # last, each from the previous one's weights (() = ship the VQ as it is)
     parallel: bool = True  # train the decoder in a second process beside preprocess and stages 0-II
     generation: SampleConfig = field(default_factory=SampleConfig)  # the shipped model's sampling
     # defaults, written to its generation_config.json
@@ -93,8 +96,7 @@ class Recipe:
         self.config = load_config(RecipeConfig, self._config_file("recipe"), self.overrides.get("recipe", []))
         if not self.config.vq_stages:
             raise MarsError("recipe.yaml: vq_stages must name at least one VQ config")
-        known = ("recipe", *self.config.vq_stages, *([self.config.vq_decoder] if self.config.vq_decoder else []),
-                 *LM_STAGES)
+        known = ("recipe", *self.config.vq_stages, *self.config.vq_decoder_stages, *LM_STAGES)
         unknown = set(self.overrides) - set(known)
         if unknown:
             raise MarsError(f"unknown recipe config(s) {sorted(unknown)}; known: {', '.join(known)}")
@@ -119,8 +121,10 @@ class Recipe:
         return self.vq_arg if self.vq_arg is not None else self.final(self.config.vq_stages[-1])
 
     @property
-    def vq_decoder_dir(self) -> Path:
-        return self.final(self.config.vq_decoder)
+    def vq_decoder_dir(self) -> Path | None:
+        """The tokenizer with the trained decoder (the last decoder stage's), or None without any."""
+        stages = self.config.vq_decoder_stages
+        return self.final(stages[-1]) if stages else None
 
     @property
     def text_tokenizer_dir(self) -> Path:
@@ -193,7 +197,7 @@ class Recipe:
 
     # --- the decoder step in a second process ------------------------------------------------
     def decoder_done(self) -> bool:
-        return not self.config.vq_decoder or (self.vq_decoder_dir / "config.json").is_file()
+        return self.vq_decoder_dir is None or (self.vq_decoder_dir / "config.json").is_file()
 
     def _start_decoder(self) -> None:
         """Start `mars recipe shapes-demo --only vq_decoder` (same folder and settings) in the background."""
@@ -257,16 +261,20 @@ class Recipe:
             previous = self.final(name)
 
     def train_vq_decoder(self) -> None:
-        """Train the VQ's decoder alone (vq-decoder.yaml, `trainable: decoder`): same codes, truer pictures."""
+        """Train the VQ's decoder alone (`trainable: decoder`: same codes, truer pictures), one
+        decoder stage after the other, each from the previous one's weights."""
         from mars.vq.train import load_train_config, train
 
-        name = self.config.vq_decoder
-        paths = [f"model={self.vq_dir}", f"init_from={self.vq_dir}",
-                 f"out_dir={self.out / name}", "resume=auto"]
-        cfg = load_train_config(self._config_file(name), [*paths, *self.overrides.get(name, [])])
-        if cfg.trainable != "decoder":
-            raise MarsError(f"{self._config_file(name)} must set `trainable: decoder` (the codes must not change)")
-        train(cfg, progress=self.progress)
+        previous = self.vq_dir
+        for name in self.config.vq_decoder_stages:
+            if not (self.final(name) / "config.json").is_file():
+                paths = [f"model={previous}", f"init_from={previous}", f"out_dir={self.out / name}", "resume=auto"]
+                cfg = load_train_config(self._config_file(name), [*paths, *self.overrides.get(name, [])])
+                if cfg.trainable != "decoder":
+                    raise MarsError(f"{self._config_file(name)} must set `trainable: decoder` "
+                                    "(the codes must not change)")
+                train(cfg, progress=self.progress)
+            previous = self.final(name)
 
     def train_text_tokenizer(self) -> None:
         """Byte-level BPE on the caption corpus (the marker file is written last: it means done)."""
@@ -325,8 +333,7 @@ class Recipe:
     def ship(self) -> None:
         """Copy stage 2's final model (weights, config, tokenizer/) to the shipped folder, with the
         fine-tuned VQ decoder as its vq/ (the same codes: its encoder and codebook are unchanged)."""
-        vq = self.vq_decoder_dir if self.config.vq_decoder else None
-        ship_model(self.final("stage2"), self.ship_to, vq=vq, generation=self.config.generation)
+        ship_model(self.final("stage2"), self.ship_to, vq=self.vq_decoder_dir, generation=self.config.generation)
 
 
 def ship_model(src: str | Path, dst: str | Path, vq: str | Path | None = None, max_bytes: int = 60 * 2**20,
