@@ -75,6 +75,9 @@ class _Records(Dataset):
                 "text": sample["text"], "text_zh": sample["text_zh"]}
 
 
+SETTINGS_ADDED_LATER = ("vq_codes_hash",)  # a run started before a setting existed still resumes
+
+
 def _settings(vq, text_tokenizer: TextTokenizer, data: str, resolution: int, shard_size: int,
               num_records: int) -> dict:
     """Everything the shards' bytes depend on; a resumed run must have the same."""
@@ -89,6 +92,7 @@ def _settings(vq, text_tokenizer: TextTokenizer, data: str, resolution: int, sha
         "resolution": resolution, "grid": [grid, grid], "shard_size": shard_size,
         "num_shards": math.ceil(num_records / shard_size),
         "codebook_size": vq.config.codebook_size, "vq_hash": vq.identity_hash(),
+        "vq_codes_hash": vq.codes_hash(),
         "text_tokenizer": {"kind": text_tokenizer.kind, "vocab_size": text_tokenizer.vocab_size,
                            "eos_id": text_tokenizer.eos_id},
     }
@@ -106,7 +110,8 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool, world: int) -> None
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     if settings_path.is_file():
         before = json.loads(settings_path.read_text(encoding="utf-8"))
-        changed = [k for k in settings if before.get(k) != settings[k]]
+        compared = [k for k in settings if k in before or k not in SETTINGS_ADDED_LATER]
+        changed = [k for k in compared if before.get(k) != settings[k]]
         if changed:
             k = changed[0]
             raise MarsError(f"{out} holds a preprocessing run with {k}={before.get(k)!r}, not {settings[k]!r}; "
@@ -169,7 +174,7 @@ def preprocess(vq, text_tokenizer: TextTokenizer, data: str, out: str | Path, *,
                world_size: int = 1, overwrite: bool = False, progress: bool = True) -> PreprocessResult:
     """Encode the data source `data` (any `open_source` spec) into code shards under `out`.
 
-    `vq` needs `encode_to_codes`, `identity_hash()` and `config.codebook_size/downsample`.
+    `vq` needs `encode_to_codes`, `identity_hash()`, `codes_hash()` and `config.codebook_size/downsample`.
     This process handles the shards s with s % world_size == rank that are not finished yet;
     `workers` DataLoader processes read and resize images. Re-running with the same arguments
     resumes; `overwrite` deletes an earlier run's shards first.

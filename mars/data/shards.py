@@ -168,10 +168,13 @@ class CodeShardDataset(Dataset):
 
 
 def open_shards(directory: str | Path, expect_vq_hash: str | None = None,
-                expect_text_tokenizer=None, expect_image_tokens: int | None = None) -> CodeShardDataset:
+                expect_text_tokenizer=None, expect_image_tokens: int | None = None,
+                expect_vq_codes_hash: str | None = None) -> CodeShardDataset:
     """Open a preprocessed folder, checking that it was made with the tokenizers in use.
 
-    `expect_vq_hash` is the VQ tokenizer's `identity_hash()`; `expect_text_tokenizer` a
+    `expect_vq_hash` is the VQ tokenizer's `identity_hash()`; another tokenizer is accepted when
+    `expect_vq_codes_hash` (its `codes_hash()`) equals the shards' (same codes, another decoder,
+    e.g. after decoder-only tuning); `expect_text_tokenizer` a
     TextTokenizer; `expect_image_tokens` the model's codes per image. A mismatch raises MarsError:
     codes of another tokenizer would train garbage.
     """
@@ -181,7 +184,8 @@ def open_shards(directory: str | Path, expect_vq_hash: str | None = None,
         raise MarsError(f"{directory} holds {grid_len} codes per image but the model is set for "
                         f"{expect_image_tokens}; use shards encoded at the model's image size (when "
                         "training, model_overrides.image_size can change the model's)")
-    if expect_vq_hash is not None and dataset.vq_hash != expect_vq_hash:
+    same_codes = expect_vq_codes_hash is not None and dataset.index.get("vq_codes_hash") == expect_vq_codes_hash
+    if expect_vq_hash is not None and dataset.vq_hash != expect_vq_hash and not same_codes:
         raise MarsError(f"{directory} was encoded with VQ tokenizer {dataset.vq_hash}, but the model's "
                         f"tokenizer is {expect_vq_hash}; rerun `mars preprocess` with this tokenizer")
     if expect_text_tokenizer is not None:

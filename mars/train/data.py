@@ -30,7 +30,7 @@ class PaletteQuantizer:
     rounded to an L x L x L palette (L = floor(codebook_size ** (1/3))); code = (r * L + g) * L + b.
 
     It has the interface `mars.data.preprocess.preprocess` needs (`encode_to_codes`,
-    `identity_hash`, `config.codebook_size`, `config.downsample`), so debug shards are written by
+    `identity_hash`, `codes_hash`, `config.codebook_size`, `config.downsample`), so debug shards are written by
     the same code as real ones, and the codes are a learnable function of the caption's scene.
     """
 
@@ -52,6 +52,9 @@ class PaletteQuantizer:
 
     def identity_hash(self) -> str:
         return f"palette-{self.config.codebook_size}-{self.config.downsample}"
+
+    def codes_hash(self) -> str:
+        return self.identity_hash()  # no decoder: the identity is the codes
 
 
 def synthetic_shards(out: Path, n: int, seed: int, model_config, text_tokenizer) -> Path:

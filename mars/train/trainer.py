@@ -191,6 +191,7 @@ class Trainer:
         # Codes from another VQ-GAN would train garbage: check the shards' tokenizer hash.
         vq = None if cfg.data.synthetic else self._vq()
         return open_shards(folder, expect_vq_hash=vq.identity_hash() if vq is not None else None,
+                           expect_vq_codes_hash=vq.codes_hash() if vq is not None else None,
                            expect_text_tokenizer=self.text_tokenizer,
                            expect_image_tokens=None if "lm" in cfg.tasks else mc.image_tokens)
 

@@ -197,6 +197,7 @@ def run_encode(args: argparse.Namespace) -> None:
         np.save(out, codes)
     else:
         np.savez(out, codes=codes, files=np.array(files), tokenizer=np.array(model.identity_hash()),
+                 codes_tokenizer=np.array(model.codes_hash()),
                  codebook_size=np.array(model.config.codebook_size))
     print(f"encoded {len(files)} images -> {out} (codes {tuple(codes.shape)})")
 
@@ -216,11 +217,12 @@ def run_decode(args: argparse.Namespace) -> None:
                 codes = data["codes"]
                 names = [str(f) for f in data["files"]] if "files" in data else None
                 made_by = str(data["tokenizer"]) if "tokenizer" in data else None
+                codes_by = str(data["codes_tokenizer"]) if "codes_tokenizer" in data else None
         else:
-            codes, made_by = np.load(path), None
+            codes, made_by, codes_by = np.load(path), None, None
     except (ValueError, KeyError, OSError) as err:
         raise MarsError(f"cannot read codes from {path}: {err}") from None
-    if made_by is not None and made_by != model.identity_hash():
+    if made_by is not None and made_by != model.identity_hash() and codes_by != model.codes_hash():
         raise MarsError(f"{path} was encoded by tokenizer {made_by}, but {args.model} is "
                         f"{model.identity_hash()}; decode with the tokenizer that made the codes")
     if codes.ndim == 2:

@@ -26,6 +26,7 @@ WEIGHTS_NAME = "model.safetensors"
 # Config fields added after tokenizers (and the code shards that record their hash) were saved:
 # hashed only when they differ from their default, so those hashes stay valid.
 HASHED_ONLY_IF_CHANGED = ("norm_type", "mid_attention", "decoder_ch")
+DECODER_SIDE = ("decoder", "post_quant_conv")  # modules that only draw; the rest makes the codes
 
 
 class ChannelLayerNorm(nn.Module):
@@ -289,12 +290,24 @@ class VQModel(nn.Module):
 
     def identity_hash(self) -> str:
         """Short sha256 of config + weights: equal hashes mean the same tokenizer."""
+        return self._hash(self.config.to_dict(), self.state_dict())
+
+    def codes_hash(self) -> str:
+        """Short sha256 of what makes the codes (config and weights, the decoder side left out):
+        a tokenizer whose decoder alone was trained further (`trainable: decoder`) keeps it, so
+        codes it made are valid for it."""
         config = self.config.to_dict()
+        config.pop("decoder_ch")
+        state = {k: v for k, v in self.state_dict().items() if k.split(".")[0] not in DECODER_SIDE}
+        return self._hash(config, state, prefix="codes:")
+
+    @staticmethod
+    def _hash(config: dict, state: dict[str, torch.Tensor], prefix: str = "") -> str:
         for name in HASHED_ONLY_IF_CHANGED:
-            if config[name] == getattr(VQConfig, name):
+            if name in config and config[name] == getattr(VQConfig, name):
                 del config[name]
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-        for name, tensor in sorted(self.state_dict().items()):
+        digest = hashlib.sha256((prefix + json.dumps(config, sort_keys=True)).encode())
+        for name, tensor in sorted(state.items()):
             t = tensor.detach().float().cpu().contiguous()
             digest.update(f"{name}:{tuple(t.shape)}".encode())
             digest.update(t.numpy().tobytes())

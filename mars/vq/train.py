@@ -28,12 +28,11 @@ from mars.config import apply_overrides, from_dict, read_config_file
 from mars.errors import MarsError
 from mars.vq.config import VQConfig
 from mars.vq.losses import VQGANLoss
-from mars.vq.model import VQModel
+from mars.vq.model import DECODER_SIDE, VQModel
 from mars.vq.quantizer import CodeUsage
 from mars.vq.widen import widen_decoder
 
 CKPT_NAME = "ckpt.pt"
-DECODER_SIDE = ("decoder", "post_quant_conv")  # the modules `trainable: decoder` trains; the rest makes the codes
 METRICS_NAME = "metrics.jsonl"
 
 

@@ -126,7 +126,14 @@ def test_hash_and_settings_mismatch_are_caught(vq, reference, tmp_path):
     other = tiny_vq(seed=1)
     assert other.identity_hash() != vq.identity_hash()
     with pytest.raises(MarsError, match="VQ tokenizer"):
-        open_shards(reference, expect_vq_hash=other.identity_hash())
+        open_shards(reference, expect_vq_hash=other.identity_hash(), expect_vq_codes_hash=other.codes_hash())
+    # the same codes with another decoder (decoder-only tuning) are accepted
+    retuned = tiny_vq(seed=0)
+    with torch.no_grad():
+        retuned.decoder.conv_out.bias.add_(0.1)
+    assert retuned.identity_hash() != vq.identity_hash() and retuned.codes_hash() == vq.codes_hash()
+    assert len(open_shards(reference, expect_vq_hash=retuned.identity_hash(),
+                           expect_vq_codes_hash=retuned.codes_hash())) == 10
 
     class OtherText(ByteTokenizer):
         kind = "hf"

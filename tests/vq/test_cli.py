@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mars.errors import MarsError
@@ -57,6 +58,13 @@ def test_npy_codes_and_hash_mismatch(files, tiny_model):
     other.save_pretrained(files / "other")
     with pytest.raises(MarsError, match="encoded by tokenizer"):
         run("decode", "--model", str(files / "other"), str(files / "c.npz"), "--out-dir", str(files / "e"))
+    # a tokenizer whose decoder alone changed decodes the codes: they are its codes too
+    retuned = VQModel.from_pretrained(files / "vq")
+    with torch.no_grad():
+        retuned.decoder.conv_out.bias.add_(0.1)
+    retuned.save_pretrained(files / "retuned")
+    run("decode", "--model", str(files / "retuned"), str(files / "c.npz"), "--out-dir", str(files / "f"))
+    assert (files / "f" / "a.png").is_file()
 
 
 def test_reconstruct_keeps_names_and_refuses_overwrite(files):
