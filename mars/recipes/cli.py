@@ -29,9 +29,8 @@ def add_commands(subparsers) -> None:
                                                  "preprocess, stage0, stage1, stage2, vq_decoder)")
     p.add_argument("--only", default=None, help="run just this step (if not done yet)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="CONFIG.KEY=VALUE",
-                   help="override a setting of one config (recipe, vq, vq-refine, vq-decoder, vq-sharpen, stage0, stage1, stage2), "
-                        "e.g. stage1.max_steps=10 "
-                        "(repeatable)")
+                   help="override a setting of one config (recipe, vq, vq-refine, vq-decoder, vq-sharpen, "
+                        "stage0, stage1, stage2), e.g. stage1.max_steps=10 (repeatable)")
     p.add_argument("--config-dir", default=None, help="folder of the recipe's YAML files "
                                                       "(default configs/shapes-demo)")
     p.set_defaults(func=run_shapes_demo)
