@@ -296,15 +296,14 @@ class VQModel(nn.Module):
         """Short sha256 of what makes the codes (config and weights, the decoder side left out):
         a tokenizer whose decoder alone was trained further (`trainable: decoder`) keeps it, so
         codes it made are valid for it."""
-        config = self.config.to_dict()
-        config.pop("decoder_ch")
+        config = {**self.config.to_dict(), "decoder_ch": VQConfig.decoder_ch}  # any width draws the same codes
         state = {k: v for k, v in self.state_dict().items() if k.split(".")[0] not in DECODER_SIDE}
         return self._hash(config, state, prefix="codes:")
 
     @staticmethod
     def _hash(config: dict, state: dict[str, torch.Tensor], prefix: str = "") -> str:
         for name in HASHED_ONLY_IF_CHANGED:
-            if name in config and config[name] == getattr(VQConfig, name):
+            if config[name] == getattr(VQConfig, name):
                 del config[name]
         digest = hashlib.sha256((prefix + json.dumps(config, sort_keys=True)).encode())
         for name, tensor in sorted(state.items()):

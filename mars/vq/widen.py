@@ -32,7 +32,7 @@ def widen_decoder(trained: dict[str, torch.Tensor], target: dict[str, torch.Tens
     trained: a state dict with `old`'s decoder; target: the wider model's state dict (for shapes).
     `new.decoder_width` must be a whole multiple of `old.decoder_width`, and the normalisation the same."""
     factor, rest = divmod(new.decoder_width, old.decoder_width)
-    if rest or factor < 1:
+    if rest:
         raise MarsError(f"a decoder can only be widened by a whole factor: {old.decoder_width} -> "
                         f"{new.decoder_width} channels")
     generator = torch.Generator().manual_seed(seed)

@@ -108,6 +108,7 @@ def test_identity_hash_of_a_saved_tokenizer_is_stable(tmp_path):
     decoder_ch) must not change the hash of a tokenizer saved before them, when at their defaults."""
     shipped = load_tokenizer("shapes-demo")
     assert shipped.identity_hash() == "779d2067181a2982"  # the hash docs and shards name
+    assert shipped.codes_hash() == "a754fd3d11bce7c0"  # also the codes hash of its tokenizer before any decoder stage
     folder = resolve_model_path("shapes-demo") / "vq"
     config = json.loads((folder / "config.json").read_text())
     saved_before = {k: v for k, v in config.items() if k not in HASHED_ONLY_IF_CHANGED}
