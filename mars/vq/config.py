@@ -35,6 +35,11 @@ class VQConfig:
     # (with mid_attention off) makes a code depend only on the pixels in its receptive field.
     norm_type: str = "group"
     mid_attention: bool = True  # self-attention over all positions in the encoder's and decoder's mid block
+    # True: the encoder sees each f x f patch on its own, so a code is a function of its patch's
+    # pixels alone and equal patches always get equal codes (a white background is one code, not
+    # hundreds that hash the rest of the picture). The decoder still sees every code around it.
+    # Changes no weight: a trained tokenizer can be fine-tuned into this mode.
+    patch_local: bool = False
     # Decoder channels at full resolution; 0 = `ch` (taming: one width for both). A wider decoder
     # can be trained on the frozen codes of a finished tokenizer (`trainable: decoder`).
     decoder_ch: int = 0
@@ -137,4 +142,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "shapes-local": dict(ch=16, ch_mult=(1, 1, 2, 4, 8), num_res_blocks=1, attn_resolutions=(),
                          z_channels=128, norm_type="layer", mid_attention=False, codebook_size=4096,
                          codebook_embed_dim=8, codebook_l2_norm=True),
+    # The same with patch codes: the encoder reads one 16 x 16 patch at a time (`patch_local`).
+    "shapes-patch": dict(ch=16, ch_mult=(1, 1, 2, 4, 8), num_res_blocks=1, attn_resolutions=(),
+                         z_channels=128, norm_type="layer", mid_attention=False, patch_local=True,
+                         codebook_size=4096, codebook_embed_dim=8, codebook_l2_norm=True),
 }

@@ -25,7 +25,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Config fields added after tokenizers (and the code shards that record their hash) were saved:
 # hashed only when they differ from their default, so those hashes stay valid.
-HASHED_ONLY_IF_CHANGED = ("norm_type", "mid_attention", "decoder_ch")
+HASHED_ONLY_IF_CHANGED = ("norm_type", "mid_attention", "decoder_ch", "patch_local")
 DECODER_SIDE = ("decoder", "post_quant_conv")  # modules that only draw; the rest makes the codes
 
 
@@ -121,6 +121,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
         levels = len(cfg.ch_mult)
+        self.patch = cfg.downsample if cfg.patch_local else 0  # > 0: encode each patch on its own
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         in_mult = (1,) + cfg.ch_mult
         res = cfg.resolution
@@ -147,6 +148,16 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.patch:
+            return self.encode_map(x)
+        B, C, H, W = x.shape
+        f, h, w = self.patch, H // self.patch, W // self.patch
+        patches = x.reshape(B, C, h, f, w, f).permute(0, 2, 4, 1, 3, 5).reshape(B * h * w, C, f, f)
+        z = self.encode_map(patches)  # (B*h*w, Z, 1, 1)
+        return z.reshape(B, h, w, -1).permute(0, 3, 1, 2)  # (B, Z, h, w)
+
+    def encode_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional encoder over a whole (B, 3, H, W) map -> (B, Z, H/f, W/f)."""
         h = self.conv_in(x)  # (B, ch, H, W)
         for level in self.down:
             for i, block in enumerate(level.block):

@@ -303,15 +303,16 @@ class Trainer:
         return tuned
 
     def init_weights(self, folder: Path) -> None:
-        """Start from a saved tokenizer (fine-tuning); its architecture must be `cfg.model`.
+        """Start from a saved tokenizer (fine-tuning); its architecture must be `cfg.model`
+        (`patch_local` may differ: it changes how the encoder is applied, not its weights).
 
         With `trainable: decoder` the decoder may have another width (`decoder_ch`): the parts that
         make the codes (encoder, quant_conv, codebook) are loaded, and the decoder is the trained one
         widened (`mars.vq.widen`, same pictures at step 0) when the new width is a whole multiple of
         the old, else a fresh one."""
         pretrained = VQModel.from_pretrained(folder)
-        if pretrained.config == self.cfg.model:
-            self.model.load_state_dict(pretrained.state_dict())
+        if dataclasses.replace(pretrained.config, patch_local=self.cfg.model.patch_local) == self.cfg.model:
+            self.model.load_state_dict(pretrained.state_dict())  # patch_local changes no weight
             return
         ours_but_its_decoder = dataclasses.replace(self.cfg.model, decoder_ch=pretrained.config.decoder_ch)
         if self.cfg.trainable != "decoder" or pretrained.config != ours_but_its_decoder:

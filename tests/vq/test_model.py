@@ -17,7 +17,7 @@ def narrow(preset: str) -> VQConfig:
     return VQConfig.load({"preset": preset, "ch": 8, "z_channels": 8, "norm_groups": 4, "codebook_size": 64})
 
 
-@pytest.mark.parametrize("preset", ["f16-8192", "shapes-small", "shapes-local"])
+@pytest.mark.parametrize("preset", ["f16-8192", "shapes-small", "shapes-local", "shapes-patch"])
 @pytest.mark.parametrize("size", [256, 512])
 def test_preset_shapes_on_meta(preset, size):
     with torch.device("meta"):
@@ -29,7 +29,7 @@ def test_preset_shapes_on_meta(preset, size):
     assert tuple(recon.shape) == (2, 3, size, size)
 
 
-@pytest.mark.parametrize("preset", ["f16-8192", "shapes-small", "shapes-local"])
+@pytest.mark.parametrize("preset", ["f16-8192", "shapes-small", "shapes-local", "shapes-patch"])
 @pytest.mark.parametrize("size", [256, 512])
 def test_encode_decode_shapes_narrow(preset, size):
     torch.manual_seed(0)
@@ -72,6 +72,30 @@ def test_codes_depend_on_the_whole_picture_only_with_group_norm(preset, local):
     assert ("encoder.mid.attn_1.q.weight" in names) != local
     # Same parameter names and shapes for both norms (weight/bias per channel).
     assert names["encoder.down.0.block.0.norm1.weight"].shape == (8,)
+
+
+@pytest.mark.parametrize("norm_type", ["group", "layer"])
+def test_patch_codes_are_a_function_of_their_patch_alone(norm_type):
+    """With `patch_local` a code reads only its own 16 x 16 pixels: editing the next patch changes
+    nothing else, and equal patches anywhere in any picture get equal codes (whatever the norm)."""
+    torch.manual_seed(0)
+    cfg = VQConfig.load({"preset": "shapes-patch", "ch": 8, "z_channels": 8, "norm_groups": 4,
+                         "codebook_size": 64, "norm_type": norm_type, "mid_attention": True})
+    model = VQModel(cfg).eval()
+    image = torch.rand(2, 3, 64, 64) * 2 - 1
+    image[1, :, 32:48, 16:32] = image[0, :, :16, :16]  # patch (0, 0) of image 0, copied to (2, 1) of image 1
+    edited = image.clone()
+    edited[0, :, :16, 16:32] = -1.0  # patch (0, 1) of image 0 turned black
+    with torch.no_grad():
+        z, z_edited = model.encoder(image), model.encoder(edited)  # (2, C, 4, 4)
+    changed = (z != z_edited).any(dim=1)  # (2, 4, 4)
+    assert changed[0, 0, 1] and int(changed.sum()) == 1
+    torch.testing.assert_close(z[1, :, 2, 1], z[0, :, 0, 0])
+    # The same weights applied to the whole map (patch_local off) see the neighbours.
+    plain = VQModel(VQConfig.load({**cfg.to_dict(), "patch_local": False})).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(plain.encoder(image)[0, :, 0, 0], z[0, :, 0, 0])
 
 
 def test_size_must_be_multiple_of_downsample(tiny_model):

@@ -83,6 +83,12 @@ def test_init_from_a_saved_tokenizer(tmp_path):
     with pytest.raises(MarsError, match="different architecture"):
         Trainer(tiny_cfg(tmp_path / "c", f"init_from={tmp_path / 'vq'}", "model.codebook_size=16"),
                 images=shapes_images(4), progress=False)
+    # Patch codes are a way to apply the same weights: a trained tokenizer fine-tunes into them.
+    patch = Trainer(tiny_cfg(tmp_path / "d", f"init_from={tmp_path / 'vq'}", "model.patch_local=true"),
+                    images=shapes_images(4), progress=False)
+    assert patch.model.config.patch_local
+    assert all(torch.equal(a, b) for a, b in zip(patch.model.state_dict().values(), first.model.state_dict().values()))
+    assert patch.model.codes_hash() != first.model.codes_hash()  # other codes, so shards can tell them apart
 
 
 def test_bf16_autocast_step_on_cpu(tmp_path):
