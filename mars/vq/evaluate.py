@@ -37,6 +37,9 @@ class ReconstructionReport:
     # out: 0 for a tokenizer whose codes see only their surroundings (None: images too narrow)
     far_code_changes: float | None
     tokens_per_image: int
+    # Entropy of the code histogram over the set, in nats per code: what a model that knows only
+    # the code frequencies pays per token. Low when equal content gets equal codes.
+    code_entropy: float = 0.0
 
     def table(self) -> str:
         rows = [("images", f"{self.images}"), ("tokens / image", f"{self.tokens_per_image}"),
@@ -46,7 +49,8 @@ class ReconstructionReport:
                 ("shapes checker agreement", "-" if self.checker_agreement is None
                  else f"{100 * self.checker_agreement:.1f}%"),
                 (f"codes changed {FAR_PX}+ px from an edit", "-" if self.far_code_changes is None
-                 else f"{self.far_code_changes:.1f}%")]
+                 else f"{self.far_code_changes:.1f}%"),
+                ("code entropy (nats / code)", f"{self.code_entropy:.2f}")]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -104,14 +108,14 @@ def evaluate_reconstruction(model: VQModel, images: Iterable[torch.Tensor], *, b
     """Round-trip `images` ((3, H, W) in [-1, 1]) through the tokenizer and measure the result."""
     device = model.quant_conv.weight.device
     fid = frechet_metric().to(device) if rfid else None
-    used = torch.zeros(model.config.codebook_size, dtype=torch.bool)
+    counts = torch.zeros(model.config.codebook_size, dtype=torch.long)
     n, psnr_sum, ssim_sum, agree, tokens, far_changed, far_counted = 0, 0.0, 0.0, 0, 0, 0, 0
     bar = tqdm(total=total, desc="eval", disable=not progress, dynamic_ncols=True)
     for batch in batched(images, batch_size):
         batch = batch.to(device)
         codes = model.encode_to_codes(batch)  # (B, h, w)
         recon = model.decode_codes(codes)
-        used[codes.flatten().unique().cpu()] = True
+        counts += torch.bincount(codes.flatten().cpu(), minlength=model.config.codebook_size)
         changed, counted = far_codes_changed(model, batch, codes)
         far_changed, far_counted = far_changed + changed, far_counted + counted
         tokens = codes.shape[1] * codes.shape[2]
@@ -133,11 +137,13 @@ def evaluate_reconstruction(model: VQModel, images: Iterable[torch.Tensor], *, b
     if n == 0:
         raise ValueError("no images to evaluate")
     rfid_value = float(fid.compute()) if fid is not None and n >= 2 else None
+    freq = counts[counts > 0].double() / counts.sum()
     return ReconstructionReport(
         images=n, psnr=psnr_sum / n, ssim=ssim_sum / n,
-        codebook_usage=100.0 * float(used.float().mean()), rfid_proxy=rfid_value,
+        codebook_usage=100.0 * float((counts > 0).double().mean()), rfid_proxy=rfid_value,
         checker_agreement=agree / n if checker else None, tokens_per_image=tokens,
-        far_code_changes=100.0 * far_changed / far_counted if far_counted else None)
+        far_code_changes=100.0 * far_changed / far_counted if far_counted else None,
+        code_entropy=float(-(freq * freq.log()).sum()))
 
 
 def source_images(spec: str, resolution: int, n: int | None) -> tuple[Iterator[torch.Tensor], int | None]:

@@ -85,3 +85,15 @@ def test_far_code_changes_counts_codes_that_see_the_edit(tiny_model, monkeypatch
 def test_far_code_changes_needs_wide_images(tiny_model):
     report = evaluate_reconstruction(tiny_model, [torch.zeros(3, 32, 32)], rfid=False, progress=False)
     assert report.far_code_changes is None  # no cell lies 96 px from the right half of 32 px
+
+
+def test_code_entropy_is_the_entropy_of_the_code_histogram(tiny_model, monkeypatch):
+    """Codes 0, 0, 1, 2 over the set -> p = (1/2, 1/4, 1/4): 1.5 ln 2 nats; one code only -> 0."""
+    grids = iter([torch.tensor([[[0, 0], [1, 2]]]), torch.tensor([[[0, 0], [0, 0]]])])
+    monkeypatch.setattr(tiny_model, "encode_to_codes", lambda x: next(grids))
+    monkeypatch.setattr(tiny_model, "decode_codes", lambda c: torch.zeros(1, 3, 8, 8))
+    images = [torch.zeros(3, 8, 8)]
+    report = evaluate_reconstruction(tiny_model, images, rfid=False, progress=False)
+    assert report.code_entropy == pytest.approx(1.5 * np.log(2))
+    assert "code entropy" in report.table()
+    assert evaluate_reconstruction(tiny_model, images, rfid=False, progress=False).code_entropy == 0.0
