@@ -154,8 +154,15 @@ def test_recipe_until_stops_and_settings_override(tmp_path):
     assert recipe.run(until="text_tokenizer") == {"captions": "ran", "vq": "skipped", "text_tokenizer": "ran"}
     assert not (tmp_path / "run" / "vq-decoder").exists()  # --until before it: no decoder process
     assert len(recipe.captions.read_text(encoding="utf-8").splitlines()) == 10  # 5 scenes x (en, zh)
+    assert len(recipe.caption_pairs.read_text(encoding="utf-8").splitlines()) == 5  # 5 scenes, one pair each
     assert not (tmp_path / "run" / "codes").exists()
     assert recipe.stage_config("stage1").max_steps == 7
+    assert recipe.stage_config("stage0").data.text == str(recipe.captions)
+    pairs = Recipe(tmp_path / "run", vq=tmp_path / "vq", config_dir=configs, progress=False,
+                   overrides=parse_settings(["recipe.stage0_text=pairs"]))
+    assert pairs.stage_config("stage0").data.text == str(recipe.caption_pairs)
+    with pytest.raises(MarsError, match="stage0_text"):
+        Recipe(tmp_path / "run", vq=tmp_path / "vq", config_dir=configs, overrides=parse_settings(["recipe.stage0_text=x"]))
 
 
 def test_recipe_trains_the_vq_stages_in_turn(tmp_path):

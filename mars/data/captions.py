@@ -299,3 +299,18 @@ def shapes_example(seed: int, index: int, split: str = "train") -> tuple[Scene, 
     rng = random.Random(f"mars-shapes-caption/{split}/{seed}/{index}")
     fraction = 1.0 if split == "eval" else 0.5
     return scene, caption_scene(scene, rng, "en", fraction), caption_scene(scene, rng, "zh", fraction)
+
+
+def caption_pair(seed: int, index: int, split: str = "train") -> str:
+    """A stage-0 document: scene `index`'s English and Chinese captions on one line (English first
+    for even indices, Chinese first for odd ones).
+
+    Predicting the second caption needs the first one's content (colours, shapes, counts, sizes),
+    so a language model trained on pairs carries that content in its hidden states. One trained on
+    single captions does not: in MARS-Shapes a colour word helps to predict no later word, and such
+    a model's states after its first layer hardly differ between "a red circle" and "a blue circle"
+    (docs/shapes-demo.md), which leaves a frozen language expert with nothing for the visual expert
+    to read.
+    """
+    _, en, zh = shapes_example(seed, index, split)
+    return f"{en} {zh}" if index % 2 == 0 else f"{zh} {en}"

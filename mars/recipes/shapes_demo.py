@@ -5,12 +5,14 @@
 Steps, in order (each is skipped when its output is complete, so a killed run resumes where it
 stopped; training steps resume from their own checkpoints with `resume=auto`):
 
-    captions        OUT/data/captions.txt       English + Chinese captions of training scenes
+    captions        OUT/data/captions.txt       English + Chinese captions of training scenes, and
+                    OUT/data/caption-pairs.txt  the same scenes' captions as translation pairs
     vq              OUT/vq-refine/final         VQ-GAN: vq.yaml, then vq-refine.yaml from its weights
                                                 (the `vq_stages` of recipe.yaml), or --vq DIR
     text_tokenizer  OUT/text-tokenizer          byte-level BPE on the captions (~512 ids)
     preprocess      OUT/codes                   `mars preprocess`: images -> VQ codes, captions -> ids
-    stage0          OUT/stage0/final            text LM on the captions (the language expert, then frozen)
+    stage0          OUT/stage0/final            text LM on the captions or the pairs (`stage0_text`; the
+                                                language expert, then frozen)
     stage1          OUT/stage1/final            T2I + I2T (visual expert + new vocabulary rows)
     stage2          OUT/stage2/final            T2I only
     vq_decoder      OUT/vq-sharpen/final        the VQ's decoder alone trained on, exactly the same
@@ -68,6 +70,7 @@ class RecipeConfig:
     preprocess_batch_size: int = 1
     shard_size: int = 4096
     threads: int = 1  # torch CPU threads for every step (0 = torch's default); see recipe.yaml
+    stage0_text: str = "captions"  # stage 0's corpus: "captions" (one per line) or "pairs" (see caption_pair)
     vq_stages: tuple[str, ...] = ("vq", "vq-refine")  # VQ configs trained in turn, each from the last
     vq_decoder_stages: tuple[str, ...] = ("vq-decoder", "vq-sharpen")  # decoder-only configs trained
     # last, each from the previous one's weights (() = ship the VQ as it is)
@@ -96,6 +99,8 @@ class Recipe:
         self.config = load_config(RecipeConfig, self._config_file("recipe"), self.overrides.get("recipe", []))
         if not self.config.vq_stages:
             raise MarsError("recipe.yaml: vq_stages must name at least one VQ config")
+        if self.config.stage0_text not in ("captions", "pairs"):
+            raise MarsError(f"recipe.yaml: stage0_text must be 'captions' or 'pairs', got {self.config.stage0_text!r}")
         known = ("recipe", *self.config.vq_stages, *self.config.vq_decoder_stages, *LM_STAGES)
         unknown = set(self.overrides) - set(known)
         if unknown:
@@ -114,6 +119,13 @@ class Recipe:
     @property
     def captions(self) -> Path:
         return self.out / "data" / "captions.txt"
+
+    @property
+    def caption_pairs(self) -> Path:
+        return self.out / "data" / "caption-pairs.txt"
+
+    def captions_done(self) -> bool:
+        return self.caption_pairs.is_file() and self.captions.is_file()
 
     @property
     def vq_dir(self) -> Path:
@@ -141,7 +153,7 @@ class Recipe:
     def steps(self) -> list[tuple[str, Callable[[], bool], Callable[[], None]]]:
         """(name, is_done, run) of every step, in order; `ship` only when a target is set."""
         steps = [
-            ("captions", self.captions.is_file, self.write_captions),
+            ("captions", self.captions_done, self.write_captions),
             ("vq", lambda: (self.vq_dir / "config.json").is_file(), self.train_vq),
             ("text_tokenizer", lambda: (self.text_tokenizer_dir / "mars_tokenizer.json").is_file(),
              self.train_text_tokenizer),
@@ -235,14 +247,18 @@ class Recipe:
 
     # --- steps -------------------------------------------------------------------------------
     def write_captions(self) -> None:
-        """One caption per line: English and Chinese captions of `caption_scenes` training scenes."""
-        from mars.data.captions import shapes_example
+        """The English and Chinese captions of `caption_scenes` training scenes: one caption per
+        line (captions.txt, written last: it means done), and one translation pair per line
+        (caption-pairs.txt, `mars.data.captions.caption_pair`)."""
+        from mars.data.captions import caption_pair, shapes_example
 
         cfg = self.config
         lines = []
         for i in range(cfg.caption_scenes):
             _, en, zh = shapes_example(cfg.caption_seed, i, "train")
             lines += [en, zh]
+        pairs = [caption_pair(cfg.caption_seed, i) for i in range(cfg.caption_scenes)]
+        _write_text_atomic(self.caption_pairs, "".join(line + "\n" for line in pairs))
         _write_text_atomic(self.captions, "".join(line + "\n" for line in lines))
 
     def train_vq(self) -> None:
@@ -310,7 +326,8 @@ class Recipe:
         from mars.train.config import load_train_config
 
         paths = {
-            "stage0": [f"tokenizer={self.text_tokenizer_dir}", f"data.text={self.captions}"],
+            "stage0": [f"tokenizer={self.text_tokenizer_dir}",
+                       f"data.text={self.caption_pairs if self.config.stage0_text == 'pairs' else self.captions}"],
             "stage1": [f"init_from={self.final('stage0')}", f"vq={self.vq_dir}", f"data.shards={self.codes}"],
             "stage2": [f"init_from={self.final('stage1')}", f"data.shards={self.codes}"],
         }[stage]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mars.data.captions import (
-    canonical_caption, canonical_prompts, caption_objects, caption_scene, paraphrase, parse_canonical,
-    shapes_example,
+    canonical_caption, canonical_prompts, caption_objects, caption_pair, caption_scene, paraphrase,
+    parse_canonical, shapes_example,
 )
 from mars.data.cli import add_commands
 from mars.data.shapes import (
@@ -182,6 +182,14 @@ def test_canonical_fraction_of_training_captions():
     rng = random.Random(0)
     scene = scene_for_index(0, 0)
     assert caption_scene(scene, rng, "zh", canonical_fraction=1.0) == canonical_caption(scene, "zh")
+
+
+def test_caption_pair_holds_both_captions_of_the_scene_in_alternating_order():
+    for i in range(6):
+        scene, en, zh = shapes_example(3, i)
+        assert caption_pair(3, i) == (f"{en} {zh}" if i % 2 == 0 else f"{zh} {en}")
+        # Both halves name the same objects: the second is predictable only from the first.
+        assert caption_objects(en) == caption_objects(zh) == Counter((o.colour, o.shape) for o in scene.objects)
 
 
 def test_canonical_prompts_align_across_languages():
