@@ -39,7 +39,7 @@ class ReconstructionReport:
     tokens_per_image: int
     # Entropy of the code histogram over the set, in nats per code: what a model that knows only
     # the code frequencies pays per token. Low when equal content gets equal codes.
-    code_entropy: float = 0.0
+    code_entropy: float
 
     def table(self) -> str:
         rows = [("images", f"{self.images}"), ("tokens / image", f"{self.tokens_per_image}"),
