@@ -301,9 +301,9 @@ def shapes_example(seed: int, index: int, split: str = "train") -> tuple[Scene, 
     return scene, caption_scene(scene, rng, "en", fraction), caption_scene(scene, rng, "zh", fraction)
 
 
-def caption_pair(seed: int, index: int, split: str = "train") -> str:
-    """A stage-0 document: scene `index`'s English and Chinese captions on one line (English first
-    for even indices, Chinese first for odd ones).
+def caption_pair(index: int, en: str, zh: str) -> str:
+    """A stage-0 document: training scene `index`'s English and Chinese captions (`shapes_example`)
+    on one line, English first for even indices, Chinese first for odd ones.
 
     Predicting the second caption needs the first one's content (colours, shapes, counts, sizes),
     so a language model trained on pairs carries that content in its hidden states. One trained on
@@ -312,5 +312,4 @@ def caption_pair(seed: int, index: int, split: str = "train") -> str:
     (docs/shapes-demo.md), which leaves a frozen language expert with nothing for the visual expert
     to read.
     """
-    _, en, zh = shapes_example(seed, index, split)
     return f"{en} {zh}" if index % 2 == 0 else f"{zh} {en}"

@@ -253,11 +253,11 @@ class Recipe:
         from mars.data.captions import caption_pair, shapes_example
 
         cfg = self.config
-        lines = []
+        lines, pairs = [], []
         for i in range(cfg.caption_scenes):
             _, en, zh = shapes_example(cfg.caption_seed, i, "train")
             lines += [en, zh]
-        pairs = [caption_pair(cfg.caption_seed, i) for i in range(cfg.caption_scenes)]
+            pairs.append(caption_pair(i, en, zh))
         _write_text_atomic(self.caption_pairs, "".join(line + "\n" for line in pairs))
         _write_text_atomic(self.captions, "".join(line + "\n" for line in lines))
 

@@ -187,7 +187,7 @@ def test_canonical_fraction_of_training_captions():
 def test_caption_pair_holds_both_captions_of_the_scene_in_alternating_order():
     for i in range(6):
         scene, en, zh = shapes_example(3, i)
-        assert caption_pair(3, i) == (f"{en} {zh}" if i % 2 == 0 else f"{zh} {en}")
+        assert caption_pair(i, en, zh) == (f"{en} {zh}" if i % 2 == 0 else f"{zh} {en}")
         # Both halves name the same objects: the second is predictable only from the first.
         assert caption_objects(en) == caption_objects(zh) == Counter((o.colour, o.shape) for o in scene.objects)
 

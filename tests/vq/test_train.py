@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import torch
 from mars.data.images import pil_to_tensor
 from mars.data.shapes import render_scene, scene_for_index
 from mars.errors import MarsError
+from mars.vq.config import VQConfig
 from mars.vq.model import VQModel
 from mars.vq.train import CropBatches, Trainer, VQTrainConfig, load_train_config, tensor_epochs, train
 
@@ -87,8 +89,18 @@ def test_init_from_a_saved_tokenizer(tmp_path):
     patch = Trainer(tiny_cfg(tmp_path / "d", f"init_from={tmp_path / 'vq'}", "model.patch_local=true"),
                     images=shapes_images(4), progress=False)
     assert patch.model.config.patch_local
-    assert all(torch.equal(a, b) for a, b in zip(patch.model.state_dict().values(), first.model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(patch.model.state_dict().values(), first.model.state_dict().values(),
+                                                 strict=True))
     assert patch.model.codes_hash() != first.model.codes_hash()  # other codes, so shards can tell them apart
+
+
+def test_patch_codes_config_fine_tunes_a_local_tokenizer_into_patch_codes():
+    """configs/shapes-demo/vq-patch.yaml (the run behind docs/shapes-demo.md's patch tokenizer) parses:
+    the shapes-local geometry with patch codes, every part trained."""
+    config = Path(__file__).resolve().parents[2] / "configs" / "shapes-demo" / "vq-patch.yaml"
+    cfg = load_train_config(config, [])
+    assert cfg.model.patch_local and cfg.trainable == "all"
+    assert dataclasses.replace(cfg.model, patch_local=False) == VQConfig.from_name("shapes-local")
 
 
 def test_bf16_autocast_step_on_cpu(tmp_path):
