@@ -40,6 +40,9 @@ class ReconstructionReport:
     # Entropy of the code histogram over the set, in nats per code: what a model that knows only
     # the code frequencies pays per token. Low when equal content gets equal codes.
     code_entropy: float
+    # Every image the checker reads differently (with the checker on): its index in the set, the
+    # "colour shape" objects seen only in the original and those seen only in the reconstruction.
+    checker_misses: list[dict] | None = None
 
     def table(self) -> str:
         rows = [("images", f"{self.images}"), ("tokens / image", f"{self.tokens_per_image}"),
@@ -80,14 +83,16 @@ def frechet_metric(image_size: int = 224, stage: int | None = None) -> FrechetIn
     return FrechetInceptionDistance(feature=EfficientNetFeatures(image_size, stage), normalize=True)
 
 
-def same_objects(original, reconstruction) -> bool:
-    """Does the MARS-Shapes checker find the same (colour, shape) multiset in both images?"""
+def object_differences(original, reconstruction) -> tuple[list[str], list[str]]:
+    """The "colour shape" objects the MARS-Shapes checker finds only in the original, and only in
+    the reconstruction (both empty: the same multiset)."""
     from mars.data.checker import detect_objects
 
     def seen(image) -> Counter:
-        return Counter((o.colour, o.shape) for o in detect_objects(image))
+        return Counter(f"{o.colour} {o.shape}" for o in detect_objects(image))
 
-    return seen(original) == seen(reconstruction)
+    a, b = seen(original), seen(reconstruction)
+    return sorted((a - b).elements()), sorted((b - a).elements())
 
 
 def batched(images: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
@@ -109,7 +114,8 @@ def evaluate_reconstruction(model: VQModel, images: Iterable[torch.Tensor], *, b
     device = model.quant_conv.weight.device
     fid = frechet_metric().to(device) if rfid else None
     counts = torch.zeros(model.config.codebook_size, dtype=torch.long)
-    n, psnr_sum, ssim_sum, agree, tokens, far_changed, far_counted = 0, 0.0, 0.0, 0, 0, 0, 0
+    n, psnr_sum, ssim_sum, tokens, far_changed, far_counted = 0, 0.0, 0.0, 0, 0, 0
+    misses: list[dict] = []
     bar = tqdm(total=total, desc="eval", disable=not progress, dynamic_ncols=True)
     for batch in batched(images, batch_size):
         batch = batch.to(device)
@@ -130,7 +136,10 @@ def evaluate_reconstruction(model: VQModel, images: Iterable[torch.Tensor], *, b
             fid.update(real, real=True)
             fid.update(fake, real=False)
         if checker:
-            agree += sum(same_objects(tensor_to_pil(a), tensor_to_pil(b)) for a, b in zip(batch, recon, strict=True))
+            for i, (a, b) in enumerate(zip(batch, recon, strict=True)):
+                lost, added = object_differences(tensor_to_pil(a), tensor_to_pil(b))
+                if lost or added:
+                    misses.append({"index": n + i, "only_original": lost, "only_reconstruction": added})
         n += batch.shape[0]
         bar.update(batch.shape[0])
     bar.close()
@@ -141,9 +150,9 @@ def evaluate_reconstruction(model: VQModel, images: Iterable[torch.Tensor], *, b
     return ReconstructionReport(
         images=n, psnr=psnr_sum / n, ssim=ssim_sum / n,
         codebook_usage=100.0 * float((counts > 0).double().mean()), rfid_proxy=rfid_value,
-        checker_agreement=agree / n if checker else None, tokens_per_image=tokens,
+        checker_agreement=1.0 - len(misses) / n if checker else None, tokens_per_image=tokens,
         far_code_changes=100.0 * far_changed / far_counted if far_counted else None,
-        code_entropy=float(-(freq * freq.log()).sum()))
+        code_entropy=float(-(freq * freq.log()).sum()), checker_misses=misses if checker else None)
 
 
 def source_images(spec: str, resolution: int, n: int | None) -> tuple[Iterator[torch.Tensor], int | None]:

@@ -51,6 +51,23 @@ def test_evaluate_reconstruction_report(tiny_model):
     assert "PSNR" in report.table() and '"psnr"' in report.to_json()
 
 
+def test_checker_misses_name_the_image_and_its_lost_objects(tiny_model, monkeypatch):
+    """A "tokenizer" that returns the originals except a blank third image: exactly that image is a
+    miss (index counted across batches), and it lost exactly the objects the checker sees in it."""
+    from mars.data.checker import detect_objects
+    from mars.data.images import pil_to_tensor
+    from mars.data.shapes import render_scene, scene_for_index
+
+    scenes = [render_scene(scene_for_index(3, i), 64) for i in range(3)]
+    images = [pil_to_tensor(scene) for scene in scenes]
+    batches = iter([torch.stack(images[:2]), torch.stack([torch.ones_like(images[2])])])
+    monkeypatch.setattr(tiny_model, "decode_codes", lambda codes: next(batches))
+    report = evaluate_reconstruction(tiny_model, images, batch_size=2, rfid=False, checker=True, progress=False)
+    expected = sorted(f"{o.colour} {o.shape}" for o in detect_objects(scenes[2]))
+    assert expected and report.checker_misses == [{"index": 2, "only_original": expected, "only_reconstruction": []}]
+    assert report.checker_agreement == pytest.approx(2 / 3)
+
+
 def test_psnr_of_perfect_tokenizer_is_high(tiny_model, monkeypatch):
     images = [torch.rand(3, 32, 32) * 2 - 1 for _ in range(2)]
     lookup = {}
