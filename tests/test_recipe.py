@@ -67,7 +67,7 @@ def test_generate_without_model_writes_a_256px_png(tmp_path):
 def _tiny_configs(folder: Path) -> Path:
     """The repo's recipe configs, shrunk to seconds: 16 px-grid images at 64 px, a 2-layer model."""
     folder.mkdir()
-    for name in ("recipe", "vq", "vq-refine", "vq-decoder", "vq-sharpen", "stage0", "stage1", "stage2"):
+    for name in ("recipe", "vq", "vq-refine", "vq-patch", "vq-decoder", "vq-sharpen", "stage0", "stage1", "stage2"):
         shutil.copy(REPO_CONFIGS / f"{name}.yaml", folder / f"{name}.yaml")
 
     def edit(name: str, **changes) -> None:
@@ -157,10 +157,10 @@ def test_recipe_until_stops_and_settings_override(tmp_path):
     assert len(recipe.caption_pairs.read_text(encoding="utf-8").splitlines()) == 5  # 5 scenes, one pair each
     assert not (tmp_path / "run" / "codes").exists()
     assert recipe.stage_config("stage1").max_steps == 7
-    assert recipe.stage_config("stage0").data.text == str(recipe.captions)
-    pairs = Recipe(tmp_path / "run", vq=tmp_path / "vq", config_dir=configs, progress=False,
-                   overrides=parse_settings(["recipe.stage0_text=pairs"]))
-    assert pairs.stage_config("stage0").data.text == str(recipe.caption_pairs)
+    assert recipe.stage_config("stage0").data.text == str(recipe.caption_pairs)  # recipe.yaml: pairs
+    captions = Recipe(tmp_path / "run", vq=tmp_path / "vq", config_dir=configs, progress=False,
+                      overrides=parse_settings(["recipe.stage0_text=captions"]))
+    assert captions.stage_config("stage0").data.text == str(recipe.captions)
     with pytest.raises(MarsError, match="stage0_text"):
         Recipe(tmp_path / "run", vq=tmp_path / "vq", config_dir=configs, overrides=parse_settings(["recipe.stage0_text=x"]))
 
@@ -170,11 +170,13 @@ def test_recipe_trains_the_vq_stages_in_turn(tmp_path):
     small = ["data=shapes:8:1", "resolution=64", "crop_size=32", "batch_size=2", "steps=2", "ckpt_every=1",
              "image_every=0", "warmup_steps=1", "model.codebook_size=64"]
     recipe = Recipe(tmp_path / "run", config_dir=configs, progress=False,
-                    overrides={"vq": [*small, "entropy_until=0"], "vq-refine": small})
+                    overrides={"vq": [*small, "entropy_until=0"], "vq-refine": small, "vq-patch": small})
     assert recipe.run(only="vq") == {"vq": "ran"}
-    assert recipe.vq_dir == tmp_path / "run" / "vq-refine" / "final" and (recipe.vq_dir / "config.json").is_file()
-    refine = yaml.safe_load((tmp_path / "run" / "vq-refine" / "train_config.yaml").read_text())
-    assert refine["init_from"] == str(tmp_path / "run" / "vq" / "final")  # stage 2 starts from stage 1
+    assert recipe.vq_dir == tmp_path / "run" / "vq-patch" / "final" and (recipe.vq_dir / "config.json").is_file()
+    for stage, previous in (("vq-refine", "vq"), ("vq-patch", "vq-refine")):  # each from the one before
+        config = yaml.safe_load((tmp_path / "run" / stage / "train_config.yaml").read_text())
+        assert config["init_from"] == str(tmp_path / "run" / previous / "final")
+    assert json.loads((recipe.vq_dir / "config.json").read_text())["patch_local"]  # the codes the LM learns
     assert not recipe.captions.exists()  # --only: nothing else ran
 
 

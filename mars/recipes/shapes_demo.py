@@ -70,7 +70,7 @@ class RecipeConfig:
     preprocess_batch_size: int = 1
     shard_size: int = 4096
     threads: int = 1  # torch CPU threads for every step (0 = torch's default); see recipe.yaml
-    stage0_text: str = "captions"  # stage 0's corpus: "captions" (one per line) or "pairs" (see caption_pair)
+    stage0_text: str = "pairs"  # stage 0's corpus: "pairs" (see caption_pair) or "captions" (one per line)
     vq_stages: tuple[str, ...] = ("vq", "vq-refine")  # VQ configs trained in turn, each from the last
     vq_decoder_stages: tuple[str, ...] = ("vq-decoder", "vq-sharpen")  # decoder-only configs trained
     # last, each from the previous one's weights (() = ship the VQ as it is)

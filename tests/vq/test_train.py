@@ -94,13 +94,13 @@ def test_init_from_a_saved_tokenizer(tmp_path):
     assert patch.model.codes_hash() != first.model.codes_hash()  # other codes, so shards can tell them apart
 
 
-def test_patch_codes_config_fine_tunes_a_local_tokenizer_into_patch_codes():
-    """configs/shapes-demo/vq-patch.yaml (the run behind docs/shapes-demo.md's patch tokenizer) parses:
-    the shapes-local geometry with patch codes, every part trained."""
+def test_patch_codes_config_fine_tunes_the_small_tokenizer_into_patch_codes():
+    """configs/shapes-demo/vq-patch.yaml (the recipe's last VQ stage) parses: the shapes-small
+    geometry of the stages before it, with patch codes, every part trained."""
     config = Path(__file__).resolve().parents[2] / "configs" / "shapes-demo" / "vq-patch.yaml"
     cfg = load_train_config(config, [])
     assert cfg.model.patch_local and cfg.trainable == "all"
-    assert dataclasses.replace(cfg.model, patch_local=False) == VQConfig.from_name("shapes-local")
+    assert dataclasses.replace(cfg.model, patch_local=False) == VQConfig.from_name("shapes-small")
 
 
 def test_bf16_autocast_step_on_cpu(tmp_path):
