@@ -129,13 +129,15 @@ def test_identity_hash_tracks_weights_and_config(tiny_model):
 
 def test_identity_hash_of_a_saved_tokenizer_is_stable(tmp_path):
     """Shards record their tokenizer's hash: config fields added later (norm_type, mid_attention,
-    decoder_ch) must not change the hash of a tokenizer saved before them, when at their defaults."""
+    decoder_ch, patch_local) must not change the hash of a tokenizer saved before them, when at
+    their defaults (the shipped patch tokenizer sets only patch_local)."""
     shipped = load_tokenizer("shapes-demo")
-    assert shipped.identity_hash() == "779d2067181a2982"  # the hash docs and shards name
-    assert shipped.codes_hash() == "a754fd3d11bce7c0"  # also the codes hash of its tokenizer before any decoder stage
+    assert shipped.identity_hash() == "1ca5e51e77e26451"  # the hash docs and shards name
+    assert shipped.codes_hash() == "f86d2a4248f411d5"  # also the codes hash of vq-patch, before its decoder stage
     folder = resolve_model_path("shapes-demo") / "vq"
     config = json.loads((folder / "config.json").read_text())
-    saved_before = {k: v for k, v in config.items() if k not in HASHED_ONLY_IF_CHANGED}
+    saved_before = {k: v for k, v in config.items() if k not in HASHED_ONLY_IF_CHANGED or v != getattr(VQConfig, k)}
+    assert saved_before != config and saved_before["patch_local"]
     (tmp_path / "config.json").write_text(json.dumps(saved_before))
     (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
     assert load_tokenizer(tmp_path).identity_hash() == shipped.identity_hash()
