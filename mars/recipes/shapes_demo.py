@@ -7,8 +7,9 @@ stopped; training steps resume from their own checkpoints with `resume=auto`):
 
     captions        OUT/data/captions.txt       English + Chinese captions of training scenes, and
                     OUT/data/caption-pairs.txt  the same scenes' captions as translation pairs
-    vq              OUT/vq-refine/final         VQ-GAN: vq.yaml, then vq-refine.yaml from its weights
-                                                (the `vq_stages` of recipe.yaml), or --vq DIR
+    vq              OUT/vq-patch/final          VQ-GAN: vq.yaml, then vq-refine.yaml and vq-patch.yaml
+                                                (patch codes), each from the previous weights (the
+                                                `vq_stages` of recipe.yaml), or --vq DIR
     text_tokenizer  OUT/text-tokenizer          byte-level BPE on the captions (~512 ids)
     preprocess      OUT/codes                   `mars preprocess`: images -> VQ codes, captions -> ids
     stage0          OUT/stage0/final            text LM on the captions or the pairs (`stage0_text`; the
