@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -191,12 +192,15 @@ def test_recipe_presets_parse_and_fit_together(tmp_path, config_dir):
     recipe = Recipe(tmp_path, vq=SHIPPED / "vq", config_dir=config_dir, progress=False,
                     overrides={"recipe": ["generation.top_k=7"]})
     assert isinstance(recipe.config.generation, SampleConfig) and recipe.config.generation.top_k == 7
-    previous = None
+    previous, previous_model = None, None
     for name in recipe.config.vq_stages:
         vq = load_vq_config(recipe._config_file(name), [f"out_dir={tmp_path / name}"]
                             + ([f"init_from={previous}"] if previous else []))
         assert vq.trainable == "all" and vq.model.downsample == 16, name
-        previous = tmp_path / name / "final"
+        if previous_model is not None:  # init_from loads the previous stage: only patch_local may differ
+            assert dataclasses.replace(vq.model, patch_local=previous_model.patch_local) == previous_model, name
+        previous, previous_model = tmp_path / name / "final", vq.model
+    assert previous_model.patch_local  # the LM learns patch codes
     for name in recipe.config.vq_decoder_stages:
         decoder = load_vq_config(recipe._config_file(name), [f"model={SHIPPED / 'vq'}"])
         assert decoder.trainable == "decoder" and decoder.restart_dead_codes_every == 0, name
