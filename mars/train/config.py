@@ -73,6 +73,9 @@ class TrainConfig:
     # divided by the batch's loss tokens, so a weight W counts one image's term like W code tokens.
     t2i_contrast_weight: float = 0.0
     t2i_contrast_margin: float = 10.0
+    # > 0: the term runs for the stage's first N steps only, then plain T2I (once the model reads the
+    # prompt the likelihood keeps it reading, and a plain step costs half as much); 0 = every step
+    t2i_contrast_steps: int = 0
 
     # execution
     device: str = "auto"  # auto | cpu | cuda
@@ -112,6 +115,8 @@ class TrainConfig:
             raise MarsError(f"t2i_loss_vocab must be full or visual, got {self.t2i_loss_vocab!r}")
         if self.t2i_contrast_weight < 0 or self.t2i_contrast_margin < 0:
             raise MarsError("t2i_contrast_weight and t2i_contrast_margin must be >= 0")
+        if self.t2i_contrast_steps < 0:
+            raise MarsError(f"t2i_contrast_steps must be >= 0 (0 = every step), got {self.t2i_contrast_steps}")
         if self.precision not in ("bf16", "fp32"):
             raise MarsError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):

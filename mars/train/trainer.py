@@ -244,7 +244,8 @@ class Trainer:
         num_targets = float(parallel.all_reduce_sum(local, env).item())  # loss tokens of the global batch
         ce_total, tokens, gap_total, pairs = 0.0, 0, 0.0, 0
         cache_dtype = torch.bfloat16 if self.bf16 else torch.float32
-        contrast = task == "t2i" and cfg.t2i_contrast_weight > 0
+        contrast = (task == "t2i" and cfg.t2i_contrast_weight > 0
+                    and (cfg.t2i_contrast_steps == 0 or step < cfg.t2i_contrast_steps))
         for i, mb in enumerate(micro):
             parallel.set_grad_sync(model, i == len(micro) - 1)
             batch = mb.batch.to(env.device)

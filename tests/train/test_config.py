@@ -41,6 +41,7 @@ def test_stage_templates_build_their_models():
     (["model_overrides={num_layers: 3}"], "only change image_size"),
     (["batch_size=12", "micro_batch_size=8"], "not a multiple of micro_batch_size"),
     (["t2i_contrast_weight=-1"], "t2i_contrast_weight and t2i_contrast_margin must be >= 0"),
+    (["t2i_contrast_steps=-1"], "t2i_contrast_steps must be >= 0"),
 ])
 def test_config_errors_are_one_line(override, message):
     with pytest.raises(MarsError, match=message) as err:

@@ -103,3 +103,13 @@ def test_prompt_contrast_logs_the_prompt_gap_and_keeps_the_plain_loss(tmp_path):
     assert contrast[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
     assert all("prompt_gap" in m and math.isfinite(m["prompt_gap"]) for m in contrast)
     assert not any("prompt_gap" in m for m in plain)
+
+
+def test_prompt_contrast_can_stop_after_its_first_steps(tmp_path):
+    common = ("data.synthetic=8", "tasks={t2i: 1.0}", "max_steps=3", "save_every=0", "data.cfg_dropout=0")
+    _, plain = run_stage("stage1", tmp_path / "plain", *common)
+    _, early = run_stage("stage1", tmp_path / "early", *common, "t2i_contrast_weight=2", "t2i_contrast_steps=1")
+    assert ["prompt_gap" in m for m in early] == [True, False, False]
+    # the contrast step moved the weights, so the plain steps after it see another model
+    assert early[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
+    assert early[1]["loss"] != pytest.approx(plain[1]["loss"], rel=1e-6)
