@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mars.data.negatives import check_swap_groups, swap_words
 from mars.errors import MarsError
 from mars.text_tokenizer import TextTokenizer
 from mars.vocab import MultimodalVocab
@@ -51,6 +52,7 @@ class Sequence:
     loss: torch.Tensor
     visual: torch.Tensor
     prefix_len: int = 0
+    negative_prompt: torch.Tensor | None = None  # T2I: a counterfactual prompt's ids (mars.data.negatives)
 
 
 @dataclass
@@ -59,6 +61,10 @@ class T2IBatch:
     targets: torch.Tensor  # (B, T) long, targets[:, t] = input_ids[:, t + 1] or -100
     pad_lengths: torch.Tensor  # (B,) long: leading padding slots per row
     prefix_len: int  # P: column of <img> in every row; columns >= P are all visual
+    # Counterfactual prompts for the contrast term, left padded to the same P: (B, P) ids and (B,)
+    # padding; a row without one is all padding (pad length P). None when no row has one.
+    negative_prompts: torch.Tensor | None = None
+    negative_pad_lengths: torch.Tensor | None = None
 
     @property
     def image_mask(self) -> torch.Tensor:
@@ -68,8 +74,10 @@ class T2IBatch:
         return mask
 
     def to(self, device) -> T2IBatch:
+        negatives = (None, None) if self.negative_prompts is None else (
+            self.negative_prompts.to(device), self.negative_pad_lengths.to(device))
         return T2IBatch(self.input_ids.to(device), self.targets.to(device), self.pad_lengths.to(device),
-                        self.prefix_len)
+                        self.prefix_len, *negatives)
 
 
 @dataclass
@@ -99,13 +107,16 @@ def _image_part(vocab: MultimodalVocab, codes: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.tensor([vocab.boi_id]), ids, torch.tensor([vocab.eoi_id])])
 
 
-def build_t2i(vocab: MultimodalVocab, prompt_ids: list[int], codes: torch.Tensor) -> Sequence:
-    """`prompt_ids <img> codes </img>`, loss on codes and `</img>`. Empty prompt = null prompt."""
+def build_t2i(vocab: MultimodalVocab, prompt_ids: list[int], codes: torch.Tensor,
+              negative_prompt_ids: list[int] | None = None) -> Sequence:
+    """`prompt_ids <img> codes </img>`, loss on codes and `</img>`. Empty prompt = null prompt.
+    `negative_prompt_ids`: a counterfactual prompt for the contrast term, carried beside."""
     image = _image_part(vocab, codes)
     ids = torch.cat([torch.tensor(prompt_ids, dtype=torch.long), image])
     loss = torch.zeros(len(ids), dtype=torch.bool)
     loss[len(prompt_ids) + 1:] = True  # codes and </img>; not the prompt, not <img>
-    return Sequence(ids, loss, vocab.is_visual(ids), prefix_len=len(prompt_ids))
+    negative = None if negative_prompt_ids is None else torch.tensor(negative_prompt_ids, dtype=torch.long)
+    return Sequence(ids, loss, vocab.is_visual(ids), prefix_len=len(prompt_ids), negative_prompt=negative)
 
 
 def build_i2t(vocab: MultimodalVocab, codes: torch.Tensor, instruction_ids: list[int], caption_ids: list[int],
@@ -137,8 +148,12 @@ def _targets(seq: Sequence) -> torch.Tensor:
 
 
 def collate_t2i(samples: list[Sequence], pad_id: int) -> T2IBatch:
-    """Left-pad the prompts so every row's `<img>` is at column P = the longest prompt."""
+    """Left-pad the prompts so every row's `<img>` is at column P = the longest prompt (counterfactual
+    prompts included, which are left padded to the same P)."""
+    negatives = [s.negative_prompt for s in samples]
     P = max(s.prefix_len for s in samples)
+    if any(n is not None for n in negatives):
+        P = max(P, *(len(n) for n in negatives if n is not None))
     pad_lengths = torch.tensor([P - s.prefix_len for s in samples], dtype=torch.long)
     if len({len(s.ids) - s.prefix_len for s in samples}) != 1:
         raise MarsError("T2I samples of one batch must have the same number of image codes")
@@ -148,7 +163,15 @@ def collate_t2i(samples: list[Sequence], pad_id: int) -> T2IBatch:
     for b, (s, pad) in enumerate(zip(samples, pad_lengths.tolist())):
         input_ids[b, pad:] = s.ids
         targets[b, pad:] = _targets(s)
-    return T2IBatch(input_ids, targets, pad_lengths, P)
+    if all(n is None for n in negatives):
+        return T2IBatch(input_ids, targets, pad_lengths, P)
+    negative_prompts = torch.full((len(samples), P), pad_id, dtype=torch.long)
+    negative_pad = torch.full((len(samples),), P, dtype=torch.long)
+    for b, n in enumerate(negatives):
+        if n is not None:
+            negative_pad[b] = P - len(n)
+            negative_prompts[b, P - len(n):] = n
+    return T2IBatch(input_ids, targets, pad_lengths, P, negative_prompts, negative_pad)
 
 
 def _right_pad(samples: list[Sequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,12 +208,14 @@ class SequenceBuilder:
     (the same task on every rank). Sample positions g = (step * world_size + rank) * batch_size + j
     walk through a fresh permutation of the dataset each epoch; per-sample choices (null prompt
     with `null_prompt_prob`, Chinese caption with `zh_prob` when there is one) come from a
-    generator seeded by (seed, g).
+    generator seeded by (seed, g). With `contrast_swaps` (word groups, `mars.data.negatives`) each
+    T2I row with a prompt also carries a counterfactual prompt made from its caption's text.
     """
 
     def __init__(self, vocab: MultimodalVocab, text_tokenizer: TextTokenizer, *, t2i_weight: float = 1.0,
                  i2t_weight: float = 0.0, lm_weight: float = 0.0, null_prompt_prob: float = 0.1,
-                 zh_prob: float = 0.5, seed: int = 0, max_text_len: int | None = None):
+                 zh_prob: float = 0.5, seed: int = 0, max_text_len: int | None = None,
+                 contrast_swaps: list[list[str]] | None = None):
         weights = np.array([t2i_weight, i2t_weight, lm_weight], dtype=np.float64)
         if (weights < 0).any() or weights.sum() <= 0:
             raise MarsError(f"task weights must be >= 0 with a positive sum, got t2i={t2i_weight} "
@@ -205,6 +230,7 @@ class SequenceBuilder:
         self.task_probs = weights / weights.sum()
         self.null_prompt_prob, self.zh_prob = null_prompt_prob, zh_prob
         self.seed, self.max_text_len = seed, max_text_len
+        self.contrast_swaps = check_swap_groups(contrast_swaps) if contrast_swaps else None
         self.instruction_ids = {"en": text_tokenizer.encode(INSTRUCTION_EN),
                                 "zh": text_tokenizer.encode(INSTRUCTION_ZH)}
         self._perm: tuple[int, int, np.ndarray] | None = None  # (epoch, n, permutation) cache
@@ -226,7 +252,12 @@ class SequenceBuilder:
         null = rng.random() < self.null_prompt_prob
         lang = self._language(sample, rng)
         prompt = [] if null else self._clip(sample["text_zh_ids"] if lang == "zh" else sample["text_ids"])
-        return build_t2i(self.vocab, prompt, sample["codes"])
+        negative = None
+        if self.contrast_swaps and not null:
+            text = sample.get("text_zh" if lang == "zh" else "text")
+            swapped = swap_words(text, self.contrast_swaps, rng) if text else None
+            negative = None if swapped is None else self._clip(self.tok.encode(swapped))
+        return build_t2i(self.vocab, prompt, sample["codes"], negative)
 
     def i2t(self, sample: dict, rng: np.random.Generator) -> Sequence:
         lang = self._language(sample, rng)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mars.config import load_config
+from mars.data.negatives import check_swap_groups
 from mars.errors import MarsError
 
 STAGES = ("stage0", "stage1", "stage2", "stage3")
@@ -76,6 +77,10 @@ class TrainConfig:
     # > 0: the term runs for the stage's first N steps only, then plain T2I (once the model reads the
     # prompt the likelihood keeps it reading, and a plain step costs half as much); 0 = every step
     t2i_contrast_steps: int = 0
+    # Word groups ([[left, right], [small, large, big], ...]; mars.data.negatives): when set, an image's
+    # other prompt is its own caption with one group's words swapped (a hard negative: relations,
+    # sizes, which colour goes with which shape), else another row's prompt as above
+    t2i_contrast_swaps: list[list[str]] = field(default_factory=list)
 
     # execution
     device: str = "auto"  # auto | cpu | cuda
@@ -115,6 +120,9 @@ class TrainConfig:
             raise MarsError(f"t2i_loss_vocab must be full or visual, got {self.t2i_loss_vocab!r}")
         if self.t2i_contrast_weight < 0 or self.t2i_contrast_margin < 0:
             raise MarsError("t2i_contrast_weight and t2i_contrast_margin must be >= 0")
+        self.t2i_contrast_swaps = check_swap_groups(self.t2i_contrast_swaps)
+        if self.t2i_contrast_swaps and self.t2i_contrast_weight == 0:
+            raise MarsError("t2i_contrast_swaps makes negatives for the contrast term: set t2i_contrast_weight > 0")
         if self.t2i_contrast_steps < 0:
             raise MarsError(f"t2i_contrast_steps must be >= 0 (0 = every step), got {self.t2i_contrast_steps}")
         if self.precision not in ("bf16", "fp32"):

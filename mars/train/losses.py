@@ -109,19 +109,25 @@ def t2i_loss(model, batch: T2IBatch, prefix_no_grad: bool = True, vocab: str = "
 
 
 def mismatched_prompts(batch: T2IBatch) -> tuple[T2IBatch, torch.Tensor]:
-    """The same images after the next row's prompt (rolled by one row), and which rows make a pair.
+    """The same images after other prompts, and which rows make a pair.
 
-    A row pairs when both its own and the borrowed prompt are real (not the null prompt) and differ.
-    Returns the rolled batch and a (B,) bool mask.
+    A row's other prompt is its counterfactual prompt when it has one (`batch.negative_prompts`,
+    `mars.data.negatives`), else the previous row's prompt (rolled by one row). A row pairs when
+    both its own and the other prompt are real (not the null prompt) and differ. Returns the batch
+    with the other prompts and a (B,) bool mask.
     """
     P = batch.prefix_len
     prompts = batch.input_ids[:, :P]  # (B, P), left padded
-    rolled = torch.roll(prompts, 1, dims=0)
-    rolled_pad = torch.roll(batch.pad_lengths, 1, dims=0)
+    other = torch.roll(prompts, 1, dims=0)
+    other_pad = torch.roll(batch.pad_lengths, 1, dims=0)
+    if batch.negative_prompts is not None:
+        has_negative = batch.negative_pad_lengths < P  # (B,)
+        other = torch.where(has_negative[:, None], batch.negative_prompts, other)
+        other_pad = torch.where(has_negative, batch.negative_pad_lengths, other_pad)
     real = batch.pad_lengths < P  # (B,) a null prompt is all padding
-    valid = real & torch.roll(real, 1, dims=0) & (rolled != prompts).any(dim=1)  # one row: its own prompt
-    ids = torch.cat([rolled, batch.input_ids[:, P:]], dim=1)
-    return T2IBatch(ids, batch.targets, rolled_pad, P), valid
+    valid = real & (other_pad < P) & (other != prompts).any(dim=1)  # one row: its own prompt
+    ids = torch.cat([other, batch.input_ids[:, P:]], dim=1)
+    return T2IBatch(ids, batch.targets, other_pad, P), valid
 
 
 @dataclass
@@ -137,9 +143,10 @@ def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full"
                       cache_dtype=torch.float32) -> ContrastParts:
     """T2I loss plus the prompt-contrast term, from one forward over [true rows; mismatched rows].
 
-    gap_b = NLL(image_b | prompt_{b-1}) - NLL(image_b | prompt_b) in nats per image; the term is
-    softplus(margin - gap_b), summed over the pairing rows (see `mismatched_prompts`), so it
-    pushes until the borrowed prompt makes the image `margin` nats less likely, then fades.
+    gap_b = NLL(image_b | other prompt) - NLL(image_b | prompt_b) in nats per image, the other
+    prompt being row b's counterfactual prompt or else row b-1's (see `mismatched_prompts`); the
+    term is softplus(margin - gap_b), summed over the pairing rows, so it pushes until the other
+    prompt makes the image `margin` nats less likely, then fades.
     """
     negative, valid = mismatched_prompts(batch)
     both = T2IBatch(torch.cat([batch.input_ids, negative.input_ids]), torch.cat([batch.targets, negative.targets]),

@@ -162,7 +162,8 @@ class Trainer:
             MultimodalVocab.from_config(mc), self.text_tokenizer,
             t2i_weight=cfg.tasks.get("t2i", 0.0), i2t_weight=cfg.tasks.get("i2t", 0.0),
             lm_weight=cfg.tasks.get("lm", 0.0), null_prompt_prob=cfg.data.cfg_dropout, zh_prob=cfg.data.zh_fraction,
-            seed=cfg.data.seed, max_text_len=cfg.data.seq_len if lm else cfg.data.max_text_len)
+            seed=cfg.data.seed, max_text_len=cfg.data.seq_len if lm else cfg.data.max_text_len,
+            contrast_swaps=cfg.t2i_contrast_swaps)
         if env.is_main:
             logger.info("data: %d samples from %s; tasks %s; %d sequences per step = %d rank(s) x %d x %d micro-batch",
                         len(dataset), cfg.data.text or cfg.data.shards or "synthetic shards", cfg.tasks, cfg.batch_size, env.world_size,

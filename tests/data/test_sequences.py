@@ -152,6 +152,26 @@ def test_builder_probabilities_and_fallbacks():
     assert ByteTokenizer().decode(seq.ids[:seq.prefix_len].tolist()) == sample(1)["text"]
 
 
+def test_builder_adds_counterfactual_prompts_in_the_rows_language_with_the_same_plain_stream():
+    data = [sample(i) for i in range(8)]
+    swaps = [["shape", "form"], ["个", "只"]]
+    plain = SequenceBuilder(VOCAB, ByteTokenizer(), null_prompt_prob=0.25, seed=1)
+    hard = SequenceBuilder(VOCAB, ByteTokenizer(), null_prompt_prob=0.25, seed=1, contrast_swaps=swaps)
+    _, a = plain.batch(data, 0, batch_size=8)
+    _, b = hard.batch(data, 0, batch_size=8)
+    P = b.prefix_len  # the counterfactual prompts share the real prompts' left padding
+    assert a.negative_prompts is None and b.negative_prompts.shape == (8, P)
+    for row in range(8):
+        own = ByteTokenizer().decode(b.input_ids[row, b.pad_lengths[row]:P].tolist())
+        assert own == ByteTokenizer().decode(a.input_ids[row, a.pad_lengths[row]:a.prefix_len].tolist())
+        other = ByteTokenizer().decode(b.negative_prompts[row, b.negative_pad_lengths[row]:].tolist())
+        if own == "":  # a null prompt has no counterfactual
+            assert b.negative_pad_lengths[row] == P
+        else:
+            assert other == own.replace("shape", "form").replace("个", "只")
+    assert (b.negative_pad_lengths < P).sum() >= 4
+
+
 def test_batches_are_a_function_of_seed_step_rank():
     data = [sample(i) for i in range(12)]
 

@@ -42,6 +42,8 @@ def test_stage_templates_build_their_models():
     (["batch_size=12", "micro_batch_size=8"], "not a multiple of micro_batch_size"),
     (["t2i_contrast_weight=-1"], "t2i_contrast_weight and t2i_contrast_margin must be >= 0"),
     (["t2i_contrast_steps=-1"], "t2i_contrast_steps must be >= 0"),
+    (["t2i_contrast_swaps=[[left, right]]"], "set t2i_contrast_weight > 0"),
+    (["t2i_contrast_weight=1", "t2i_contrast_swaps=[[left]]"], "swap group must be a list of at least 2"),
 ])
 def test_config_errors_are_one_line(override, message):
     with pytest.raises(MarsError, match=message) as err:

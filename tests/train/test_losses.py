@@ -111,6 +111,28 @@ def test_mismatched_prompts_borrow_the_previous_rows_prompt_and_skip_null_pairs(
     assert not alone.any()
 
 
+def test_counterfactual_prompts_replace_the_borrowed_prompt_where_a_row_has_one():
+    model = _model(4)
+    g = torch.Generator().manual_seed(4)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    negatives = [[1, 2, 30], None, [6, 7, 8, 9, 10, 11]]  # row 1 has none; row 2's is the longest
+    seqs = [build_t2i(model.vocab, p, torch.randint(0, 256, (16,), generator=g), n) for p, n in zip(prompts, negatives)]
+    batch = collate_t2i(seqs, pad_id=256)
+    P = batch.prefix_len
+    assert P == 6 and batch.pad_lengths.tolist() == [3, 4, 2] and batch.negative_pad_lengths.tolist() == [3, 6, 0]
+    other, valid = mismatched_prompts(batch)
+    assert other.input_ids[0, 3:P].tolist() == [1, 2, 30] and other.input_ids[2, :P].tolist() == [6, 7, 8, 9, 10, 11]
+    assert torch.equal(other.input_ids[1, :P], batch.input_ids[0, :P])  # no counterfactual: the previous row's
+    assert other.pad_lengths.tolist() == [3, 3, 0] and valid.all()
+    assert torch.equal(other.input_ids[:, P:], batch.input_ids[:, P:])
+    codes = [s.ids[len(p) + 1:-1] - model.vocab.image_offset for s, p in zip(seqs, prompts)]
+    with torch.no_grad():
+        parts = t2i_contrast_loss(model, batch, margin=3.0)
+    others = [negatives[0], prompts[0], negatives[2]]
+    gaps = [_row_nll(model, o, c) - _row_nll(model, p, c) for o, p, c in zip(others, prompts, codes)]
+    assert parts.num_pairs == 3 and parts.gap_sum == pytest.approx(sum(gaps), rel=1e-4, abs=1e-4)
+
+
 def _row_nll(model, prompt: list[int], codes: torch.Tensor) -> float:
     """NLL of one image after one prompt, through a freshly collated one-row batch."""
     with torch.no_grad():

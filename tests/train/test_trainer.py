@@ -113,3 +113,15 @@ def test_prompt_contrast_can_stop_after_its_first_steps(tmp_path):
     # the contrast step moved the weights, so the plain steps after it see another model
     assert early[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
     assert early[1]["loss"] != pytest.approx(plain[1]["loss"], rel=1e-6)
+
+
+def test_prompt_contrast_with_word_swaps_trains_on_counterfactual_prompts(tmp_path):
+    common = ("data.synthetic=8", "tasks={t2i: 1.0}", "max_steps=2", "save_every=0", "data.cfg_dropout=0",
+              "t2i_contrast_weight=2")
+    _, borrowed = run_stage("stage1", tmp_path / "borrowed", *common)
+    _, swapped = run_stage("stage1", tmp_path / "swapped", *common,
+                           "t2i_contrast_swaps=[[red, blue, green, yellow, orange, purple, black]]")
+    assert swapped[0]["loss"] == pytest.approx(borrowed[0]["loss"], rel=1e-5)  # same plain loss
+    assert all(math.isfinite(m["prompt_gap"]) for m in swapped)
+    assert swapped[0]["prompt_gap"] != pytest.approx(borrowed[0]["prompt_gap"], rel=1e-3)  # other prompts
+

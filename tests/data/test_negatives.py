@@ -1,0 +1,52 @@
+"""Counterfactual prompts: one group's words exchanged (binding) or replaced (relation, size, count)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mars.data.negatives import check_swap_groups, swap_words
+from mars.errors import MarsError
+
+GROUPS = [["left", "right"], ["small", "large", "big"], ["circle", "square", "triangle", "star"],
+          ["red", "blue", "green"], ["左边", "右边"], ["圆形", "正方形", "三角形"], ["两个", "三个", "四个"]]
+
+
+def _all(text: str, n: int = 200) -> set[str | None]:
+    rng = np.random.default_rng(0)
+    return {swap_words(text, GROUPS, rng) for _ in range(n)}
+
+
+def test_a_single_word_of_a_group_is_replaced_by_each_other_word():
+    assert _all("a red circle to the left of a blue circle") >= {
+        "a red circle to the right of a blue circle",  # relation
+        "a red square to the left of a blue square", "a red star to the left of a blue star",  # every 'circle'
+        "a blue circle to the left of a red circle"}  # the two colours trade places
+
+
+def test_two_words_of_a_group_trade_places_and_never_merge():
+    out = _all("a small red circle and a big blue square")
+    assert "a small red square and a big blue circle" in out  # binding: shapes exchanged
+    assert "a big red circle and a small blue square" in out  # sizes exchanged
+    assert "a small blue circle and a big red square" in out
+    assert all(o.count("circle") + o.count("square") + o.count("triangle") + o.count("star") == 2 for o in out)
+    assert "a small red circle and a big blue square" not in out  # always a change
+
+
+def test_plural_and_chinese_words_match_as_substrings_without_breaking_longer_words():
+    assert _all("three green stars") >= {"three green circles", "three red stars"}
+    out = _all("三个绿色的三角形")
+    assert out >= {"两个绿色的三角形", "四个绿色的三角形", "三个绿色的圆形", "三个绿色的正方形"}
+    assert all(o.count("三角形") + o.count("圆形") + o.count("正方形") == 1 for o in out)  # 三个 never eats 三角形
+
+
+def test_no_applicable_group_gives_none_and_the_draw_is_seeded():
+    assert swap_words("a picture", GROUPS, np.random.default_rng(0)) is None
+    draws = [swap_words("a red circle left of a blue square", GROUPS, np.random.default_rng(7)) for _ in range(2)]
+    assert draws[0] == draws[1]
+
+
+@pytest.mark.parametrize("groups", [[["left"]], [["left", "left"]], [["a", "b"], ["b", "c"]], [["a", ""]], "left"])
+def test_bad_groups_are_refused_with_a_message(groups):
+    with pytest.raises(MarsError, match="swap group"):
+        check_swap_groups(groups)
