@@ -108,6 +108,16 @@ def t2i_loss(model, batch: T2IBatch, prefix_no_grad: bool = True, vocab: str = "
     return token_ce_sum(model, hidden, batch.targets[:, batch.prefix_len:], rows)
 
 
+def t2i_image_nll(model, batch: T2IBatch, vocab: str = "full", cache_dtype=torch.float32) -> torch.Tensor:
+    """(B,) negative log-likelihood of each row's image (codes and `</img>`) after its prompt, in nats."""
+    hidden = _t2i_suffix_hidden(model, batch, cache_dtype)  # (B, T-P, C)
+    targets = batch.targets[:, batch.prefix_len:]
+    keep = targets != IGNORE
+    ce = token_ce(model, hidden, targets, _visual_rows(model, vocab))  # (N,) row-major
+    row_of = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
+    return torch.zeros(targets.shape[0], device=ce.device).index_add(0, row_of, ce)
+
+
 def mismatched_prompts(batch: T2IBatch) -> tuple[T2IBatch, torch.Tensor]:
     """The same images after other prompts, and which rows make a pair.
 
@@ -151,15 +161,11 @@ def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full"
     negative, valid = mismatched_prompts(batch)
     both = T2IBatch(torch.cat([batch.input_ids, negative.input_ids]), torch.cat([batch.targets, negative.targets]),
                     torch.cat([batch.pad_lengths, negative.pad_lengths]), batch.prefix_len)
-    hidden = _t2i_suffix_hidden(model, both, cache_dtype)  # (2B, T-P, C)
-    targets = both.targets[:, both.prefix_len:]
-    keep = targets != IGNORE
-    ce = token_ce(model, hidden, targets, _visual_rows(model, vocab))  # (N,)
-    row_of = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
-    per_row = torch.zeros(targets.shape[0], device=ce.device).index_add(0, row_of, ce)  # (2B,)
+    per_row = t2i_image_nll(model, both, vocab, cache_dtype)  # (2B,)
     B = batch.input_ids.shape[0]
     gap = (per_row[B:] - per_row[:B])[valid]  # (pairs,)
-    return ContrastParts(ce_sum=per_row[:B].sum(), num_tokens=int(keep[:B].sum()),
+    num_tokens = int((batch.targets[:, batch.prefix_len:] != IGNORE).sum())
+    return ContrastParts(ce_sum=per_row[:B].sum(), num_tokens=num_tokens,
                          contrast_sum=F.softplus(margin - gap).sum(), num_pairs=int(valid.sum()),
                          gap_sum=float(gap.detach().sum()))
 
