@@ -6,6 +6,7 @@ and after a counterfactual prompt that changes one fact:
     colour    single objects: the colour replaced      "a red circle" -> "a blue circle"
     count     counting: the number replaced            "three red stars" -> "four red stars"
     relation  position: the relation reversed          "A to the left of B" -> "A to the right of B"
+    layout    position: the relation dropped           "A to the left of B" -> "A and B"
     size      size: the size words exchanged           "a small A and a large B" -> "a large A and a small B"
     binding   two (colours and shapes both differ):    "a red circle and a blue square" ->
               the shapes exchanged                     "a red square and a blue circle"
@@ -39,6 +40,7 @@ PROBES: dict[str, tuple[str, dict[str, list[list[str]]]]] = {
     "relation": ("position", {
         "en": [[RELATION_EN["left of"], RELATION_EN["right of"]], [RELATION_EN["above"], RELATION_EN["below"]]],
         "zh": [[RELATION_ZH["left of"], RELATION_ZH["right of"]], [RELATION_ZH["above"], RELATION_ZH["below"]]]}),
+    "layout": ("position", {}),  # not a swap: the `two` caption of the same objects
     "size": ("size", {"en": [["small", "large"]], "zh": [["小的", "大的"]]}),
     "binding": ("two", {"en": [list(SHAPES)], "zh": [list(SHAPES_ZH.values())]}),
 }
@@ -64,7 +66,11 @@ def probe_prompts(probe: str, lang: str, n: int, seed: int = 0) -> list[tuple[Sc
         index += 1
         if _usable(scene, probe):
             own = canonical_caption(scene, lang)
-            triples.append((scene, own, swap_words(own, groups[lang], rng)))
+            if probe == "layout":  # training scenes with a relation put the pair on one axis; `two` anywhere
+                other = canonical_caption(Scene(scene.objects, "two", None), lang)
+            else:
+                other = swap_words(own, groups[lang], rng)
+            triples.append((scene, own, other))
     return triples
 
 

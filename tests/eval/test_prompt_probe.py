@@ -29,7 +29,9 @@ def test_each_counterfactual_changes_exactly_its_one_fact(lang):
                 assert other == own.replace(small, "\0").replace(large, small).replace("\0", large)
                 continue
             b = parse_canonical(other)
-            if probe == "relation":
+            if probe == "layout":
+                assert b.category == "two" and b.objects == a.objects and a.relation is not None
+            elif probe == "relation":
                 assert b.objects == a.objects and b.relation == INVERSE_RELATION[a.relation]
             elif probe == "binding":
                 (c1, s1), (c2, s2) = a.objects
