@@ -47,9 +47,6 @@ class SemVIEConfig:
     image_downsample: int = 16  # VQ downsampling factor: 256 px -> 16 x 16 codes
     text_tokenizer: str = "qwen"  # "qwen", "bytes", or "hf" (tokenizer.json in the model folder)
     init_std: float = 0.02
-    # Ours, not the paper's: learned row + column embeddings of each image code's grid cell, added to
-    # its input embedding (zero-initialised; mars.model.semvie.GridEmbedding). Off = the paper's model.
-    image_grid_embed: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -197,7 +197,6 @@ def keep_rows(cache: KVCache, n: int) -> KVCache:
     view.k = [k[:n] for k in cache.k]
     view.v = [v[:n] for v in cache.v]
     view.pad_lengths = cache.pad_lengths[:n]
-    view.image_start = cache.image_start[:n]
     return view
 
 

@@ -29,7 +29,7 @@ TINY_VQ = dict(ch=8, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions
 
 
 def random_tiny_model(seed: int = 0, **overrides) -> SemVIE:
-    """A `debug` SemVIE whose visual side, new vocabulary rows (and grid embeddings, if any) are random.
+    """A `debug` SemVIE whose visual side and new vocabulary rows are random.
 
     The MARS initialisation copies the language expert and gives every image code the same
     embedding and head row, so every code would get the same logit; the noise added here makes
@@ -42,7 +42,7 @@ def random_tiny_model(seed: int = 0, **overrides) -> SemVIE:
         for name, p in model.named_parameters():
             if ".visual." in name:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-            elif name.endswith("new_weight") or name.startswith("grid_embed."):
+            elif name.endswith("new_weight"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     return model.eval()
 

@@ -208,20 +208,6 @@ def test_batch_equals_one_by_one(tiny_model):
         assert torch.equal(alone[0], batch[b])
 
 
-def test_grid_embeddings_keep_cached_equal_to_uncached_and_batch_equal_to_alone(tiny_builders):
-    model = tiny_builders.model(6, image_grid_embed=True)
-    prompts, n = encode(PROMPTS), model.config.image_tokens
-    greedy = SampleConfig(temperature=0.0, cfg_scale=3.0)
-    cached, cached_logits = generate_image_tokens(model, prompts, None, n, greedy, return_logits=True)
-    plain, plain_logits = generate_image_tokens(model, prompts, None, n, greedy, use_cache=False, return_logits=True)
-    assert torch.equal(cached, plain)
-    torch.testing.assert_close(cached_logits, plain_logits, atol=1e-4, rtol=1e-4)
-    sampled = SampleConfig(temperature=1.0, top_k=100, cfg_scale=3.0)
-    batch = generate_image_tokens(model, prompts, make_generators([0, 1, 2]), n, sampled)
-    for b, prompt in enumerate(prompts):
-        assert torch.equal(generate_image_tokens(model, [prompt], make_generators([b]), n, sampled)[0], batch[b])
-
-
 # --- text decoding ----------------------------------------------------------------------------
 
 

@@ -9,7 +9,6 @@ fusion vocabulary, and the model (PAPER.md §1-2, DESIGN.md "Model rules").
 - One joint causal attention (torch SDPA) runs over the whole mixed sequence, so text and image
   tokens attend to each other in every layer. RMSNorms are shared.
 - Positions are 1-D RoPE over the flattened sequence (Qwen / Qwen2 / Llama `rotate_half` form).
-  Optionally (`image_grid_embed`, ours) image codes also get a learned embedding of their grid cell.
 - The KV cache holds projected keys/values, so it does not care which expert made them.
   Prefill and decode differ only in `input_pos`.
 - Vocabulary: frozen pretrained text rows + trainable new rows (image codes, specials), both for
@@ -94,8 +93,6 @@ class KVCache:
         if pad_lengths is None:
             pad_lengths = torch.zeros(batch_size, dtype=torch.long)
         self.pad_lengths = pad_lengths.to(device=device, dtype=torch.long)  # (B,)
-        # slot of each row's latest `<img>` (-1: none yet), for the grid cells of later image codes
-        self.image_start = torch.full((batch_size,), -1, dtype=torch.long, device=device)
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, Hkv, T, D) at slots `input_pos` (T,); return the full (B, Hkv, S, D) cache."""
@@ -248,27 +245,6 @@ class FusionRows(nn.Module):
         raise ValueError(f"row slice {rows} straddles text and new rows")
 
 
-class GridEmbedding(nn.Module):
-    """Learned row and column embeddings of an image code's cell in the G x G grid (ours, not the paper's).
-
-    With 1-D RoPE over the flattened raster a token knows its neighbours (offsets 1 and G) but not
-    which row and column it is in, and a relation between two objects ("A left of B": B's top rows
-    level with A's, several columns right of it) is a comparison of rows and columns. These are
-    added to the input embeddings of image codes only, and start at zero, so a model that gains
-    them computes exactly as before until they train.
-    """
-
-    def __init__(self, grid: int, dim: int) -> None:
-        super().__init__()
-        self.grid = grid
-        self.rows = nn.Parameter(torch.zeros(grid, dim))
-        self.cols = nn.Parameter(torch.zeros(grid, dim))
-
-    def forward(self, cells: torch.Tensor) -> torch.Tensor:
-        """(B, T) cell indices in [0, G*G), raster order -> (B, T, C)."""
-        return self.rows[cells // self.grid] + self.cols[cells % self.grid]
-
-
 class SemVIE(nn.Module):
     """The MARS transformer: `logits = model(input_ids, image_mask)`."""
 
@@ -281,7 +257,6 @@ class SemVIE(nn.Module):
         self.layers = nn.ModuleList(SemVIEBlock(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else FusionRows(config.text_vocab_size, new_rows, config.hidden_size)
-        self.grid_embed = GridEmbedding(config.image_grid, config.hidden_size) if config.image_grid_embed else None
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -310,9 +285,6 @@ class SemVIE(nn.Module):
             block.visual.load_state_dict(block.text.state_dict())
         for table in self.output_tables():
             table.new_weight.copy_(self.vocab.new_rows_init(table.text_weight))
-        if self.grid_embed is not None:
-            nn.init.zeros_(self.grid_embed.rows)
-            nn.init.zeros_(self.grid_embed.cols)
 
     def output_tables(self) -> list[FusionRows]:
         """The embedding table and, when untied, the output head."""
@@ -352,29 +324,9 @@ class SemVIE(nn.Module):
         rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
 
         x = self.embed.embed(input_ids)  # (B, T, C)
-        if self.grid_embed is not None:
-            x = x + self._grid_term(input_ids, input_pos, kv_cache)
         for block in self.layers:
             x = block(x, image_mask, rope, attn_mask, kv_cache, input_pos)
         return self.norm(x)
-
-    def _grid_term(self, input_ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
-        """(B, T, C) grid-cell embeddings of the image codes among `input_ids`, zero elsewhere.
-
-        A code's cell is its slot minus its row's `<img>` slot minus 1. `<img>` is found in this
-        input, or else taken from the cache, which remembers it for the decode steps after it.
-        """
-        B, T = input_ids.shape
-        slots = input_pos[None, :].expand(B, T)  # (B, T)
-        start = torch.where(input_ids == self.vocab.boi_id, slots, -1).amax(dim=1)  # (B,) -1: not in this input
-        if kv_cache is not None:
-            start = torch.maximum(start, kv_cache.image_start)
-            kv_cache.image_start.copy_(start)
-        cells = slots - start[:, None] - 1  # (B, T)
-        count = self.grid_embed.grid**2
-        is_cell = self.vocab.is_image_code(input_ids) & (start[:, None] >= 0) & (cells >= 0) & (cells < count)
-        grid = self.grid_embed(cells.clamp(0, count - 1))
-        return grid * is_cell[..., None].to(grid.dtype)
 
     @staticmethod
     def _attention_mask(query_slots: torch.Tensor, key_slots: torch.Tensor, pad_lengths: torch.Tensor):
@@ -408,15 +360,12 @@ class SemVIE(nn.Module):
     # --- parameter groups --------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         """Every parameter in exactly one group: text_expert, visual_expert, text_vocab,
-        new_vocab, norms, grid_embed (empty unless `image_grid_embed`). Stages choose which groups train (`mars.train.stages.set_trainable`)."""
+        new_vocab, norms. Stages choose which groups train (`mars.train.stages.set_trainable`)."""
         groups: dict[str, dict[str, nn.Parameter]] = {
             "text_expert": {}, "visual_expert": {}, "text_vocab": {}, "new_vocab": {}, "norms": {},
-            "grid_embed": {},
         }
         for name, param in self.named_parameters():
-            if name.startswith("grid_embed."):
-                groups["grid_embed"][name] = param
-            elif ".text." in name:
+            if ".text." in name:
                 groups["text_expert"][name] = param
             elif ".visual." in name:
                 groups["visual_expert"][name] = param

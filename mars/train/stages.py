@@ -19,9 +19,9 @@ logger = logging.getLogger(__name__)  # "mars.train.stages": the trainer's handl
 
 TRAINABLE_GROUPS: dict[str, tuple[str, ...]] = {
     "stage0": ("text_expert", "text_vocab", "norms"),
-    "stage1": ("visual_expert", "new_vocab", "grid_embed"),
-    "stage2": ("visual_expert", "new_vocab", "grid_embed"),
-    "stage3": ("visual_expert", "new_vocab", "grid_embed"),
+    "stage1": ("visual_expert", "new_vocab"),
+    "stage2": ("visual_expert", "new_vocab"),
+    "stage3": ("visual_expert", "new_vocab"),
 }
 
 # Parameters the text prefix of a T2I sequence reads (text tokens only): these must be frozen for

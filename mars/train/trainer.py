@@ -125,17 +125,7 @@ class Trainer:
             model = SemVIE(self.model_config)
         if cfg.init_visual:
             model.init_visual_side()
-        state = model.state_dict()
-        if model.grid_embed is not None and not self.model_config.image_grid_embed:
-            raise MarsError(f"{cfg.init_from} has grid embeddings; image_grid_embed=false cannot drop them")
-        if model.grid_embed is not None and model.grid_embed.grid != self.model_config.image_grid:
-            raise MarsError(f"{cfg.init_from} has grid embeddings for a {model.grid_embed.grid}-code side; "
-                            f"image_size cannot change it to {self.model_config.image_grid}")
-        if self.model_config.image_grid_embed and model.grid_embed is None:
-            logger.info("%s has no grid embeddings: adding them at zero (the model computes as before)", cfg.init_from)
-            grid = torch.zeros(self.model_config.image_grid, self.model_config.hidden_size)
-            state.update({"grid_embed.rows": grid, "grid_embed.cols": grid.clone()})
-        return state
+        return model.state_dict()
 
     def _build_model(self) -> torch.nn.Module:
         """meta -> set_trainable -> activation checkpointing -> compile -> FSDP -> materialise -> load."""

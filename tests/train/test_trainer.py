@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from mars.errors import MarsError
 from mars.model.semvie import SemVIE, load_model_config
 from mars.train.checkpoint import latest_checkpoint, load_checkpoint_model
 from mars.train.stages import TRAINABLE_GROUPS
@@ -126,16 +125,3 @@ def test_prompt_contrast_with_word_swaps_trains_on_counterfactual_prompts(tmp_pa
     assert all(math.isfinite(m["prompt_gap"]) for m in swapped)
     assert swapped[0]["prompt_gap"] != pytest.approx(borrowed[0]["prompt_gap"], rel=1e-3)  # other prompts
 
-
-
-def test_grid_embeddings_join_a_trained_model_at_zero_and_train(model_copy, tmp_path):
-    common = ("max_steps=2", "save_every=0", "model=null", f"init_from={model_copy}", "data.cfg_dropout=0")
-    _, plain = run_stage("stage1", tmp_path / "plain", *common)
-    final, grid = run_stage("stage1", tmp_path / "grid", *common, "model_overrides={image_grid_embed: true}")
-    assert grid[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-6)  # zero at the start: the same model
-    model = SemVIE.from_pretrained(final)
-    assert load_model_config(final).image_grid_embed
-    assert model.grid_embed.rows.abs().sum() > 0 and model.grid_embed.cols.abs().sum() > 0  # they trained
-    with pytest.raises(MarsError, match="cannot drop them"):
-        run_stage("stage1", tmp_path / "drop", "max_steps=1", "model=null", f"init_from={final}",
-                  "model_overrides={image_grid_embed: false}")
