@@ -79,7 +79,7 @@ class TrainConfig:
     t2i_contrast_steps: int = 0
     # Word groups ([[left, right], [small, large, big], ...]; mars.data.negatives): when set, an image's
     # other prompt is its own caption with one group's words swapped (a hard negative: relations,
-    # sizes, which colour goes with which shape), else another row's prompt as above
+    # sizes, which colour goes with which shape), else another row's prompt as above; logs counterfactual_gap
     t2i_contrast_swaps: list[list[str]] = field(default_factory=list)
 
     # execution

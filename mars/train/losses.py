@@ -147,6 +147,8 @@ class ContrastParts:
     contrast_sum: torch.Tensor  # sum over pairs of softplus(margin - gap)
     num_pairs: int
     gap_sum: float  # sum over pairs of NLL(image | other prompt) - NLL(image | own prompt), nats
+    num_counterfactual: int = 0  # pairs whose other prompt is the row's counterfactual prompt
+    counterfactual_gap_sum: float = 0.0  # their share of gap_sum
 
 
 def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full",
@@ -163,11 +165,15 @@ def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full"
                     torch.cat([batch.pad_lengths, negative.pad_lengths]), batch.prefix_len)
     per_row = t2i_image_nll(model, both, vocab, cache_dtype)  # (2B,)
     B = batch.input_ids.shape[0]
-    gap = (per_row[B:] - per_row[:B])[valid]  # (pairs,)
+    row_gap = per_row[B:] - per_row[:B]  # (B,)
+    gap = row_gap[valid]  # (pairs,)
+    counterfactual = valid & (batch.negative_pad_lengths < batch.prefix_len
+                              if batch.negative_prompts is not None else torch.zeros_like(valid))
     num_tokens = int((batch.targets[:, batch.prefix_len:] != IGNORE).sum())
     return ContrastParts(ce_sum=per_row[:B].sum(), num_tokens=num_tokens,
                          contrast_sum=F.softplus(margin - gap).sum(), num_pairs=int(valid.sum()),
-                         gap_sum=float(gap.detach().sum()))
+                         gap_sum=float(gap.detach().sum()), num_counterfactual=int(counterfactual.sum()),
+                         counterfactual_gap_sum=float(row_gap[counterfactual].detach().sum()))
 
 
 def i2t_loss(model, batch: I2TBatch):

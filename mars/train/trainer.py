@@ -243,7 +243,7 @@ class Trainer:
         task, micro = self.data.micro_batches(step)
         local = torch.tensor([float(sum(m.num_tokens for m in micro))], dtype=torch.float64)
         num_targets = float(parallel.all_reduce_sum(local, env).item())  # loss tokens of the global batch
-        ce_total, tokens, gap_total, pairs = 0.0, 0, 0.0, 0
+        ce_total, tokens, gap_total, pairs, cf_gap_total, cf_pairs = 0.0, 0, 0.0, 0, 0.0, 0
         cache_dtype = torch.bfloat16 if self.bf16 else torch.float32
         contrast = (task == "t2i" and cfg.t2i_contrast_weight > 0
                     and (cfg.t2i_contrast_steps == 0 or step < cfg.t2i_contrast_steps))
@@ -256,6 +256,8 @@ class Trainer:
                                               cache_dtype=cache_dtype)
                     ce_sum, objective = parts.ce_sum, parts.ce_sum + cfg.t2i_contrast_weight * parts.contrast_sum
                     gap_total, pairs = gap_total + parts.gap_sum, pairs + parts.num_pairs
+                    cf_gap_total += parts.counterfactual_gap_sum
+                    cf_pairs += parts.num_counterfactual
                 else:
                     ce_sum, _ = task_loss(model, batch, prefix_no_grad=self.prefix_no_grad,
                                           vocab=cfg.t2i_loss_vocab, cache_dtype=cache_dtype)
@@ -270,13 +272,15 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        sums = parallel.all_reduce_sum(torch.tensor([ce_total, float(tokens), gap_total, float(pairs)],
-                                                    dtype=torch.float64), env).cpu()
+        sums = parallel.all_reduce_sum(torch.tensor([ce_total, float(tokens), gap_total, float(pairs), cf_gap_total,
+                                                     float(cf_pairs)], dtype=torch.float64), env).cpu()
         loss = float(sums[0]) / num_targets
         metrics = {"step": step + 1, "task": task, "loss": loss, f"loss_{task}": loss, "lr": lr,
                    "grad_norm": grad_norm, "tokens": int(sums[1])}
         if contrast and sums[3] > 0:  # nats per image that another row's prompt costs the image
             metrics["prompt_gap"] = float(sums[2] / sums[3])
+        if contrast and sums[5] > 0:  # ... its own caption with words swapped costs it (t2i_contrast_swaps)
+            metrics["counterfactual_gap"] = float(sums[4] / sums[5])
         return metrics
 
     def run(self) -> Path:

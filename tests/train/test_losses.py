@@ -131,6 +131,9 @@ def test_counterfactual_prompts_replace_the_borrowed_prompt_where_a_row_has_one(
     others = [negatives[0], prompts[0], negatives[2]]
     gaps = [_row_nll(model, o, c) - _row_nll(model, p, c) for o, p, c in zip(others, prompts, codes)]
     assert parts.num_pairs == 3 and parts.gap_sum == pytest.approx(sum(gaps), rel=1e-4, abs=1e-4)
+    # rows 0 and 2 used their counterfactual prompts, row 1 the borrowed one
+    assert parts.num_counterfactual == 2
+    assert parts.counterfactual_gap_sum == pytest.approx(gaps[0] + gaps[2], rel=1e-4, abs=1e-4)
 
 
 def _row_nll(model, prompt: list[int], codes: torch.Tensor) -> float:

@@ -124,4 +124,6 @@ def test_prompt_contrast_with_word_swaps_trains_on_counterfactual_prompts(tmp_pa
     assert swapped[0]["loss"] == pytest.approx(borrowed[0]["loss"], rel=1e-5)  # same plain loss
     assert all(math.isfinite(m["prompt_gap"]) for m in swapped)
     assert swapped[0]["prompt_gap"] != pytest.approx(borrowed[0]["prompt_gap"], rel=1e-3)  # other prompts
+    assert all(math.isfinite(m["counterfactual_gap"]) for m in swapped)
+    assert not any("counterfactual_gap" in m for m in borrowed)
 
