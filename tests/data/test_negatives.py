@@ -50,3 +50,16 @@ def test_no_applicable_group_gives_none_and_the_draw_is_seeded():
 def test_bad_groups_are_refused_with_a_message(groups):
     with pytest.raises(MarsError, match="swap group"):
         check_swap_groups(groups)
+
+
+def test_the_shapes_swap_groups_load_and_every_word_occurs_in_training_captions():
+    from pathlib import Path
+
+    from mars.data.captions import shapes_example
+    from mars.train.config import load_train_config
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "shapes-demo" / "swaps.yaml"
+    groups = load_train_config(config).t2i_contrast_swaps
+    captions = " ".join(" ".join(shapes_example(0, i, "train")[1:]) for i in range(3000))
+    missing = [w for g in groups for w in g if w not in captions]
+    assert not missing, f"swap words that no MARS-Shapes caption uses: {missing}"
