@@ -15,7 +15,8 @@ gap = NLL(image | counterfactual) - NLL(image | own prompt), in nats per image: 
 image the model explains by that fact. 0 means the model ignores it, and its samples will too; a
 model that reads it pays many nats for the wrong prompt. `preferred` is the fraction of scenes
 whose own prompt is the likelier one (0.5 = chance). The images are exact renders encoded with
-the model's own VQ, so the probe measures the language side alone and costs two forwards per scene.
+the model's own VQ, so the probe measures how the model reads a prompt, not how well it draws,
+and costs two forwards per scene.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from mars.data.sequences import build_t2i, collate_t2i
 from mars.data.shapes import COLOURS, COLOURS_ZH, SHAPES, SHAPES_ZH, Scene, render_scene, scene_for_index
 from mars.errors import MarsError
 from mars.train.losses import t2i_image_nll
-from mars.vocab import MultimodalVocab
 
 # probe -> (scene category, {lang: word groups of the one fact it changes})
 PROBES: dict[str, tuple[str, dict[str, list[list[str]]]]] = {
@@ -76,8 +76,7 @@ def probe_prompts(probe: str, lang: str, n: int, seed: int = 0) -> list[tuple[Sc
 
 @torch.inference_mode()
 def _image_nll(model, text_tokenizer, prompts: list[str], codes: torch.Tensor) -> torch.Tensor:
-    vocab = MultimodalVocab.from_config(model.config)
-    batch = collate_t2i([build_t2i(vocab, text_tokenizer.encode(p), c) for p, c in zip(prompts, codes)],
+    batch = collate_t2i([build_t2i(model.vocab, text_tokenizer.encode(p), c) for p, c in zip(prompts, codes)],
                         text_tokenizer.eos_id)
     return t2i_image_nll(model, batch.to(codes.device), vocab="visual").cpu()
 
