@@ -40,6 +40,8 @@ def add_commands(subparsers) -> None:
     gen.add_argument("--top-k", type=int, help="keep the k most likely codes; 0 = off (default: the model's)")
     gen.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]; 1 = off (default: the model's)")
     gen.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy (default: the model's)")
+    gen.add_argument("--negative-prompt", help="what to steer away from: it replaces the null prompt in guidance "
+                                               "(needs --cfg-scale != 1)")
     gen.add_argument("--batch-size", type=int, default=8, help="images generated at once (default 8)")
     gen.add_argument("--image-size", type=int, help="output side in pixels (default: the model's)")
     gen.add_argument("--grid", action="store_true", help="also write a contact sheet of all images")
@@ -168,16 +170,23 @@ def run_generate(args: argparse.Namespace) -> int:
     settings = pipe.sampling_settings(args.cfg_scale, args.top_k, args.top_p, args.temperature)
     prompts = list(dict.fromkeys(j.prompt for j in jobs))
     pipe.encode_prompts(prompts, pipe.image_tokens(args.image_size))  # reject bad prompts before any work
+    if args.negative_prompt is not None:
+        if settings["cfg_scale"] == 1.0:
+            raise MarsError("--negative-prompt works through guidance: set --cfg-scale to something other than 1")
+        pipe.encode_negative_prompts(args.negative_prompt, 1, pipe.image_tokens(args.image_size))
     jobs[0].path.parent.mkdir(parents=True, exist_ok=True)
     manifest_path = Path(args.out_dir) / MANIFEST if args.out_dir else None
     record = {**settings, "image_size": args.image_size or pipe.model.config.image_size, "model": str(args.model)}
+    if args.negative_prompt is not None:
+        record["negative_prompt"] = args.negative_prompt
     images = []
     with contextlib.ExitStack() as stack, tqdm(total=len(jobs), desc="images", unit="img") as bar:
         manifest = stack.enter_context(open(manifest_path, "w", encoding="utf-8")) if manifest_path else None
         for start in range(0, len(jobs), args.batch_size):
             chunk = jobs[start : start + args.batch_size]
             made = pipe.generate([j.prompt for j in chunk], seed=chunk[0].seed, batch_size=len(chunk),
-                                 image_size=args.image_size, compile=args.compile, **settings)
+                                 image_size=args.image_size, compile=args.compile,
+                                 negative_prompt=args.negative_prompt, **settings)
             for job, image in zip(chunk, made):
                 image.save(job.path)
                 if manifest:

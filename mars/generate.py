@@ -282,11 +282,16 @@ def make_step(model: SemVIE, cache: KVCache, slot: int, rows: int, cfg_scale: fl
 # ---------------------------------------------------------------------------------------------
 
 
-def image_rows(model: SemVIE, prompts: list[list[int]], guided: bool) -> list[list[int]]:
-    """`prompt <img>` per prompt, followed, with guidance, by the null prompt `<img>` per prompt."""
+def image_rows(model: SemVIE, prompts: list[list[int]], guided: bool,
+               negative_prompts: list[list[int]] | None = None) -> list[list[int]]:
+    """`prompt <img>` per prompt, followed, with guidance, by `negative <img>` per prompt: the null
+    (empty) prompt, or the prompt's negative prompt when given."""
     boi = model.vocab.boi_id
     rows = [list(p) + [boi] for p in prompts]
-    return rows + [[boi] for _ in prompts] if guided else rows
+    if not guided:
+        return rows
+    negatives = negative_prompts if negative_prompts is not None else [[] for _ in prompts]
+    return rows + [list(n) + [boi] for n in negatives]
 
 
 @torch.inference_mode()
@@ -301,6 +306,7 @@ def generate_image_tokens(
     cuda_graph: bool = False,
     progress: bool = False,
     return_logits: bool = False,
+    negative_prompts: list[list[int]] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample `num_tokens` image codes after each prompt -> codes (B, num_tokens) in [0, K).
 
@@ -308,15 +314,23 @@ def generate_image_tokens(
     the whole sequence at every step (the reference the cache is tested and benchmarked against).
     `compile` runs the decode step through torch.compile (worth it for many batches of one shape);
     `cuda_graph` replays it as a CUDA graph on CUDA (one launch per token). With `return_logits`,
-    also the guided logits each code was drawn from, (B, num_tokens, K).
+    also the guided logits each code was drawn from, (B, num_tokens, K). `negative_prompts` (one per
+    prompt, text ids) replace the null prompt in guidance: `u + s * (c - u)` with u after the
+    negative prompt steers away from it; they need guidance (`cfg_scale != 1`).
     """
+    if negative_prompts is not None:
+        if not sampling.guided:
+            raise MarsError("a negative prompt works through guidance: set cfg_scale != 1")
+        if len(negative_prompts) != len(prompts):
+            raise MarsError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
     tokens, logits, _, _ = _decode_image(model, prompts, generators, num_tokens, sampling, use_cache,
-                                         compile, cuda_graph, progress, return_logits, extra_slots=0)
+                                         compile, cuda_graph, progress, return_logits, extra_slots=0,
+                                         negative_prompts=negative_prompts)
     return (tokens, logits) if return_logits else tokens
 
 
 def _decode_image(model, prompts, generators, num_tokens, sampling, use_cache, compile, cuda_graph, progress,
-                  return_logits, extra_slots):
+                  return_logits, extra_slots, negative_prompts=None):
     """The image loop shared by T2I and joint generation.
 
     Returns codes (B, N), the stacked logits (or None), and, for a cached run, the cache and the
@@ -326,7 +340,7 @@ def _decode_image(model, prompts, generators, num_tokens, sampling, use_cache, c
         raise MarsError(f"num_tokens must be >= 1, got {num_tokens}")
     vocab, B = model.vocab, len(prompts)
     guided = sampling.guided
-    rows = image_rows(model, prompts, guided)
+    rows = image_rows(model, prompts, guided, negative_prompts)
     device, _ = model_device_dtype(model)
     copies = 2 if guided else 1
 

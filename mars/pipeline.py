@@ -147,6 +147,7 @@ class MarsPipeline:
         image_size: int | None = None,
         progress: bool = False,
         compile: bool = False,
+        negative_prompt: str | Sequence[str] | None = None,
     ) -> list[Image.Image]:
         """Images for `prompts` (English, Chinese, any text the tokenizer reads).
 
@@ -158,6 +159,8 @@ class MarsPipeline:
         generation_config.json, else cfg_scale 4, top_k 0, top_p 1, temperature 1).
         `image_size` defaults to the model's; `compile` compiles the decode step and, on CUDA,
         replays it as a CUDA graph (worth it for many batches of the same shape).
+        `negative_prompt` (one for all prompts, or one per prompt; "" = the null prompt) takes the
+        null prompt's place in guidance, steering the images away from it; it needs cfg_scale != 1.
         """
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         sampling = SampleConfig(**self.sampling_settings(cfg_scale, top_k, top_p, temperature))
@@ -166,6 +169,10 @@ class MarsPipeline:
         _check_count("num_images_per_prompt", num_images_per_prompt)
         _check_count("batch_size", batch_size)
         jobs = [p for p in ids for _ in range(num_images_per_prompt)]
+        negatives = None
+        if negative_prompt is not None:
+            negative_ids = self.encode_negative_prompts(negative_prompt, len(prompt_list), grid * grid)
+            negatives = [n for n in negative_ids for _ in range(num_images_per_prompt)]
         image_seeds = _image_seeds(seed, len(jobs))
         images: list[Image.Image] = []
         with tqdm(total=len(jobs), desc="images", disable=not progress) as bar:
@@ -173,7 +180,9 @@ class MarsPipeline:
                 chunk = jobs[start : start + batch_size]
                 seeds = image_seeds[start : start + batch_size]
                 codes = generate_image_tokens(self.model, chunk, make_generators(seeds, self.device), grid * grid,
-                                              sampling, compile=compile, cuda_graph=compile, progress=progress)
+                                              sampling, compile=compile, cuda_graph=compile, progress=progress,
+                                              negative_prompts=negatives[start : start + batch_size]
+                                              if negatives else None)
                 images.extend(self.decode_codes(codes.view(-1, grid, grid)))
                 bar.update(len(chunk))
         return images
@@ -276,7 +285,22 @@ class MarsPipeline:
             raise MarsError(f"image_size must be a positive multiple of {f} (the VQ-GAN's downsampling), got {size!r}")
         return size // f
 
-    def encode_prompts(self, prompts: list[str], extra_tokens: int) -> list[list[int]]:
+    def encode_negative_prompts(self, negative: str | Sequence[str], n: int, extra_tokens: int) -> list[list[int]]:
+        """Token ids of one negative prompt per prompt ("" = the null prompt: no ids)."""
+        negatives = [negative] * n if isinstance(negative, str) else list(negative)
+        if len(negatives) != n:
+            raise MarsError(f"{len(negatives)} negative prompts for {n} prompts (give one, or one per prompt)")
+        if not all(isinstance(t, str) for t in negatives):
+            raise MarsError("negative prompts must be strings")
+        ids = [[] for _ in negatives]
+        given = [i for i, t in enumerate(negatives) if t.strip()]
+        if given:
+            encoded = self.encode_prompts([negatives[i] for i in given], extra_tokens, what="negative prompt")
+            for i, tokens in zip(given, encoded):
+                ids[i] = tokens
+        return ids
+
+    def encode_prompts(self, prompts: list[str], extra_tokens: int, what: str = "prompt") -> list[list[int]]:
         """Token ids of each prompt; each must leave room for `<img>`, `extra_tokens` (the image
         tokens, and any text after it) and `</img>`. Empty or over-long prompts raise MarsError."""
         if not prompts:
@@ -288,10 +312,10 @@ class MarsPipeline:
         ids = []
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():
-                raise MarsError(f"prompt {i} is empty" if isinstance(prompt, str) else f"prompt {i} is not a string")
+                raise MarsError(f"{what} {i} is empty" if isinstance(prompt, str) else f"{what} {i} is not a string")
             tokens = self.tokenizer.encode(prompt)
             if len(tokens) > limit:
-                raise MarsError(f"prompt {i} is too long: {len(tokens)} tokens, the model's context of "
+                raise MarsError(f"{what} {i} is too long: {len(tokens)} tokens, the model's context of "
                                 f"{self.model.config.max_seq_len} leaves room for {limit} beside the image")
             ids.append(tokens)
         return ids

@@ -53,6 +53,18 @@ def test_prompts_file_writes_pngs_manifest_and_grid(tmp_path, capsys, tiny_model
     assert Image.open(out / "grid.png").size == (2 * 64, 2 * 64)
 
 
+def test_negative_prompt_reaches_the_images_and_the_manifest(tmp_path, capsys, tiny_model_dir, pipe):
+    out = tmp_path / "out"
+    code, _, _ = run(capsys, "generate", "a red circle", "--out-dir", out, "--cfg-scale", 3,
+                     "--negative-prompt", "a green star", "--model", tiny_model_dir)
+    assert code == 0
+    (line,) = [json.loads(x) for x in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert line["settings"]["negative_prompt"] == "a green star"
+    (again,) = pipe.generate("a red circle", seed=0, cfg_scale=3, negative_prompt="a green star")
+    image = Image.open(out / line["file"])
+    assert np.abs(np.asarray(image, np.int16) - np.asarray(again, np.int16)).max() <= 1
+
+
 def test_existing_files_are_never_overwritten_without_the_flag(tmp_path, capsys, tiny_model_dir):
     out = tmp_path / "out"
     args = ["generate", "a red circle", "--out-dir", out, "--model", tiny_model_dir]
@@ -81,6 +93,8 @@ def test_single_prompt_to_output_file(tmp_path, capsys, tiny_model_dir):
     (["generate", "ok", "--temperature", "-1"], "temperature"),
     (["generate", "ok", "--top-p", "0"], "top_p"),
     (["generate"], "either a PROMPT or --prompts-file"),
+    (["generate", "ok", "--negative-prompt", "a blue square", "--cfg-scale", "1"], "set --cfg-scale"),
+    (["generate", "ok", "--negative-prompt", "x" * 500], "negative prompt 0 is too long"),
     (["generate", "--prompts-file", "missing.txt", "--out-dir", "d"], "prompts file not found"),
 ])
 def test_generate_errors_are_one_line(tmp_path, capsys, tiny_model_dir, argv, message):

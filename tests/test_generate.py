@@ -198,6 +198,37 @@ def test_seeds_reproduce_and_differ(tiny_model):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_a_negative_prompt_replaces_the_null_prompt_in_guidance(tiny_model):
+    prompts, negatives = encode(PROMPTS[:2]), encode(["a blue square", "四个"])
+    scale = 2.5
+    settings = SampleConfig(cfg_scale=scale)
+    codes, logits = generate_image_tokens(tiny_model, prompts, make_generators([0, 1]), 6, settings,
+                                          return_logits=True, negative_prompts=negatives)
+    vocab = tiny_model.vocab
+    for b, (prompt, negative) in enumerate(zip(prompts, negatives)):
+        ids = vocab.codes_to_ids(codes[b]).tolist()
+        for t in range(6):
+            cond = full_image_logits(tiny_model, prompt + [vocab.boi_id] + ids[:t])
+            away = full_image_logits(tiny_model, negative + [vocab.boi_id] + ids[:t])
+            torch.testing.assert_close(logits[b, t], away + scale * (cond - away), atol=1e-4, rtol=1e-4)
+    # empty negative prompts are the null prompt; the cache changes nothing
+    greedy = SampleConfig(temperature=0.0, cfg_scale=scale)
+    n = tiny_model.config.image_tokens
+    assert torch.equal(generate_image_tokens(tiny_model, prompts, None, n, greedy, negative_prompts=[[], []]),
+                       generate_image_tokens(tiny_model, prompts, None, n, greedy))
+    assert torch.equal(generate_image_tokens(tiny_model, prompts, None, n, greedy, negative_prompts=negatives),
+                       generate_image_tokens(tiny_model, prompts, None, n, greedy, use_cache=False,
+                                             negative_prompts=negatives))
+
+
+def test_a_negative_prompt_needs_guidance_and_one_per_prompt(tiny_model):
+    with pytest.raises(MarsError, match="cfg_scale != 1"):
+        generate_image_tokens(tiny_model, encode(PROMPTS[:1]), None, 4, SampleConfig(cfg_scale=1.0),
+                              negative_prompts=encode(["x"]))
+    with pytest.raises(MarsError, match="1 negative prompts for 2 prompts"):
+        generate_image_tokens(tiny_model, encode(PROMPTS[:2]), None, 4, SampleConfig(), negative_prompts=encode(["x"]))
+
+
 def test_batch_equals_one_by_one(tiny_model):
     prompts = encode(PROMPTS)
     settings = SampleConfig(temperature=1.0, top_k=100, top_p=0.95, cfg_scale=3.0)

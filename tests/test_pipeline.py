@@ -79,6 +79,29 @@ def test_save_pretrained_round_trip(pipe, tmp_path):
     assert np.array_equal(pixels(a)[0], pixels(b)[0])
 
 
+def test_negative_prompts_one_for_all_or_one_each(pipe):
+    prompts = ["a red circle", "一个蓝色的正方形"]
+    plain = pipe.generate(prompts, seed=3, cfg_scale=3)
+    same = pipe.generate(prompts, seed=3, cfg_scale=3, negative_prompt="")  # "" is the null prompt
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, same))
+    one = pipe.generate(prompts, seed=3, cfg_scale=3, negative_prompt="a green star")
+    each = pipe.generate(prompts, seed=3, cfg_scale=3, negative_prompt=["a green star", "a green star"])
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(one, each))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(one, plain))
+    two = pipe.generate(prompts[0], seed=3, cfg_scale=3, negative_prompt="a green star", num_images_per_prompt=2)
+    assert np.array_equal(np.asarray(two[0]), np.asarray(one[0]))  # image i: seed 3 + i, same negative
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(prompts="ok", negative_prompt=["a", "b"]), dict(prompts="ok", negative_prompt="x" * 300),
+    dict(prompts="ok", negative_prompt="a", cfg_scale=1.0),
+])
+def test_bad_negative_prompts_raise_one_line_errors(pipe, kwargs):
+    with pytest.raises(MarsError) as err:
+        pipe.generate(**kwargs)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(prompts=""), dict(prompts=["ok", "   "]), dict(prompts=[]), dict(prompts="x" * 300),
     dict(prompts="ok", temperature=-1.0), dict(prompts="ok", top_p=0.0), dict(prompts="ok", top_p=1.01),

@@ -71,14 +71,17 @@ def error_response(status: int, message: str, type: str, headers: dict[str, str]
 
 def run_batch(pipeline, key: Hashable, rows: list[Any], compile: bool = False) -> list[Any]:
     """One batch on the worker thread: ("generate", cfg, top_k, top_p, temperature) with rows
-    (prompt, seed) -> PIL images; ("caption", lang) with rows PIL images -> strings. `compile`:
-    the decode step runs compiled (each new batch size compiles once, the first time it occurs)."""
+    (prompt, seed, negative prompt or "") -> PIL images; ("caption", lang) with rows PIL images ->
+    strings. `compile`: the decode step runs compiled (each new batch size compiles once, the first
+    time it occurs)."""
     if key[0] == "generate":
         _, cfg_scale, top_k, top_p, temperature = key
-        prompts = [prompt for prompt, _ in rows]
-        seeds = [seed for _, seed in rows]
+        prompts = [prompt for prompt, _, _ in rows]
+        seeds = [seed for _, seed, _ in rows]
+        negatives = [negative for _, _, negative in rows]
         return pipeline.generate(prompts, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
-                                 temperature=temperature, seed=seeds, batch_size=len(prompts), compile=compile)
+                                 temperature=temperature, seed=seeds, batch_size=len(prompts), compile=compile,
+                                 negative_prompt=negatives if any(negatives) else None)
     if key[0] == "caption":
         return pipeline.caption(rows, lang=key[1])
     raise ValueError(f"unknown batch kind {key[0]!r}")
@@ -141,14 +144,18 @@ def timings(result: JobResult, arrived: float) -> Timings:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_generation(req: GenerationRequest, tokenizer, limits: ServeLimits, token_limit: int) -> None:
+def check_generation(req: GenerationRequest, tokenizer, limits: ServeLimits, token_limit: int,
+                     cfg_scale: float) -> None:
     if not req.prompt.strip():
         raise ApiError(422, "prompt: must not be blank")
-    if len(req.prompt) > limits.max_prompt_chars:
-        raise ApiError(422, f"prompt: {len(req.prompt)} characters, at most {limits.max_prompt_chars} allowed")
-    tokens = len(tokenizer.encode(req.prompt))
-    if tokens > token_limit:
-        raise ApiError(422, f"prompt: {tokens} tokens, the model's context leaves room for {token_limit}")
+    for field, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt or "")):
+        if len(text) > limits.max_prompt_chars:
+            raise ApiError(422, f"{field}: {len(text)} characters, at most {limits.max_prompt_chars} allowed")
+        tokens = len(tokenizer.encode(text))
+        if tokens > token_limit:
+            raise ApiError(422, f"{field}: {tokens} tokens, the model's context leaves room for {token_limit}")
+    if req.negative_prompt and cfg_scale == 1.0:
+        raise ApiError(422, "negative_prompt: works through guidance; set cfg_scale to something other than 1")
     if req.n > limits.max_images:
         raise ApiError(422, f"n: at most {limits.max_images} images per request, got {req.n}")
 
@@ -278,17 +285,19 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
     async def generate_images(body: GenerationRequest, request: Request) -> GenerationResponse:
         """Generate `n` images for one prompt; image i uses `seed + i`."""
         arrived = time.perf_counter()
-        check_generation(body, pipeline.tokenizer, limits, token_limit)
+        chosen = pipeline.sampling_settings(body.cfg_scale, body.top_k, body.top_p, body.temperature)
+        check_generation(body, pipeline.tokenizer, limits, token_limit, chosen["cfg_scale"])
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - limits.max_images + 2)
         seeds = [seed + i for i in range(body.n)]
-        chosen = pipeline.sampling_settings(body.cfg_scale, body.top_k, body.top_p, body.temperature)
         key = ("generate", chosen["cfg_scale"], chosen["top_k"], chosen["top_p"], chosen["temperature"])
-        result = await run_job(request.app.state.batcher, request, key, [(body.prompt, s) for s in seeds])
+        negative = body.negative_prompt or ""
+        result = await run_job(request.app.state.batcher, request, key, [(body.prompt, s, negative) for s in seeds])
         encoded = await run_in_threadpool(lambda: [png_base64(img) for img in result.outputs])
         data = [GeneratedImage(b64_json=b64, seed=s, width=img.width, height=img.height)
                 for b64, s, img in zip(encoded, seeds, result.outputs)]
         settings = GenerationSettings(**chosen)
-        return GenerationResponse(created=int(time.time()), model=model_name, prompt=body.prompt, seeds=seeds,
+        return GenerationResponse(created=int(time.time()), model=model_name, prompt=body.prompt,
+                                  negative_prompt=body.negative_prompt, seeds=seeds,
                                   settings=settings, data=data, timings=timings(result, arrived))
 
     @app.post("/v1/captions", response_model=CaptionResponse, responses=ERROR_RESPONSES)

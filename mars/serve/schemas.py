@@ -47,6 +47,8 @@ class GenerationRequest(_Strict):
     top_k: int | None = Field(None, ge=0, le=2**31 - 1, description="Keep the k most likely codes; 0 = off.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling; 1 = off.")
     temperature: float | None = Field(None, ge=0.0, le=10.0, allow_inf_nan=False, description="0 = greedy.")
+    negative_prompt: str | None = Field(None, description="What to steer away from: it replaces the null prompt "
+                                                          "in guidance (needs cfg_scale != 1).")
 
 
 class GeneratedImage(BaseModel):
@@ -74,6 +76,7 @@ class GenerationResponse(BaseModel):
     created: int
     model: str
     prompt: str
+    negative_prompt: str | None = None
     seeds: list[int]
     settings: GenerationSettings
     data: list[GeneratedImage]

@@ -90,6 +90,23 @@ def test_compiled_server_returns_the_same_images(recording, tiny_pipeline):
         np.testing.assert_array_equal(pixels(png_image(item["b64_json"])), pixels(want))
 
 
+def test_negative_prompt_reaches_the_pipeline_and_batches_beside_plain_requests(client, tiny_pipeline):
+    body = {"prompt": "a red circle", "seed": 3, "cfg_scale": 3.0, "negative_prompt": "a green star"}
+    out = client.post(GEN, json=body).json()
+    assert out["negative_prompt"] == "a green star"
+    (want,) = tiny_pipeline.generate("a red circle", cfg_scale=3.0, seed=3, negative_prompt="a green star")
+    np.testing.assert_array_equal(pixels(png_image(out["data"][0]["b64_json"])), pixels(want))
+    # a batch that mixes requests with and without one: each row keeps its own
+    from mars.serve.app import run_batch
+    key = ("generate", 3.0, 0, 1.0, 1.0)
+    mixed = run_batch(tiny_pipeline, key, [("a red circle", 3, "a green star"), ("a red circle", 3, "")])
+    (plain,) = tiny_pipeline.generate("a red circle", cfg_scale=3.0, top_k=0, top_p=1.0, temperature=1.0, seed=3)
+    (away,) = tiny_pipeline.generate("a red circle", cfg_scale=3.0, top_k=0, top_p=1.0, temperature=1.0, seed=3,
+                                     negative_prompt="a green star")
+    np.testing.assert_array_equal(pixels(mixed[0]), pixels(away))
+    np.testing.assert_array_equal(pixels(mixed[1]), pixels(plain))
+
+
 def test_server_picks_a_seed_that_reproduces_the_image(client):
     first = client.post(GEN, json={"prompt": "一个蓝色的正方形"}).json()
     (seed,) = first["seeds"]
@@ -131,6 +148,8 @@ def test_settings_reach_the_sampler(client):
     ({"prompt": "a", "temperature": -0.1}, ["temperature"]),
     ({"prompt": "a", "temperature": 11}, ["temperature"]),
     ({"prompt": "a", "cfg": 2}, ["cfg", "Extra inputs"]),
+    ({"prompt": "a", "negative_prompt": "x" * 300}, ["negative_prompt", "300 tokens"]),
+    ({"prompt": "a", "negative_prompt": "b", "cfg_scale": 1.0}, ["negative_prompt", "cfg_scale"]),
 ])
 def test_generation_validation_errors(client, recording, body, words):
     error = assert_error(client.post(GEN, json=body), 422, *words)
@@ -245,7 +264,8 @@ def test_openapi_schema_describes_the_api(client):
     assert {"/v1/images/generations", "/v1/captions", "/health", "/v1/models"} <= set(schema["paths"])
     request = schema["components"]["schemas"]["GenerationRequest"]
     assert request["required"] == ["prompt"]
-    assert {"prompt", "n", "seed", "cfg_scale", "top_k", "top_p", "temperature"} == set(request["properties"])
+    assert {"prompt", "n", "seed", "cfg_scale", "top_k", "top_p", "temperature", "negative_prompt"} == set(
+        request["properties"])
     assert "422" in schema["paths"][GEN]["post"]["responses"]
     assert "multipart/form-data" in schema["paths"][CAP]["post"]["requestBody"]["content"]
 
