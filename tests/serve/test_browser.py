@@ -120,3 +120,18 @@ def test_caption_an_upload_in_the_browser(browser, tiny_pipeline, tmp_path):
         wait_for(lambda: text.get_attribute("data-state") == "done", what="the caption")
         browser.save_screenshot(str(tmp_path / "caption.png"))
         assert text.get_property("textContent") == tiny_pipeline.caption([picture], lang="zh")[0]
+
+
+def test_negative_prompt_in_the_browser(browser, tiny_pipeline):
+    with live_server(create_app(RecordingPipeline(tiny_pipeline), model_name="tiny")) as url:
+        browser.get(url + "/")
+        wait_for(lambda: browser.find_element("id", "model-name").text, what="the model card")
+        fill(browser, "prompt", "a red circle")
+        fill(browser, "negative_prompt", "a green star")
+        fill(browser, "seed", "3")
+        browser.find_element("id", "generate").click()
+        wait_for(lambda: browser.find_element("id", "status").get_attribute("data-state") == "done", what="images")
+        src = browser.find_element("css selector", "#gallery figure.result img").get_attribute("src")
+        png = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")
+    (want,) = tiny_pipeline.generate("a red circle", seed=3, cfg_scale=4, negative_prompt="a green star")
+    assert np.abs(np.asarray(png, dtype=np.int16) - np.asarray(want, dtype=np.int16)).max() <= 1

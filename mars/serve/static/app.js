@@ -76,6 +76,8 @@ $("generate-form").addEventListener("submit", async (event) => {
   };
   const seed = numberField("seed");
   if (seed !== null) body.seed = seed;
+  const negative = $("negative_prompt").value.trim();
+  if (negative) body.negative_prompt = negative;
   setStatus("", "busy");
   try {
     const result = await withProgress("progress", "elapsed", $("generate"), () =>
