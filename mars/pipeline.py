@@ -290,35 +290,33 @@ class MarsPipeline:
         negatives = [negative] * n if isinstance(negative, str) else list(negative)
         if len(negatives) != n:
             raise MarsError(f"{len(negatives)} negative prompts for {n} prompts (give one, or one per prompt)")
-        if not all(isinstance(t, str) for t in negatives):
-            raise MarsError("negative prompts must be strings")
-        ids = [[] for _ in negatives]
-        given = [i for i, t in enumerate(negatives) if t.strip()]
-        if given:
-            encoded = self.encode_prompts([negatives[i] for i in given], extra_tokens, what="negative prompt")
-            for i, tokens in zip(given, encoded):
-                ids[i] = tokens
-        return ids
+        limit = self._prompt_limit(extra_tokens)
+        return [self._encode_text(t, limit, f"negative prompt {i}") if not isinstance(t, str) or t.strip() else []
+                for i, t in enumerate(negatives)]
 
-    def encode_prompts(self, prompts: list[str], extra_tokens: int, what: str = "prompt") -> list[list[int]]:
+    def encode_prompts(self, prompts: list[str], extra_tokens: int) -> list[list[int]]:
         """Token ids of each prompt; each must leave room for `<img>`, `extra_tokens` (the image
         tokens, and any text after it) and `</img>`. Empty or over-long prompts raise MarsError."""
         if not prompts:
             raise MarsError("no prompts given")
+        limit = self._prompt_limit(extra_tokens)
+        return [self._encode_text(prompt, limit, f"prompt {i}") for i, prompt in enumerate(prompts)]
+
+    def _prompt_limit(self, extra_tokens: int) -> int:
         limit = self.model.config.max_seq_len - extra_tokens - 2
         if limit < 1:
             raise MarsError(f"an image of this size does not fit the model's context of "
                             f"{self.model.config.max_seq_len} tokens")
-        ids = []
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise MarsError(f"{what} {i} is empty" if isinstance(prompt, str) else f"{what} {i} is not a string")
-            tokens = self.tokenizer.encode(prompt)
-            if len(tokens) > limit:
-                raise MarsError(f"{what} {i} is too long: {len(tokens)} tokens, the model's context of "
-                                f"{self.model.config.max_seq_len} leaves room for {limit} beside the image")
-            ids.append(tokens)
-        return ids
+        return limit
+
+    def _encode_text(self, text: str, limit: int, label: str) -> list[int]:
+        if not isinstance(text, str) or not text.strip():
+            raise MarsError(f"{label} is empty" if isinstance(text, str) else f"{label} is not a string")
+        tokens = self.tokenizer.encode(text)
+        if len(tokens) > limit:
+            raise MarsError(f"{label} is too long: {len(tokens)} tokens, the model's context of "
+                            f"{self.model.config.max_seq_len} leaves room for {limit} beside the image")
+        return tokens
 
 
 def load_generation_config(model_dir: str | os.PathLike) -> SampleConfig:

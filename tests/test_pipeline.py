@@ -102,6 +102,11 @@ def test_bad_negative_prompts_raise_one_line_errors(pipe, kwargs):
     assert "\n" not in str(err.value)
 
 
+def test_a_bad_negative_prompt_is_named_by_its_prompts_index(pipe):
+    with pytest.raises(MarsError, match="negative prompt 2 is too long"):
+        pipe.generate(["a", "b", "c"], negative_prompt=["", "a green star", "x" * 300])
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(prompts=""), dict(prompts=["ok", "   "]), dict(prompts=[]), dict(prompts="x" * 300),
     dict(prompts="ok", temperature=-1.0), dict(prompts="ok", top_p=0.0), dict(prompts="ok", top_p=1.01),
