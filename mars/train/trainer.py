@@ -281,6 +281,8 @@ class Trainer:
             metrics["prompt_gap"] = float(sums[2] / sums[3])
         if contrast and sums[5] > 0:  # ... its own caption with words swapped costs it (t2i_contrast_swaps)
             metrics["counterfactual_gap"] = float(sums[4] / sums[5])
+        if contrast and cfg.t2i_contrast_swaps and sums[3] > 0:  # pairs whose caption a swap group matched
+            metrics["counterfactual_share"] = float(sums[5] / sums[3])
         return metrics
 
     def run(self) -> Path:

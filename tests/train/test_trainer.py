@@ -120,10 +120,17 @@ def test_prompt_contrast_with_word_swaps_trains_on_counterfactual_prompts(tmp_pa
               "t2i_contrast_weight=2")
     _, borrowed = run_stage("stage1", tmp_path / "borrowed", *common)
     _, swapped = run_stage("stage1", tmp_path / "swapped", *common,
-                           "t2i_contrast_swaps=[[red, blue, green, yellow, orange, purple, black]]")
+                           "t2i_contrast_swaps=[[red, blue, green, yellow, orange, purple, black], "
+                           "[红色, 蓝色, 绿色, 黄色, 橙色, 紫色, 黑色]]")
     assert swapped[0]["loss"] == pytest.approx(borrowed[0]["loss"], rel=1e-5)  # same plain loss
     assert all(math.isfinite(m["prompt_gap"]) for m in swapped)
     assert swapped[0]["prompt_gap"] != pytest.approx(borrowed[0]["prompt_gap"], rel=1e-3)  # other prompts
     assert all(math.isfinite(m["counterfactual_gap"]) for m in swapped)
-    assert not any("counterfactual_gap" in m for m in borrowed)
+    assert all(m["counterfactual_share"] == 1.0 for m in swapped)  # every caption names a colour
+    _, english = run_stage("stage1", tmp_path / "english", *common,
+                           "t2i_contrast_swaps=[[red, blue, green, yellow, orange, purple, black]]")
+    assert all(0.0 < m["counterfactual_share"] < 1.0 for m in english)  # Chinese rows borrow a prompt
+    assert not any("counterfactual_gap" in m or "counterfactual_share" in m for m in borrowed)
+    _, unmatched = run_stage("stage1", tmp_path / "unmatched", *common, "t2i_contrast_swaps=[[zebra, giraffe]]")
+    assert all(m["counterfactual_share"] == 0.0 and "counterfactual_gap" not in m for m in unmatched)
 
