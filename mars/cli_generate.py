@@ -170,15 +170,14 @@ def run_generate(args: argparse.Namespace) -> int:
     settings = pipe.sampling_settings(args.cfg_scale, args.top_k, args.top_p, args.temperature)
     prompts = list(dict.fromkeys(j.prompt for j in jobs))
     pipe.encode_prompts(prompts, pipe.image_tokens(args.image_size))  # reject bad prompts before any work
-    if args.negative_prompt is not None:
+    manifest_path = Path(args.out_dir) / MANIFEST if args.out_dir else None
+    record = {**settings, "image_size": args.image_size or pipe.model.config.image_size, "model": str(args.model)}
+    if args.negative_prompt is not None:  # checked before any work, like the prompts above
         if settings["cfg_scale"] == 1.0:
             raise MarsError("--negative-prompt works through guidance: set --cfg-scale to something other than 1")
         pipe.encode_negative_prompts(args.negative_prompt, 1, pipe.image_tokens(args.image_size))
-    jobs[0].path.parent.mkdir(parents=True, exist_ok=True)
-    manifest_path = Path(args.out_dir) / MANIFEST if args.out_dir else None
-    record = {**settings, "image_size": args.image_size or pipe.model.config.image_size, "model": str(args.model)}
-    if args.negative_prompt is not None:
         record["negative_prompt"] = args.negative_prompt
+    jobs[0].path.parent.mkdir(parents=True, exist_ok=True)
     images = []
     with contextlib.ExitStack() as stack, tqdm(total=len(jobs), desc="images", unit="img") as bar:
         manifest = stack.enter_context(open(manifest_path, "w", encoding="utf-8")) if manifest_path else None

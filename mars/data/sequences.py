@@ -22,6 +22,8 @@ No packing: one sample per row, padding with masks.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +74,13 @@ class T2IBatch:
         mask = torch.zeros_like(self.input_ids, dtype=torch.bool)
         mask[:, self.prefix_len:] = True
         return mask
+
+    @property
+    def has_negative_prompt(self) -> torch.Tensor:
+        """(B,) bool: which rows carry a counterfactual prompt."""
+        if self.negative_prompts is None:
+            return torch.zeros(self.input_ids.shape[0], dtype=torch.bool, device=self.input_ids.device)
+        return self.negative_pad_lengths < self.prefix_len
 
     def to(self, device) -> T2IBatch:
         negatives = (None, None) if self.negative_prompts is None else (
@@ -209,13 +218,15 @@ class SequenceBuilder:
     walk through a fresh permutation of the dataset each epoch; per-sample choices (null prompt
     with `null_prompt_prob`, Chinese caption with `zh_prob` when there is one) come from a
     generator seeded by (seed, g). With `contrast_swaps` (word groups, `mars.data.negatives`) each
-    T2I row with a prompt also carries a counterfactual prompt made from its caption's text.
+    T2I row with a prompt also carries a counterfactual prompt made from its caption's text, at the
+    steps where `counterfactual_at(step)` is true (default: every step).
     """
 
     def __init__(self, vocab: MultimodalVocab, text_tokenizer: TextTokenizer, *, t2i_weight: float = 1.0,
                  i2t_weight: float = 0.0, lm_weight: float = 0.0, null_prompt_prob: float = 0.1,
                  zh_prob: float = 0.5, seed: int = 0, max_text_len: int | None = None,
-                 contrast_swaps: list[list[str]] | None = None):
+                 contrast_swaps: list[list[str]] | None = None,
+                 counterfactual_at: Callable[[int], bool] | None = None):
         weights = np.array([t2i_weight, i2t_weight, lm_weight], dtype=np.float64)
         if (weights < 0).any() or weights.sum() <= 0:
             raise MarsError(f"task weights must be >= 0 with a positive sum, got t2i={t2i_weight} "
@@ -231,6 +242,7 @@ class SequenceBuilder:
         self.null_prompt_prob, self.zh_prob = null_prompt_prob, zh_prob
         self.seed, self.max_text_len = seed, max_text_len
         self.contrast_swaps = check_swap_groups(contrast_swaps) if contrast_swaps else None
+        self.counterfactual_at = counterfactual_at
         self.instruction_ids = {"en": text_tokenizer.encode(INSTRUCTION_EN),
                                 "zh": text_tokenizer.encode(INSTRUCTION_ZH)}
         self._perm: tuple[int, int, np.ndarray] | None = None  # (epoch, n, permutation) cache
@@ -248,12 +260,13 @@ class SequenceBuilder:
         return "zh" if zh and sample.get("text_zh_ids") else "en"
 
     # --- per sample ------------------------------------------------------------------------------
-    def t2i(self, sample: dict, rng: np.random.Generator) -> Sequence:
+    def t2i(self, sample: dict, rng: np.random.Generator, counterfactual: bool = False) -> Sequence:
+        """`counterfactual`: also carry a counterfactual prompt (needs `contrast_swaps`)."""
         null = rng.random() < self.null_prompt_prob
         lang = self._language(sample, rng)
         prompt = [] if null else self._clip(sample["text_zh_ids"] if lang == "zh" else sample["text_ids"])
         negative = None
-        if self.contrast_swaps and not null:
+        if counterfactual and self.contrast_swaps and not null:
             text = sample.get("text_zh" if lang == "zh" else "text")
             swapped = swap_words(text, self.contrast_swaps, rng) if text else None
             negative = None if swapped is None else self._clip(self.tok.encode(swapped))
@@ -297,6 +310,8 @@ class SequenceBuilder:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         task = self.task(step)
         make = {"t2i": self.t2i, "i2t": self.i2t, "lm": self.lm}[task]
+        if task == "t2i" and self.contrast_swaps and (self.counterfactual_at is None or self.counterfactual_at(step)):
+            make = functools.partial(self.t2i, counterfactual=True)
         first = (step * world_size + rank) * batch_size
         sequences = [make(dataset[i], np.random.default_rng([self.seed, first + j, 2]))
                      for j, i in enumerate(self.indices(step, batch_size, len(dataset), rank, world_size))]

@@ -132,6 +132,10 @@ class TrainConfig:
         if self.save_every < 0 or self.keep_last < 1:
             raise MarsError("save_every must be >= 0 and keep_last >= 1")
 
+    def contrast_at(self, step: int) -> bool:
+        """Whether the prompt-contrast term runs at `step` (on its T2I batches)."""
+        return self.t2i_contrast_weight > 0 and (self.t2i_contrast_steps == 0 or step < self.t2i_contrast_steps)
+
     def accumulation(self, world_size: int = 1) -> int:
         """Micro-batches per rank per optimizer step."""
         if self.batch_size % (world_size * self.micro_batch_size):

@@ -131,7 +131,7 @@ def mismatched_prompts(batch: T2IBatch) -> tuple[T2IBatch, torch.Tensor]:
     other = torch.roll(prompts, 1, dims=0)
     other_pad = torch.roll(batch.pad_lengths, 1, dims=0)
     if batch.negative_prompts is not None:
-        has_negative = batch.negative_pad_lengths < P  # (B,)
+        has_negative = batch.has_negative_prompt  # (B,)
         other = torch.where(has_negative[:, None], batch.negative_prompts, other)
         other_pad = torch.where(has_negative, batch.negative_pad_lengths, other_pad)
     real = batch.pad_lengths < P  # (B,) a null prompt is all padding
@@ -167,8 +167,7 @@ def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full"
     B = batch.input_ids.shape[0]
     row_gap = per_row[B:] - per_row[:B]  # (B,)
     gap = row_gap[valid]  # (pairs,)
-    counterfactual = valid & (batch.negative_pad_lengths < batch.prefix_len
-                              if batch.negative_prompts is not None else torch.zeros_like(valid))
+    counterfactual = valid & batch.has_negative_prompt  # (B,)
     num_tokens = int((batch.targets[:, batch.prefix_len:] != IGNORE).sum())
     return ContrastParts(ce_sum=per_row[:B].sum(), num_tokens=num_tokens,
                          contrast_sum=F.softplus(margin - gap).sum(), num_pairs=int(valid.sum()),

@@ -163,7 +163,7 @@ class Trainer:
             t2i_weight=cfg.tasks.get("t2i", 0.0), i2t_weight=cfg.tasks.get("i2t", 0.0),
             lm_weight=cfg.tasks.get("lm", 0.0), null_prompt_prob=cfg.data.cfg_dropout, zh_prob=cfg.data.zh_fraction,
             seed=cfg.data.seed, max_text_len=cfg.data.seq_len if lm else cfg.data.max_text_len,
-            contrast_swaps=cfg.t2i_contrast_swaps)
+            contrast_swaps=cfg.t2i_contrast_swaps, counterfactual_at=cfg.contrast_at)
         if env.is_main:
             logger.info("data: %d samples from %s; tasks %s; %d sequences per step = %d rank(s) x %d x %d micro-batch",
                         len(dataset), cfg.data.text or cfg.data.shards or "synthetic shards", cfg.tasks, cfg.batch_size, env.world_size,
@@ -245,8 +245,7 @@ class Trainer:
         num_targets = float(parallel.all_reduce_sum(local, env).item())  # loss tokens of the global batch
         ce_total, tokens, gap_total, pairs, cf_gap_total, cf_pairs = 0.0, 0, 0.0, 0, 0.0, 0
         cache_dtype = torch.bfloat16 if self.bf16 else torch.float32
-        contrast = (task == "t2i" and cfg.t2i_contrast_weight > 0
-                    and (cfg.t2i_contrast_steps == 0 or step < cfg.t2i_contrast_steps))
+        contrast = task == "t2i" and cfg.contrast_at(step)
         for i, mb in enumerate(micro):
             parallel.set_grad_sync(model, i == len(micro) - 1)
             batch = mb.batch.to(env.device)

@@ -170,6 +170,12 @@ def test_builder_adds_counterfactual_prompts_in_the_rows_language_with_the_same_
         else:
             assert other == own.replace("shape", "form").replace("个", "只")
     assert (b.negative_pad_lengths < P).sum() >= 4
+    # only at the steps where the contrast term runs: none on the loader's path afterwards
+    first_only = SequenceBuilder(VOCAB, ByteTokenizer(), null_prompt_prob=0.25, seed=1, contrast_swaps=swaps,
+                                 counterfactual_at=lambda step: step < 1)
+    assert first_only.batch(data, 0, batch_size=8)[1].has_negative_prompt.sum() >= 4
+    _, later = first_only.batch(data, 1, batch_size=8)
+    assert later.negative_prompts is None and not later.has_negative_prompt.any()
 
 
 def test_batches_are_a_function_of_seed_step_rank():

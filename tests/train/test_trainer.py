@@ -133,4 +133,7 @@ def test_prompt_contrast_with_word_swaps_trains_on_counterfactual_prompts(tmp_pa
     assert not any("counterfactual_gap" in m or "counterfactual_share" in m for m in borrowed)
     _, unmatched = run_stage("stage1", tmp_path / "unmatched", *common, "t2i_contrast_swaps=[[zebra, giraffe]]")
     assert all(m["counterfactual_share"] == 0.0 and "counterfactual_gap" not in m for m in unmatched)
+    _, first = run_stage("stage1", tmp_path / "first", *common, "t2i_contrast_steps=1",
+                         "t2i_contrast_swaps=[[red, blue, green, yellow, orange, purple, black]]")
+    assert ["counterfactual_share" in m for m in first] == [True, False]
 
