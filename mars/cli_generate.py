@@ -47,8 +47,8 @@ def add_commands(subparsers) -> None:
     gen.add_argument("--grid", action="store_true", help="also write a contact sheet of all images")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.add_argument("--compile", action="store_true",
-                     help="torch.compile the decode step and, on CUDA, replay it as a CUDA graph "
-                          "(pays off on many batches)")
+                     help="torch.compile the decode step (pays off on many batches; on CUDA the step "
+                          "is replayed as a CUDA graph either way)")
     _add_model_args(gen)
     gen.set_defaults(func=run_generate)
 

@@ -309,6 +309,10 @@ def test_cuda_cached_uncached_and_cuda_graph_agree(tiny_builders):
         cached, logits = generate_image_tokens(model, prompts, None, 16, greedy, return_logits=True, **options)
         assert torch.equal(cached, plain), options
         torch.testing.assert_close(logits, plain_logits, atol=1e-4, rtol=1e-4)
+    negatives = encode(["a blue square"] * len(prompts))
+    eager = generate_image_tokens(model, prompts, None, 16, greedy, negative_prompts=negatives)
+    graphed = generate_image_tokens(model, prompts, None, 16, greedy, negative_prompts=negatives, cuda_graph=True)
+    assert torch.equal(graphed, eager)
     sampled = SampleConfig(temperature=1.0, top_k=50, top_p=0.95, cfg_scale=3.0)
     batch = generate_image_tokens(model, prompts, make_generators([0, 1, 2], "cuda"), 16, sampled, cuda_graph=True)
     for b, prompt in enumerate(prompts):

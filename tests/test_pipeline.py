@@ -184,4 +184,8 @@ def test_pipeline_on_cuda_in_bf16(tiny_model_dir):
     assert pipe.device.type == "cuda" and pipe.model.norm.weight.dtype == torch.bfloat16
     images = pipe.generate(["a red circle", "一个蓝色的正方形"], seed=0, compile=True)
     assert [im.size for im in images] == [(64, 64)] * 2
+    # the default path on CUDA: eager step replayed as a CUDA graph, negative prompts included
+    graphed = pipe.generate(["a red circle", "一个蓝色的正方形"], seed=0, cfg_scale=3.0,
+                           negative_prompt="a blue square")
+    assert [im.size for im in graphed] == [(64, 64)] * 2
     assert len(pipe.caption(images, max_new_tokens=4)) == 2
