@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mars.cpu import flush_denormals
 from mars.config import apply_overrides, model_config_from, to_dict
 from mars.data.sequences import SequenceBuilder
 from mars.errors import MarsError
@@ -82,6 +83,8 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self._notes: set[str] = set()  # one-time log messages already given
         self._setup_logging()
+        if self.env.device.type == "cpu":
+            flush_denormals()
         torch.manual_seed(cfg.seed)
         self.model_config = resolve_model_config(cfg)
         self.text_tokenizer = self._text_tokenizer()

@@ -25,6 +25,7 @@ import yaml
 from tqdm import tqdm
 
 from mars.config import apply_overrides, from_dict, read_config_file
+from mars.cpu import flush_denormals
 from mars.errors import MarsError
 from mars.vq.config import VQConfig
 from mars.vq.losses import VQGANLoss
@@ -261,6 +262,8 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            flush_denormals()
         self.out = Path(cfg.out_dir)
         self.progress = progress
         torch.manual_seed(cfg.seed)
