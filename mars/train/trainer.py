@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mars.cpu import flush_denormals
 from mars.config import apply_overrides, model_config_from, to_dict
+from mars.cpu import flush_denormals
 from mars.data.sequences import SequenceBuilder
 from mars.errors import MarsError
 from mars.model.semvie import SemVIE, load_model_config
