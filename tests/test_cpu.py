@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from mars.cpu import flush_denormals
-
 from mars.vq.train import Trainer as VQTrainer
 
 from .train.conftest import run_stage
