@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,13 +103,20 @@ def _tiny_vq(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_recipe_runs_every_step_then_skips_and_resumes(tmp_path):
+def test_recipe_runs_every_step_then_skips_and_resumes(tmp_path, monkeypatch):
     configs = _tiny_configs(tmp_path / "configs")
     vq = _tiny_vq(tmp_path / "vq")
     out, ship = tmp_path / "run", tmp_path / "shipped"
+    order = []  # training stages and waits for the decoder process, in turn
+    train, wait = Recipe.train, Recipe._wait_for_decoder
+    monkeypatch.setattr(Recipe, "train", lambda self, stage: (order.append(stage), train(self, stage))[1])
+    monkeypatch.setattr(Recipe, "_wait_for_decoder", lambda self: (order.append("wait"), wait(self))[1])
 
-    status = Recipe(out, vq=vq, ship_to=ship, config_dir=configs, progress=False).run()
-    # The decoder step ran in a second process beside preprocess and stages 0-II.
+    status = Recipe(out, vq=vq, ship_to=ship, config_dir=configs, progress=False,
+                    overrides=parse_settings(["recipe.threads=1", "recipe.threads_alone=2"])).run()
+    # The decoder step ran in a second process beside preprocess and stage 0; stage I, which then
+    # has both cores, waited for it.
+    assert order == ["stage0", "wait", "stage1", "stage2"]
     assert status == {step: "ran" for step in STEPS} | {"vq": "skipped", "vq_decoder": "ran in parallel"}
     assert "tokenizer" in (out / "vq-decoder.log").read_text()
     times = json.loads((out / "recipe_times.json").read_text())
@@ -164,6 +173,19 @@ def test_recipe_until_stops_and_settings_override(tmp_path):
     assert captions.stage_config("stage0").data.text == str(recipe.captions)
     with pytest.raises(MarsError, match="stage0_text"):
         Recipe(tmp_path / "run", vq=tmp_path / "vq", config_dir=configs, overrides=parse_settings(["recipe.stage0_text=x"]))
+
+
+def test_recipe_steps_use_every_core_once_no_decoder_process_runs_beside(tmp_path):
+    recipe = Recipe(tmp_path / "run", vq=_tiny_vq(tmp_path / "vq"), config_dir=_tiny_configs(tmp_path / "configs"),
+                    progress=False, overrides=parse_settings(["recipe.threads=1", "recipe.threads_alone=0"]))
+    assert recipe._step_threads(default=2) == 2  # no decoder process: torch's default
+    recipe._decoder_process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert recipe._step_threads(default=2) == 1  # one core each while it runs
+    finally:
+        recipe._decoder_process.kill()
+        recipe._decoder_process.wait()
+    assert recipe._step_threads(default=2) == 2  # finished
 
 
 def test_recipe_trains_the_vq_stages_in_turn(tmp_path):
