@@ -210,6 +210,7 @@ class Recipe:
                 if name == until:
                     break
         finally:
+            torch.set_num_threads(default_threads)
             if self._decoder_process is not None and self._decoder_process.poll() is None:
                 # Interrupted: stop the decoder too; it resumes from its checkpoint next time.
                 self._decoder_process.terminate()
