@@ -173,7 +173,9 @@ def run_generate(args: argparse.Namespace) -> int:
     manifest_path = Path(args.out_dir) / MANIFEST if args.out_dir else None
     record = {**settings, "image_size": args.image_size or pipe.model.config.image_size, "model": str(args.model)}
     if args.negative_prompt is not None:  # checked before any work, like the prompts above
-        if settings["cfg_scale"] == 1.0:
+        from mars.generate import SampleConfig
+
+        if not SampleConfig(**settings).guided:
             raise MarsError("--negative-prompt works through guidance: set --cfg-scale to something other than 1")
         pipe.encode_negative_prompts(args.negative_prompt, 1, pipe.image_tokens(args.image_size))
         record["negative_prompt"] = args.negative_prompt

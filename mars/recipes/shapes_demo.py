@@ -45,6 +45,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from mars.config import load_config
 from mars.errors import MarsError
 from mars.generate import SampleConfig
@@ -175,8 +177,6 @@ class Recipe:
             if name is not None and name not in STEPS:
                 raise MarsError(f"unknown recipe step {name!r}; steps: {', '.join(STEPS)}")
         self.out.mkdir(parents=True, exist_ok=True)
-        import torch
-
         default_threads = torch.get_num_threads()
         reaches_decoder = only is None and (until is None or STEPS.index(until) >= STEPS.index("vq_decoder"))
         status = {}

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mars.data.images import UnusableImage, load_image
 from mars.errors import MarsError
+from mars.generate import SampleConfig
 from mars.serve.batcher import Batcher, BatcherStopped, JobResult, QueueFull
 from mars.serve.schemas import (
     MAX_SEED, CaptionResponse, ErrorResponse, GeneratedImage, GenerationRequest, GenerationResponse,
@@ -145,7 +146,7 @@ def timings(result: JobResult, arrived: float) -> Timings:
 
 
 def check_generation(req: GenerationRequest, tokenizer, limits: ServeLimits, token_limit: int,
-                     cfg_scale: float) -> None:
+                     guided: bool) -> None:
     if not req.prompt.strip():
         raise ApiError(422, "prompt: must not be blank")
     for field, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt or "")):
@@ -154,7 +155,7 @@ def check_generation(req: GenerationRequest, tokenizer, limits: ServeLimits, tok
         tokens = len(tokenizer.encode(text))
         if tokens > token_limit:
             raise ApiError(422, f"{field}: {tokens} tokens, the model's context leaves room for {token_limit}")
-    if req.negative_prompt and cfg_scale == 1.0:
+    if req.negative_prompt and not guided:
         raise ApiError(422, "negative_prompt: works through guidance; set cfg_scale to something other than 1")
     if req.n > limits.max_images:
         raise ApiError(422, f"n: at most {limits.max_images} images per request, got {req.n}")
@@ -286,7 +287,7 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
         """Generate `n` images for one prompt; image i uses `seed + i`."""
         arrived = time.perf_counter()
         chosen = pipeline.sampling_settings(body.cfg_scale, body.top_k, body.top_p, body.temperature)
-        check_generation(body, pipeline.tokenizer, limits, token_limit, chosen["cfg_scale"])
+        check_generation(body, pipeline.tokenizer, limits, token_limit, SampleConfig(**chosen).guided)
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - limits.max_images + 2)
         seeds = [seed + i for i in range(body.n)]
         key = ("generate", chosen["cfg_scale"], chosen["top_k"], chosen["top_p"], chosen["temperature"])
