@@ -46,6 +46,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one op: decode steps are op-bound
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps)
         return self.weight * normed.to(x.dtype)
 
@@ -122,14 +124,27 @@ def route(x: torch.Tensor, image_mask: ImageMask, text_fn: Callable, visual_fn: 
     return out.view(B, T, -1)
 
 
-# On the CPU, MKL's sgemm streams a weight matrix W (out, in) 1.3-1.9x faster as W @ x.T than as
-# x @ W.T when x has 1-4 rows (a decode step: one image plus its CFG row, BENCHMARKS.md), and
-# decode steps are bound by reading the weights. Above that the usual layout is as fast or faster.
-FEW_ROWS = 4
+def cpu_vendor() -> str:
+    """The CPU's vendor id on Linux ("AuthenticAMD", "GenuineIntel", ...), else ""."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# A decode step multiplies 1-4 rows (one image plus its CFG row) by every weight matrix. On AMD
+# CPUs MKL's sgemm streams W (out, in) 1.3-1.9x faster as W @ x.T than as x @ W.T for such rows
+# (2-core AMD EPYC); on an Intel Xeon (AVX-512, AMX) the usual x @ W.T is 2-5x faster than
+# W @ x.T (BENCHMARKS.md "Few-row products"). So the weight-first layout is used only on AMD.
+FEW_ROWS = 4 if cpu_vendor() == "AuthenticAMD" else 0
 
 
 def few_cpu_rows(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.numel() <= FEW_ROWS * x.shape[-1]
+    return x.numel() <= FEW_ROWS * x.shape[-1] and x.device.type == "cpu"
 
 
 def matmul_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -198,11 +213,9 @@ class SemVIEBlock(nn.Module):
         H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
         qkv = route(self.attn_norm(x), image_mask, self.text.qkv, self.visual.qkv)  # (B, T, (H + 2Hkv) D)
-        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        heads = qkv.view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2Hkv, T, D)
+        q, k = apply_rope(heads[:, : H + Hkv], *rope).split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
+        v = heads[:, H + Hkv :]  # (B, Hkv, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, input_pos, k, v)  # (B, Hkv, S, D)
             k, v = k.to(q.dtype), v.to(q.dtype)

@@ -5,6 +5,7 @@ import torch
 
 from mars.config import SemVIEConfig
 from mars.errors import MarsError
+from mars.model import semvie
 from mars.model.semvie import KVCache, Linear, SemVIE, load_model_config, matmul_t
 
 
@@ -192,7 +193,8 @@ def test_bad_checkpoints_fail_with_one_line_reason(tmp_path):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 5, 12])
-def test_few_row_cpu_product_equals_the_plain_linear(rows):
+def test_few_row_cpu_product_equals_the_plain_linear(rows, monkeypatch):
+    monkeypatch.setattr(semvie, "FEW_ROWS", 4)  # the weight-first layout (chosen on AMD CPUs) on any CPU
     torch.manual_seed(rows)
     layer = Linear(48, 80, bias=True)
     plain = torch.nn.Linear(48, 80, bias=True)
@@ -203,3 +205,20 @@ def test_few_row_cpu_product_equals_the_plain_linear(rows):
     torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-5)
     weight = torch.randn(30, 48)
     torch.testing.assert_close(matmul_t(x, weight), x @ weight.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_weight_first_layout_is_chosen_on_amd_cpus_only():
+    vendor = semvie.cpu_vendor()
+    assert isinstance(vendor, str)
+    assert semvie.FEW_ROWS == (4 if vendor == "AuthenticAMD" else 0)
+
+
+def test_rms_norm_fp32_fast_path_equals_the_upcast_formula():
+    torch.manual_seed(0)
+    norm = semvie.RMSNorm(48, 1e-6)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 48)
+    reference = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(norm(x), reference, rtol=1e-5, atol=1e-6)
+    half = norm.to(torch.bfloat16)
+    torch.testing.assert_close(half(x.bfloat16()).float(), reference, rtol=2e-2, atol=2e-2)
