@@ -21,7 +21,7 @@ from mars.generate import SampleConfig
 from mars.model_dir import ASSETS
 from mars.pipeline import MarsPipeline
 from mars.recipes.cli import parse_settings
-from mars.recipes.shapes_demo import REPO_CONFIGS, STEPS, Recipe, folder_bytes
+from mars.recipes.shapes_demo import REPO_CONFIGS, STEPS, Recipe, folder_bytes, ship_model
 
 SHIPPED = ASSETS / "shapes-demo"
 
@@ -55,6 +55,19 @@ def test_shipped_model_captions_with_default_length():
     pipe = MarsPipeline.from_pretrained("shapes-demo", device="cpu")
     captions = pipe.caption([render_scene(scene_for_index(7, 0))], lang="zh")
     assert len(captions) == 1 and isinstance(captions[0], str)
+
+
+def test_ship_model_stores_fp16_weights_that_load_in_the_running_dtype(tmp_path, tiny_model_dir):
+    from mars.model.weights import load_weights
+
+    shipped = ship_model(tiny_model_dir, tmp_path / "shipped", weights_dtype=torch.float16)
+    stored = load_weights(shipped)
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    assert folder_bytes(shipped) < folder_bytes(tiny_model_dir)
+    source = MarsPipeline.from_pretrained(tiny_model_dir, device="cpu").model
+    loaded = MarsPipeline.from_pretrained(shipped, device="cpu").model
+    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(b, a.half().float()), name
 
 
 def test_generate_without_model_writes_a_256px_png(tmp_path):

@@ -372,9 +372,12 @@ class Recipe:
 
 
 def ship_model(src: str | Path, dst: str | Path, vq: str | Path | None = None, max_bytes: int = 60 * 2**20,
-               generation: SampleConfig | None = None) -> Path:
+               generation: SampleConfig | None = None, weights_dtype: torch.dtype | None = None) -> Path:
     """Copy a model folder to `dst` (replacing it; `vq` replaces its vq/; `generation` becomes its
-    generation_config.json), refusing more than `max_bytes`."""
+    generation_config.json; `weights_dtype`, e.g. fp16, stores the model's floating-point weights in
+    that type: loaders cast them to the dtype they run in), refusing more than `max_bytes`."""
+    from mars.model.weights import load_weights, save_weights
+
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise MarsError(f"{src} is not a model folder (no config.json)")
@@ -382,6 +385,9 @@ def ship_model(src: str | Path, dst: str | Path, vq: str | Path | None = None, m
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("eval.json", "*.tmp"))
+    if weights_dtype is not None:
+        state = load_weights(tmp)
+        save_weights({k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state.items()}, tmp)
     if vq is not None:
         shutil.rmtree(tmp / "vq", ignore_errors=True)
         shutil.copytree(vq, tmp / "vq", ignore=shutil.ignore_patterns("eval.json"))
