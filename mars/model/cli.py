@@ -1,15 +1,17 @@
-"""`mars init`: a MARS model folder from a Hugging Face Qwen (v1) / Qwen2 / Llama checkpoint."""
+"""`mars init`: a MARS model folder from a Hugging Face Qwen (v1) / Qwen2 / Llama checkpoint;
+`mars average`: the weight average of MARS models of one architecture."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
+from mars.model.average import average_models
 from mars.model.convert import DTYPES, init_model_dir, parameter_counts
 
 
 def add_commands(subparsers) -> None:
-    """Register `mars init`."""
+    """Register `mars init` and `mars average`."""
     init = subparsers.add_parser(
         "init", help="make a MARS model from a Qwen / Qwen2 / Llama checkpoint",
         description="Convert a local Hugging Face checkpoint folder (config.json + safetensors or .bin "
@@ -28,6 +30,23 @@ def add_commands(subparsers) -> None:
                       help="context length recorded in the config (default: the checkpoint's)")
     init.add_argument("--overwrite", action="store_true", help="replace a model already in DIR")
     init.set_defaults(func=run_init)
+
+    average = subparsers.add_parser(
+        "average", help="average the weights of MARS models of one architecture (a model soup)",
+        description="Write the (weighted) average of the weights of two or more MARS model folders with the "
+                    "same config, e.g. checkpoints of one run or fine-tunes of one model; tokenizer/, vq/ and "
+                    "generation_config.json come from the first model.")
+    average.add_argument("models", nargs="+", metavar="MODEL_DIR", help="model folders to average")
+    average.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
+    average.add_argument("--weights", type=float, nargs="+", default=None,
+                         help="one weight per model, summing to 1 (default: uniform)")
+    average.add_argument("--overwrite", action="store_true", help="replace a model already in DIR")
+    average.set_defaults(func=run_average)
+
+
+def run_average(args: argparse.Namespace) -> None:
+    out = average_models(args.models, args.out, args.weights, overwrite=args.overwrite)
+    print(f"wrote {out}: the average of {len(args.models)} models")
 
 
 def run_init(args: argparse.Namespace) -> None:
