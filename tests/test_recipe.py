@@ -253,6 +253,24 @@ def test_recipe_presets_parse_and_fit_together(tmp_path, config_dir):
         assert longest_i2t <= model.max_seq_len
 
 
+def test_gpu_configs_train_the_shipped_architecture():
+    """configs/shapes-demo/gpu/ (the stages the built-in model was trained with on one GPU) parse,
+    chain stage 0 -> I -> II, and build the architecture of the model that ships."""
+    from mars.model.semvie import load_model_config
+    from mars.train.config import load_train_config
+    from mars.train.trainer import resolve_model_config
+
+    folder = REPO_CONFIGS / "gpu"
+    stages = {name: load_train_config(folder / f"{name}.yaml", []) for name in ("stage0", "stage1", "stage2")}
+    assert [cfg.stage for cfg in stages.values()] == ["stage0", "stage1", "stage2"]
+    assert str(stages["stage1"].init_from) == str(Path(stages["stage0"].out_dir) / "final")
+    assert str(stages["stage2"].init_from) == str(Path(stages["stage1"].out_dir) / "final")
+    assert str(stages["stage1"].vq) == "mars/assets/shapes-demo/vq"
+    built = dataclasses.asdict(resolve_model_config(stages["stage0"]))
+    shipped = dataclasses.asdict(load_model_config(SHIPPED))
+    assert built == shipped
+
+
 def test_recipe_rejects_bad_arguments(tmp_path):
     with pytest.raises(MarsError, match="not of the form"):
         parse_settings(["max_steps=3"])
