@@ -139,7 +139,8 @@ def cpu_vendor() -> str:
 # A decode step multiplies 1-4 rows (one image plus its CFG row) by every weight matrix. On AMD
 # CPUs MKL's sgemm streams W (out, in) 1.3-1.9x faster as W @ x.T than as x @ W.T for such rows
 # (2-core AMD EPYC); on an Intel Xeon (AVX-512, AMX) the usual x @ W.T is 2-5x faster than
-# W @ x.T (BENCHMARKS.md "Few-row products"). So the weight-first layout is used only on AMD.
+# W @ x.T (BENCHMARKS.md: "Few-row products in the weight-streaming layout" on the AMD host, "CPU:
+# 2-core Intel Xeon" on the Intel one). So the weight-first layout is used only on AMD.
 FEW_ROWS = 4 if cpu_vendor() == "AuthenticAMD" else 0
 
 

@@ -50,6 +50,7 @@ import torch
 from mars.config import load_config
 from mars.errors import MarsError
 from mars.generate import SampleConfig
+from mars.model.weights import load_weights, save_weights
 from mars.pipeline import save_generation_config
 
 logger = logging.getLogger("mars.recipes")
@@ -376,8 +377,6 @@ def ship_model(src: str | Path, dst: str | Path, vq: str | Path | None = None, m
     """Copy a model folder to `dst` (replacing it; `vq` replaces its vq/; `generation` becomes its
     generation_config.json; `weights_dtype`, e.g. fp16, stores the model's floating-point weights in
     that type: loaders cast them to the dtype they run in), refusing more than `max_bytes`."""
-    from mars.model.weights import load_weights, save_weights
-
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise MarsError(f"{src} is not a model folder (no config.json)")

@@ -137,3 +137,19 @@ def test_prompt_contrast_with_word_swaps_trains_on_counterfactual_prompts(tmp_pa
                          "t2i_contrast_swaps=[[red, blue, green, yellow, orange, purple, black]]")
     assert ["counterfactual_share" in m for m in first] == [True, False]
 
+
+
+def test_training_from_fp16_weights_keeps_fp32_master_weights(model_copy, tmp_path):
+    # the built-in model ships fp16 files; training from it must not train in fp16
+    from mars.model.weights import load_weights, save_weights
+
+    state = load_weights(model_copy)
+    save_weights({k: v.half() for k, v in state.items()}, model_copy)
+    before = _groups(SemVIE.from_pretrained(model_copy, dtype=torch.float32))
+    final, metrics = run_stage("stage1", tmp_path / "run", "max_steps=2", "save_every=0", "model=null",
+                               f"init_from={model_copy}")
+    after = SemVIE.from_pretrained(final)
+    assert all(p.dtype == torch.float32 for p in after.parameters())
+    frozen = _groups(after)["text_expert"]
+    assert all(torch.equal(v, frozen[k]) for k, v in before["text_expert"].items())  # exactly the fp16 values
+    assert all(math.isfinite(m["loss"]) for m in metrics)
