@@ -13,6 +13,7 @@ shapes. Floating-point tensors are averaged in fp32 and stored in the first mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -23,29 +24,33 @@ from mars.errors import MarsError
 from mars.model.semvie import load_model_config
 from mars.model.weights import SAFE_INDEX, load_weights, save_weights
 
-def average_state_dicts(states: list[dict[str, torch.Tensor]], weights: list[float],
-                        names: list[str]) -> dict[str, torch.Tensor]:
-    """sum_i weights[i] * states[i], tensor by tensor (in fp32, cast back to the first state's
-    dtypes); integer tensors must be equal and are kept. `names` label the states in errors."""
-    first = states[0]
-    for state, name in zip(states[1:], names[1:]):
-        if state.keys() != first.keys():
-            differ = sorted(state.keys() ^ first.keys())
-            raise MarsError(f"{name} and {names[0]} hold different tensors (e.g. {differ[0]})")
-        shape = next((k for k in first if state[k].shape != first[k].shape), None)
-        if shape is not None:
-            raise MarsError(f"tensor {shape} has shape {tuple(state[shape].shape)} in {name} "
-                            f"but {tuple(first[shape].shape)} in {names[0]}")
-    averaged = {}
+def _check_same_tensors(state: dict[str, torch.Tensor], first: dict[str, torch.Tensor], name: str,
+                        first_name: str) -> None:
+    if state.keys() != first.keys():
+        differ = sorted(state.keys() ^ first.keys())
+        raise MarsError(f"{name} and {first_name} hold different tensors (e.g. {differ[0]})")
     for key, tensor in first.items():
-        if not tensor.is_floating_point():
-            if any(not torch.equal(state[key], tensor) for state in states[1:]):
-                raise MarsError(f"integer tensor {key} differs between the models: it cannot be averaged")
-            averaged[key] = tensor
-            continue
-        total = sum(w * state[key].float() for w, state in zip(weights, states))
-        averaged[key] = total.to(tensor.dtype)
-    return averaged
+        if state[key].shape != tensor.shape:
+            raise MarsError(f"tensor {key} has shape {tuple(state[key].shape)} in {name} "
+                            f"but {tuple(tensor.shape)} in {first_name}")
+        if not tensor.is_floating_point() and not torch.equal(state[key], tensor):
+            raise MarsError(f"integer tensor {key} differs between {name} and {first_name}: it cannot be averaged")
+
+
+def average_weights(models: list[Path], weights: list[float]) -> dict[str, torch.Tensor]:
+    """sum_i weights[i] * (model i's tensors), accumulated in fp32 one model at a time (so memory
+    holds two models, not all of them) and cast back to the first model's dtypes; integer tensors
+    must be equal and are kept."""
+    first = load_weights(models[0])
+    total = {k: weights[0] * v.float() if v.is_floating_point() else v for k, v in first.items()}
+    for model, weight in zip(models[1:], weights[1:]):
+        state = load_weights(model)
+        _check_same_tensors(state, first, str(model), str(models[0]))
+        for key, tensor in state.items():
+            if tensor.is_floating_point():
+                total[key] += weight * tensor.float()
+        del state
+    return {k: v.to(first[k].dtype) for k, v in total.items()}
 
 
 def average_models(models: list[str | Path], out: str | Path, weights: list[float] | None = None,
@@ -67,26 +72,25 @@ def average_models(models: list[str | Path], out: str | Path, weights: list[floa
         raise MarsError(f"--out {out} is one of the models being averaged")
     configs = [load_model_config(m) for m in models]  # checks each is a MARS model folder
     for model, config in zip(models[1:], configs[1:]):
-        if config != configs[0]:
+        if dataclasses.replace(config, name=configs[0].name) != configs[0]:  # the name is only a label
             raise MarsError(f"{model} and {models[0]} have different configs (config.json): "
                             "only models of one architecture can be averaged")
-    names = [str(m) for m in models]
-    state = average_state_dicts([load_weights(m) for m in models], weights, names)
+    state = average_weights(models, weights)
 
     tmp = out.parent / f".tmp-{out.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     top = str(models[0])
 
-    def not_the_weights(folder: str, names: list[str]) -> set[str]:  # vq/ keeps its own weights
+    def not_the_weights(folder: str, entries: list[str]) -> set[str]:  # vq/ keeps its own weights
         if folder != top:
             return set()
-        return {n for n in names if n.endswith(".safetensors") or n in (SAFE_INDEX, "eval.json")}
+        return {e for e in entries if e.endswith(".safetensors") or e in (SAFE_INDEX, "eval.json")}
 
     shutil.copytree(models[0], tmp, ignore=not_the_weights)
     save_weights(state, tmp)
     (tmp / "averaged_from.json").write_text(
-        json.dumps({"models": names, "weights": weights}, indent=1) + "\n", encoding="utf-8")
+        json.dumps({"models": [str(m) for m in models], "weights": weights}, indent=1) + "\n", encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

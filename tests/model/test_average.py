@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +74,20 @@ def test_cli_writes_the_average_and_reports_errors_in_one_line(tmp_path, two_mod
     assert main(["average", str(a), str(b), "--out", str(tmp_path / "soup")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exists; pass --overwrite" in err[0]
+
+
+def test_models_named_differently_average_and_a_missing_tensor_is_named(tmp_path, two_models):
+    import shutil
+
+    from mars.model.weights import save_weights
+
+    a, b = two_models
+    renamed = Path(shutil.copytree(b, tmp_path / "renamed"))
+    config = json.loads((renamed / "config.json").read_text())
+    (renamed / "config.json").write_text(json.dumps({**config, "name": "another-label"}))
+    assert average_models([a, renamed], tmp_path / "soup").is_dir()  # the name is only a label
+    state = load_weights(renamed)
+    missing = sorted(state)[0]
+    save_weights({k: v for k, v in state.items() if k != missing}, renamed)
+    with pytest.raises(MarsError, match=f"hold different tensors \\(e.g. {missing}\\)"):
+        average_models([a, renamed], tmp_path / "broken")
