@@ -38,9 +38,11 @@ from mars.generate import (
 )
 from mars.model.semvie import SemVIE
 from mars.model_dir import DEFAULT_MODEL, GENERATION_CONFIG, VQ_DIR, load_model_text_tokenizer, resolve_model_path
+from mars.rerank import best_candidates
 from mars.text_tokenizer import TextTokenizer
 from mars.vq import VQModel, load_tokenizer
 
+RERANK_SEED_STRIDE = 1_000_003  # seed of candidate k of an image: its seed + k * this (a prime)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 ImageInput = Image.Image | str | os.PathLike
@@ -148,6 +150,7 @@ class MarsPipeline:
         progress: bool = False,
         compile: bool = False,
         negative_prompt: str | Sequence[str] | None = None,
+        rerank: int = 1,
     ) -> list[Image.Image]:
         """Images for `prompts` (English, Chinese, any text the tokenizer reads).
 
@@ -162,6 +165,10 @@ class MarsPipeline:
         H200); `compile` also compiles the step (worth it for many batches of the same shape).
         `negative_prompt` (one for all prompts, or one per prompt; "" = the null prompt) takes the
         null prompt's place in guidance, steering the images away from it; it needs cfg_scale != 1.
+        `rerank` > 1 draws that many candidates per image and keeps the one under which the model,
+        reading it back, finds the prompt the likeliest caption (`mars.rerank`); candidate k of the
+        image with seed s uses seed `s + k * RERANK_SEED_STRIDE`, so candidate 0 is the image that
+        `rerank=1` makes.
         """
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         sampling = SampleConfig(**self.sampling_settings(cfg_scale, top_k, top_p, temperature))
@@ -169,24 +176,33 @@ class MarsPipeline:
         ids = self.encode_prompts(prompt_list, grid * grid)
         _check_count("num_images_per_prompt", num_images_per_prompt)
         _check_count("batch_size", batch_size)
+        _check_count("rerank", rerank)
+        texts = [p for p in prompt_list for _ in range(num_images_per_prompt)]
         jobs = [p for p in ids for _ in range(num_images_per_prompt)]
         negatives = None
         if negative_prompt is not None:
             negative_ids = self.encode_negative_prompts(negative_prompt, len(prompt_list), grid * grid)
             negatives = [n for n in negative_ids for _ in range(num_images_per_prompt)]
-        image_seeds = _image_seeds(seed, len(jobs))
-        images: list[Image.Image] = []
-        with tqdm(total=len(jobs), desc="images", disable=not progress) as bar:
-            for start in range(0, len(jobs), batch_size):
-                chunk = jobs[start : start + batch_size]
-                seeds = image_seeds[start : start + batch_size]
-                codes = generate_image_tokens(self.model, chunk, make_generators(seeds, self.device), grid * grid,
-                                              sampling, compile=compile, cuda_graph=True, progress=progress,
-                                              negative_prompts=negatives[start : start + batch_size]
-                                              if negatives else None)
-                images.extend(self.decode_codes(codes.view(-1, grid, grid)))
+        # every image's candidates, one after the other (just the images when rerank == 1)
+        candidates = [job for job in jobs for _ in range(rerank)]
+        seeds = [s + k * RERANK_SEED_STRIDE for s in _image_seeds(seed, len(jobs)) for k in range(rerank)]
+        candidate_negatives = [n for n in negatives for _ in range(rerank)] if negatives else None
+        codes = []
+        with tqdm(total=len(candidates), desc="images", disable=not progress) as bar:
+            for start in range(0, len(candidates), batch_size):
+                chunk = candidates[start : start + batch_size]
+                made = generate_image_tokens(self.model, chunk, make_generators(seeds[start : start + batch_size],
+                                                                                self.device),
+                                             grid * grid, sampling, compile=compile, cuda_graph=True, progress=progress,
+                                             negative_prompts=candidate_negatives[start : start + batch_size]
+                                             if candidate_negatives else None)
+                codes.append(made.view(-1, grid, grid))
                 bar.update(len(chunk))
-        return images
+        kept = torch.cat(codes)  # (len(candidates), h, w)
+        if rerank > 1:
+            kept = best_candidates(self.model, self.tokenizer, texts, kept, rerank)
+        return [image for start in range(0, len(kept), batch_size)
+                for image in self.decode_codes(kept[start : start + batch_size])]
 
     def generate_with_text(
         self,

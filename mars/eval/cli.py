@@ -54,6 +54,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, seed_help: str) -> None:
     p.add_argument("--top-p", type=float, default=None, help="top-p filter, 1 = off (default: the model's, else 1)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (default: the model's, else 1)")
+    p.add_argument("--rerank", type=int, default=1, metavar="N",
+                   help="best of N candidates per image by the model's own caption likelihood of the prompt "
+                        "(mars.rerank; N times the work; default 1 = off)")
     p.add_argument("--shard", default=None, metavar="R/W",
                    help="make only images i with i %% W == R (default: torchrun's RANK/WORLD_SIZE, else all)")
 
@@ -72,9 +75,13 @@ def _generator(args: argparse.Namespace):
     from mars.eval.runner import pipeline_generate_fn
 
     pipe, model_path = _load_pipeline(args)
+    if args.rerank < 1:
+        raise MarsError(f"--rerank must be >= 1, got {args.rerank}")
     sampling = pipe.sampling_settings(args.cfg_scale, args.top_k, args.top_p, args.temperature)
     settings = {"model": model_path, **sampling, "seed": args.seed}
-    return pipeline_generate_fn(pipe, **sampling), settings
+    if args.rerank > 1:  # absent when off, so earlier runs' settings.json still match
+        settings["rerank"] = args.rerank
+    return pipeline_generate_fn(pipe, **sampling, rerank=args.rerank), settings
 
 
 def add_commands(subparsers) -> None:

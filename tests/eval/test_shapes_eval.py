@@ -139,3 +139,15 @@ def test_shapes_cli_with_tiny_model(tiny_model_dir, tmp_path, capsys):
     # a resumed run with other settings is refused instead of mixing two experiments
     assert main(args + ["--cfg-scale", "2.0"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_shapes_cli_records_rerank_and_refuses_to_mix_it(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "shapes"
+    args = ["eval", "shapes", "--model", str(tiny_model_dir), "--n-per-category", "1", "--lang", "zh",
+            "--out-dir", str(out), "--device", "cpu"]
+    assert main(args + ["--rerank", "2"]) == 0
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["settings"]["rerank"] == 2
+    capsys.readouterr()
+    assert main(args) == 2  # the same folder without reranking: other settings
+    assert "other settings" in capsys.readouterr().err
+    assert main(args + ["--rerank", "0", "--out-dir", str(tmp_path / "bad")]) == 2

@@ -1,0 +1,99 @@
+"""Best-of-N by self-captioning (mars.rerank, `MarsPipeline.generate(rerank=N)`, `--rerank`)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mars import MarsPipeline
+from mars.cli import main
+from mars.errors import MarsError
+from mars.generate import SampleConfig, caption_prefix, generate_image_tokens, make_generators
+from mars.pipeline import RERANK_SEED_STRIDE
+from mars.rerank import best_candidates, caption_ids, caption_log_likelihood, prompt_language
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return MarsPipeline.from_pretrained(tiny_model_dir, device="cpu")
+
+
+def pixels(images):
+    return [np.asarray(im, dtype=np.int16) for im in images]
+
+
+def test_prompt_language_picks_the_caption_language():
+    assert prompt_language("a red circle to the left of a blue square") == "en"
+    assert prompt_language("一个红色的圆形") == "zh"
+    assert prompt_language("a 红色 circle") == "zh"
+
+
+def test_caption_log_likelihood_equals_the_token_by_token_definition(pipe):
+    model, tok = pipe.model, pipe.tokenizer
+    torch.manual_seed(0)
+    codes = torch.randint(0, model.config.image_vocab_size, (3, 4, 4))
+    instruction, caption = caption_ids(tok, "a red circle")
+    assert caption[-1] == tok.eos_id and tok.decode(caption[:-1]) == " a red circle"
+    got = caption_log_likelihood(model, codes, instruction, caption)
+    with torch.inference_mode():
+        for row, c in enumerate(codes):
+            prefix = caption_prefix(model, c, instruction)
+            total = 0.0
+            for t, token in enumerate(caption):  # one forward per token over the sequence so far
+                ids = torch.tensor([prefix + caption[:t]])
+                logits = model(ids, model.image_mask(ids))[0, -1].float()
+                total += F.log_softmax(logits, -1)[token].item()
+            assert got[row].item() == pytest.approx(total, abs=1e-3)
+
+
+def test_best_candidates_keeps_each_prompts_likeliest_caption(pipe):
+    model, tok = pipe.model, pipe.tokenizer
+    torch.manual_seed(1)
+    prompts = ["a red circle", "一个蓝色的正方形"]
+    codes = torch.randint(0, model.config.image_vocab_size, (6, 4, 4))  # 3 candidates per prompt
+    kept = best_candidates(model, tok, prompts, codes, per_image=3)
+    for i, prompt in enumerate(prompts):
+        scores = caption_log_likelihood(model, codes[3 * i : 3 * i + 3], *caption_ids(tok, prompt))
+        assert torch.equal(kept[i], codes[3 * i + int(scores.argmax())])
+
+
+def test_pipeline_rerank_keeps_the_best_of_the_seeded_candidates(pipe):
+    prompt, seed, n = "a red circle", 6, 3
+    settings = pipe.sampling_settings(cfg_scale=2.0, top_k=20)
+    got = pixels(pipe.generate(prompt, seed=seed, rerank=n, **settings))[0]
+    # the same candidates made one by one, scored, the best decoded
+    ids = pipe.encode_prompts([prompt], 16)
+    candidates = torch.cat([generate_image_tokens(pipe.model, ids, make_generators([seed + k * RERANK_SEED_STRIDE]),
+                                                  16, SampleConfig(**settings)) for k in range(n)]).view(n, 4, 4)
+    scores = caption_log_likelihood(pipe.model, candidates, *caption_ids(pipe.tokenizer, prompt))
+    assert int(scores.argmax()) != 0  # a seed where reranking changes the image
+    best = pixels(pipe.decode_codes(candidates[int(scores.argmax())][None]))[0]
+    assert np.abs(got - best).max() <= 1
+    # candidate 0 is the image rerank=1 makes
+    first = pixels(pipe.decode_codes(candidates[:1]))[0]
+    assert np.abs(pixels(pipe.generate(prompt, seed=seed, **settings))[0] - first).max() <= 1
+
+
+def test_pipeline_rerank_is_the_same_alone_or_in_a_batch(pipe):
+    prompts = ["a red circle", "一个蓝色的正方形"]
+    together = pixels(pipe.generate(prompts, seed=3, rerank=2, batch_size=3, top_k=20))
+    for i, prompt in enumerate(prompts):
+        alone = pixels(pipe.generate(prompt, seed=3 + i, rerank=2, batch_size=1, top_k=20))[0]
+        assert np.abs(together[i] - alone).max() <= 1
+
+
+def test_rerank_must_be_positive(pipe):
+    with pytest.raises(MarsError, match="rerank"):
+        pipe.generate("a red circle", rerank=0)
+
+
+def test_cli_rerank_records_the_setting(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    assert main(["generate", "a red circle", "--out-dir", str(out), "--model", str(tiny_model_dir),
+                 "--device", "cpu", "--rerank", "2"]) == 0
+    line = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert line["settings"]["rerank"] == 2
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--model", str(tiny_model_dir),
+                 "--device", "cpu", "--rerank", "0"]) != 0
