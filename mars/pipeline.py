@@ -38,7 +38,7 @@ from mars.generate import (
 )
 from mars.model.semvie import SemVIE
 from mars.model_dir import DEFAULT_MODEL, GENERATION_CONFIG, VQ_DIR, load_model_text_tokenizer, resolve_model_path
-from mars.rerank import best_candidates
+from mars.rerank import best_candidates, check_fits
 from mars.text_tokenizer import TextTokenizer
 from mars.vq import VQModel, load_tokenizer
 
@@ -177,6 +177,8 @@ class MarsPipeline:
         _check_count("num_images_per_prompt", num_images_per_prompt)
         _check_count("batch_size", batch_size)
         _check_count("rerank", rerank)
+        if rerank > 1:
+            check_fits(self.model, self.tokenizer, prompt_list, grid * grid)
         texts = [p for p in prompt_list for _ in range(num_images_per_prompt)]
         jobs = [p for p in ids for _ in range(num_images_per_prompt)]
         negatives = None

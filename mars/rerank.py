@@ -43,17 +43,25 @@ def caption_ids(tokenizer: TextTokenizer, prompt: str) -> tuple[list[int], list[
     return instruction, [*caption, tokenizer.eos_id]
 
 
+def check_fits(model: SemVIE, tokenizer: TextTokenizer, prompts: list[str], image_tokens: int) -> None:
+    """Raise MarsError, before any image is drawn, when a prompt read as a caption does not fit the
+    context beside an image of `image_tokens` codes."""
+    for prompt in prompts:
+        instruction, caption = caption_ids(tokenizer, prompt)
+        length = image_tokens + 2 + len(instruction) + len(caption)
+        if length > model.config.max_seq_len:
+            raise MarsError(f"the prompt is too long to rerank by: an image, the caption instruction and the prompt "
+                            f"need {length} tokens, the model's context holds {model.config.max_seq_len}")
+
+
 @torch.inference_mode()
 def caption_log_likelihood(model: SemVIE, codes: torch.Tensor, instruction: list[int],
                            caption: list[int]) -> torch.Tensor:
     """log p(caption | <img> codes </img> instruction) of every image: codes (N, h, w) -> (N,) in nats.
 
-    One full forward over the N sequences (same length: no padding).
+    One full forward over the N sequences (same length: no padding); `check_fits` first.
     """
     rows = [caption_prefix(model, c, instruction) + caption for c in codes]
-    if len(rows[0]) > model.config.max_seq_len:
-        raise MarsError(f"the prompt is too long to rerank by: an image, the caption instruction and the prompt "
-                        f"need {len(rows[0])} tokens, the model's context holds {model.config.max_seq_len}")
     device = next(model.parameters()).device
     ids = torch.tensor(rows, device=device)  # (N, L)
     start = ids.shape[1] - len(caption)  # first caption position

@@ -84,9 +84,15 @@ def test_pipeline_rerank_is_the_same_alone_or_in_a_batch(pipe):
         assert np.abs(together[i] - alone).max() <= 1
 
 
-def test_rerank_must_be_positive(pipe):
+def test_rerank_must_be_positive_and_fit_the_context(pipe):
     with pytest.raises(MarsError, match="rerank"):
         pipe.generate("a red circle", rerank=0)
+    limit = pipe.model.config.max_seq_len - pipe.image_tokens() - 2  # the longest prompt generation takes
+    prompt = "a" * limit
+    assert len(pipe.encode_prompts([prompt], pipe.image_tokens())[0]) == limit
+    pipe.generate(prompt, temperature=0.0)  # fits to generate ...
+    with pytest.raises(MarsError, match="too long to rerank"):  # ... not beside the caption instruction
+        pipe.generate(prompt, temperature=0.0, rerank=2)
 
 
 def test_cli_rerank_records_the_setting(tmp_path, tiny_model_dir):
