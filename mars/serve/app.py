@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mars.data.images import UnusableImage, load_image
 from mars.errors import MarsError
 from mars.generate import SampleConfig
+from mars.rerank import check_fits
 from mars.serve.batcher import Batcher, BatcherStopped, JobResult, QueueFull
 from mars.serve.schemas import (
     MAX_SEED, CaptionResponse, ErrorResponse, GeneratedImage, GenerationRequest, GenerationResponse,
@@ -71,18 +72,18 @@ def error_response(status: int, message: str, type: str, headers: dict[str, str]
 
 
 def run_batch(pipeline, key: Hashable, rows: list[Any], compile: bool = False) -> list[Any]:
-    """One batch on the worker thread: ("generate", cfg, top_k, top_p, temperature) with rows
+    """One batch on the worker thread: ("generate", cfg, top_k, top_p, temperature, rerank) with rows
     (prompt, seed, negative prompt or "") -> PIL images; ("caption", lang) with rows PIL images ->
     strings. `compile`: the decode step runs compiled (each new batch size compiles once, the first
     time it occurs)."""
     if key[0] == "generate":
-        _, cfg_scale, top_k, top_p, temperature = key
+        _, cfg_scale, top_k, top_p, temperature, rerank = key
         prompts = [prompt for prompt, _, _ in rows]
         seeds = [seed for _, seed, _ in rows]
         negatives = [negative for _, _, negative in rows]
         return pipeline.generate(prompts, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
                                  temperature=temperature, seed=seeds, batch_size=len(prompts), compile=compile,
-                                 negative_prompt=negatives if any(negatives) else None)
+                                 negative_prompt=negatives if any(negatives) else None, rerank=rerank)
     if key[0] == "caption":
         return pipeline.caption(rows, lang=key[1])
     raise ValueError(f"unknown batch kind {key[0]!r}")
@@ -159,6 +160,8 @@ def check_generation(req: GenerationRequest, tokenizer, limits: ServeLimits, tok
         raise ApiError(422, "negative_prompt: works through guidance; set cfg_scale to something other than 1")
     if req.n > limits.max_images:
         raise ApiError(422, f"n: at most {limits.max_images} images per request, got {req.n}")
+    if req.rerank > limits.max_rerank:
+        raise ApiError(422, f"rerank: at most {limits.max_rerank} candidates per image, got {req.rerank}")
 
 
 def decode_upload(data: bytes, limits: ServeLimits) -> Image.Image:
@@ -288,15 +291,20 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
         arrived = time.perf_counter()
         chosen = pipeline.sampling_settings(body.cfg_scale, body.top_k, body.top_p, body.temperature)
         check_generation(body, pipeline.tokenizer, limits, token_limit, SampleConfig(**chosen).guided)
+        if body.rerank > 1:
+            try:
+                check_fits(pipeline.model, pipeline.tokenizer, [body.prompt], config.image_tokens)
+            except MarsError as err:
+                raise ApiError(422, f"rerank: {err}") from None
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - limits.max_images + 2)
         seeds = [seed + i for i in range(body.n)]
-        key = ("generate", chosen["cfg_scale"], chosen["top_k"], chosen["top_p"], chosen["temperature"])
+        key = ("generate", chosen["cfg_scale"], chosen["top_k"], chosen["top_p"], chosen["temperature"], body.rerank)
         negative = body.negative_prompt or ""
         result = await run_job(request.app.state.batcher, request, key, [(body.prompt, s, negative) for s in seeds])
         encoded = await run_in_threadpool(lambda: [png_base64(img) for img in result.outputs])
         data = [GeneratedImage(b64_json=b64, seed=s, width=img.width, height=img.height)
                 for b64, s, img in zip(encoded, seeds, result.outputs)]
-        settings = GenerationSettings(**chosen)
+        settings = GenerationSettings(**chosen, rerank=body.rerank)
         return GenerationResponse(created=int(time.time()), model=model_name, prompt=body.prompt,
                                   negative_prompt=body.negative_prompt, seeds=seeds,
                                   settings=settings, data=data, timings=timings(result, arrived))
@@ -324,6 +332,7 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
     async def models() -> ModelList:
         card = ModelCard(id=model_name, image_size=config.image_size, max_prompt_tokens=token_limit,
                          max_prompt_chars=limits.max_prompt_chars, max_images=limits.max_images,
+                         max_rerank=limits.max_rerank, sampling_defaults=GenerationSettings(**pipeline.sampling_settings()),
                          caption_languages=list(CAPTION_LANGS), upload_formats=list(limits.upload_formats),
                          max_upload_bytes=limits.max_upload_bytes)
         return ModelList(data=[card])

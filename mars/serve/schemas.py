@@ -21,6 +21,7 @@ class ServeLimits:
 
     max_prompt_chars: int = 2000
     max_images: int = 8
+    max_rerank: int = 8  # candidates per image a request may ask to choose from (each costs one generation)
     max_upload_bytes: int = 10 * 2**20
     max_upload_pixels: int = 4096 * 4096  # Pillow decodes lazily; refuse decompression bombs before decoding
     upload_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
@@ -49,6 +50,9 @@ class GenerationRequest(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=10.0, allow_inf_nan=False, description="0 = greedy.")
     negative_prompt: str | None = Field(None, description="What to steer away from: it replaces the null prompt "
                                                           "in guidance (needs cfg_scale != 1).")
+    rerank: int = Field(1, ge=1, description="Best of this many candidates per image: the one kept is the one "
+                                             "under which the model, reading it back, finds the prompt the "
+                                             "likeliest caption (costs this many generations; 1 = off).")
 
 
 class GeneratedImage(BaseModel):
@@ -70,6 +74,7 @@ class GenerationSettings(BaseModel):
     top_k: int
     top_p: float
     temperature: float
+    rerank: int = 1
 
 
 class GenerationResponse(BaseModel):
@@ -113,6 +118,9 @@ class ModelCard(BaseModel):
     max_prompt_tokens: int
     max_prompt_chars: int
     max_images: int
+    max_rerank: int
+    sampling_defaults: GenerationSettings = Field(description="What a request gets for the settings it leaves out "
+                                                              "(the model's generation_config.json).")
     caption_languages: list[str]
     upload_formats: list[str]
     max_upload_bytes: int

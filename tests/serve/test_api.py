@@ -67,7 +67,7 @@ def test_generate_returns_the_pipelines_images_with_their_seeds(client, tiny_pip
     out = r.json()
     assert out["seeds"] == [7, 8] and [d["seed"] for d in out["data"]] == [7, 8]
     assert out["prompt"] == "a red circle" and out["model"] == "tiny"
-    assert out["settings"] == {"cfg_scale": 3.0, "top_k": 50, "top_p": 0.9, "temperature": 0.8}
+    assert out["settings"] == {"cfg_scale": 3.0, "top_k": 50, "top_p": 0.9, "temperature": 0.8, "rerank": 1}
     size = tiny_pipeline.model.config.image_size
     expected = tiny_pipeline.generate(["a red circle"] * 2, cfg_scale=3.0, top_k=50, top_p=0.9, temperature=0.8, seed=7)
     for item, want in zip(out["data"], expected):
@@ -98,7 +98,7 @@ def test_negative_prompt_reaches_the_pipeline_and_batches_beside_plain_requests(
     np.testing.assert_array_equal(pixels(png_image(out["data"][0]["b64_json"])), pixels(want))
     # a batch that mixes requests with and without one: each row keeps its own
     from mars.serve.app import run_batch
-    key = ("generate", 3.0, 0, 1.0, 1.0)
+    key = ("generate", 3.0, 0, 1.0, 1.0, 1)
     mixed = run_batch(tiny_pipeline, key, [("a red circle", 3, "a green star"), ("a red circle", 3, "")])
     (plain,) = tiny_pipeline.generate("a red circle", cfg_scale=3.0, top_k=0, top_p=1.0, temperature=1.0, seed=3)
     (away,) = tiny_pipeline.generate("a red circle", cfg_scale=3.0, top_k=0, top_p=1.0, temperature=1.0, seed=3,
@@ -264,7 +264,7 @@ def test_openapi_schema_describes_the_api(client):
     assert {"/v1/images/generations", "/v1/captions", "/health", "/v1/models"} <= set(schema["paths"])
     request = schema["components"]["schemas"]["GenerationRequest"]
     assert request["required"] == ["prompt"]
-    assert {"prompt", "n", "seed", "cfg_scale", "top_k", "top_p", "temperature", "negative_prompt"} == set(
+    assert {"prompt", "n", "seed", "cfg_scale", "top_k", "top_p", "temperature", "negative_prompt", "rerank"} == set(
         request["properties"])
     assert "422" in schema["paths"][GEN]["post"]["responses"]
     assert "multipart/form-data" in schema["paths"][CAP]["post"]["requestBody"]["content"]
@@ -288,3 +288,20 @@ def test_create_app_checks_its_settings(recording):
         create_app(recording, max_batch_size=8, max_queue=4)
     with pytest.raises(MarsError, match="max_images"):
         create_app(recording, max_batch_size=2, limits=ServeLimits(max_images=4))
+
+
+def test_rerank_reaches_the_pipeline_and_is_bounded(client, tiny_pipeline):
+    body = {"prompt": "a red circle", "seed": 4, "top_k": 20, "rerank": 3}
+    out = client.post(GEN, json=body).json()
+    assert out["settings"]["rerank"] == 3
+    (want,) = tiny_pipeline.generate("a red circle", seed=4, top_k=20, rerank=3)
+    np.testing.assert_array_equal(pixels(png_image(out["data"][0]["b64_json"])), pixels(want))
+    too_many = client.post(GEN, json={**body, "rerank": 9})
+    assert too_many.status_code == 422 and "rerank: at most 8" in too_many.json()["error"]["message"]
+    assert client.post(GEN, json={**body, "rerank": 0}).status_code == 422
+
+
+def test_model_card_gives_the_sampling_defaults_the_page_starts_from(client, tiny_pipeline):
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["sampling_defaults"] == {**tiny_pipeline.sampling_settings(), "rerank": 1}
+    assert card["max_rerank"] == 8

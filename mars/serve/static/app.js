@@ -69,11 +69,12 @@ $("generate-form").addEventListener("submit", async (event) => {
   const body = {
     prompt: $("prompt").value,
     n: numberField("n") ?? 1,
-    cfg_scale: numberField("cfg_scale") ?? 4,
-    top_k: numberField("top_k") ?? 0,
-    top_p: numberField("top_p") ?? 1,
-    temperature: numberField("temperature") ?? 1,
   };
+  // sampling settings left empty take the model's defaults on the server
+  for (const id of ["cfg_scale", "top_k", "top_p", "temperature", "rerank"]) {
+    const value = numberField(id);
+    if (value !== null) body[id] = value;
+  }
   const seed = numberField("seed");
   if (seed !== null) body.seed = seed;
   const negative = $("negative_prompt").value.trim();
@@ -130,5 +131,7 @@ fetch("/v1/models").then((r) => r.json()).then((models) => {
   const card = models.data[0];
   $("model-name").textContent = card.id + " · " + card.image_size + " px";
   $("n").max = card.max_images;
+  $("rerank").max = card.max_rerank;
   $("prompt").maxLength = card.max_prompt_chars;
+  for (const [id, value] of Object.entries(card.sampling_defaults)) $(id).value = value;  // the model's own
 }).catch(() => {});
