@@ -65,6 +65,9 @@ def test_generate_in_the_browser(browser, tiny_pipeline, tmp_path):
     with live_server(create_app(recording, model_name="tiny")) as url:
         browser.get(url + "/")
         wait_for(lambda: browser.find_element("id", "model-name").text, what="the model card")
+        defaults = tiny_pipeline.sampling_settings()  # the form starts from the model's own settings
+        for field in ("cfg_scale", "top_k", "top_p", "temperature"):
+            assert float(browser.find_element("id", field).get_attribute("value")) == defaults[field], field
         fill(browser, "prompt", "一个红色的圆 a red circle")
         fill(browser, "seed", "5")
         fill(browser, "n", "2")
