@@ -193,11 +193,10 @@ class MarsPipeline:
         with tqdm(total=len(candidates), desc="images", disable=not progress) as bar:
             for start in range(0, len(candidates), batch_size):
                 chunk = candidates[start : start + batch_size]
-                made = generate_image_tokens(self.model, chunk, make_generators(seeds[start : start + batch_size],
-                                                                                self.device),
-                                             grid * grid, sampling, compile=compile, cuda_graph=True, progress=progress,
-                                             negative_prompts=candidate_negatives[start : start + batch_size]
-                                             if candidate_negatives else None)
+                generators = make_generators(seeds[start : start + batch_size], self.device)
+                chunk_negatives = candidate_negatives[start : start + batch_size] if candidate_negatives else None
+                made = generate_image_tokens(self.model, chunk, generators, grid * grid, sampling, compile=compile,
+                                             cuda_graph=True, progress=progress, negative_prompts=chunk_negatives)
                 codes.append(made.view(-1, grid, grid))
                 bar.update(len(chunk))
         kept = torch.cat(codes)  # (len(candidates), h, w)
