@@ -43,7 +43,7 @@ def test_prompts_file_writes_pngs_manifest_and_grid(tmp_path, capsys, tiny_model
     assert [(x["prompt"], x["seed"]) for x in lines] == [
         ("a red circle", 5), ("a red circle", 6), ("一个蓝色的正方形", 7), ("一个蓝色的正方形", 8)]
     assert lines[0]["settings"] == {"cfg_scale": 3.0, "top_k": 40, "top_p": 1.0, "temperature": 1.0,
-                                    "image_size": 64, "model": str(tiny_model_dir)}
+                                    "image_size": 64, "model": str(tiny_model_dir), "rerank": 1}
     for x in lines:
         image = Image.open(out / x["file"])
         assert image.size == (64, 64)
