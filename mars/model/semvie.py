@@ -52,22 +52,25 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for integer `positions` (B, T) -> two (B, 1, T, head_dim) fp32 tensors.
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables for integer `positions` (B, T) -> (cos, signed sin), two (B, 1, T, head_dim)
+    tensors computed in fp32 and cast to `dtype` (the activations' type, as HF casts them).
 
-    Computed on the fly (no buffers), so a model built on the meta device needs no re-init.
+    The signed sin is sin with its first half negated, so that `apply_rope` can rotate with one
+    roll. Computed on the fly (no buffers), so a model built on the meta device needs no re-init.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, D)
-    return emb.cos()[:, None], emb.sin()[:, None]
+    cos = torch.cat([freqs, freqs], dim=-1).cos()  # (B, T, D)
+    signed_sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
+    return cos[:, None].to(dtype), signed_sin[:, None].to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) by the half-split convention of HF Qwen2 / Llama (`rotate_half`)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by the half-split convention of HF Qwen2 / Llama:
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1] = roll(x, D/2) * [-1, 1]."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class KVCache:
@@ -335,9 +338,8 @@ class SemVIE(nn.Module):
             positions = (positions - pad_lengths[:, None]).clamp(min=0)
         if pad_lengths is not None:  # always set with a cache
             attn_mask = self._attention_mask(input_pos, key_slots, pad_lengths)
-        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-
         x = self.embed.embed(input_ids)  # (B, T, C)
+        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.layers:
             x = block(x, image_mask, rope, attn_mask, kv_cache, input_pos)
         return self.norm(x)
