@@ -189,3 +189,9 @@ def test_pipeline_on_cuda_in_bf16(tiny_model_dir):
                            negative_prompt="a blue square")
     assert [im.size for im in graphed] == [(64, 64)] * 2
     assert len(pipe.caption(images, max_new_tokens=4)) == 2
+    # best of 3 keeps one of the three seeded candidates (scored in bf16 on the GPU)
+    from mars.pipeline import RERANK_SEED_STRIDE
+    kept = np.asarray(pipe.generate("a red circle", seed=4, rerank=3)[0], dtype=np.int16)
+    options = [np.asarray(im, dtype=np.int16) for im in
+               pipe.generate(["a red circle"] * 3, seed=[4 + k * RERANK_SEED_STRIDE for k in range(3)])]
+    assert min(np.abs(kept - o).max() for o in options) <= 1
