@@ -255,17 +255,19 @@ def test_recipe_presets_parse_and_fit_together(tmp_path, config_dir):
 
 def test_gpu_configs_train_the_shipped_architecture():
     """configs/shapes-demo/gpu/ (the stages the built-in model was trained with on one GPU) parse,
-    chain stage 0 -> I -> II, and build the architecture of the model that ships."""
+    chain stage 0 -> I -> II -> the swap fine-tune, and build the architecture of the model that ships."""
     from mars.model.semvie import load_model_config
     from mars.train.config import load_train_config
     from mars.train.trainer import resolve_model_config
 
     folder = REPO_CONFIGS / "gpu"
-    stages = {name: load_train_config(folder / f"{name}.yaml", []) for name in ("stage0", "stage1", "stage2")}
-    assert [cfg.stage for cfg in stages.values()] == ["stage0", "stage1", "stage2"]
-    assert str(stages["stage1"].init_from) == str(Path(stages["stage0"].out_dir) / "final")
-    assert str(stages["stage2"].init_from) == str(Path(stages["stage1"].out_dir) / "final")
-    assert str(stages["stage1"].vq) == "mars/assets/shapes-demo/vq"
+    names = ("stage0", "stage1", "stage2", "swaps")
+    stages = {name: load_train_config(folder / f"{name}.yaml", []) for name in names}
+    assert [cfg.stage for cfg in stages.values()] == ["stage0", "stage1", "stage2", "stage1"]
+    for name, previous in (("stage1", "stage0"), ("stage2", "stage1"), ("swaps", "stage2")):
+        assert str(stages[name].init_from) == str(Path(stages[previous].out_dir) / "final"), name
+    assert str(stages["stage1"].vq) == str(stages["swaps"].vq) == "mars/assets/shapes-demo/vq"
+    assert stages["swaps"].t2i_contrast_swaps and stages["swaps"].t2i_contrast_steps < stages["swaps"].max_steps
     built = dataclasses.asdict(resolve_model_config(stages["stage0"]))
     shipped = dataclasses.asdict(load_model_config(SHIPPED))
     assert built == shipped

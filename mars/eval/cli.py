@@ -74,9 +74,9 @@ def _generator(args: argparse.Namespace):
     """(GenerateFn, settings recorded next to the images) from the sampling arguments."""
     from mars.eval.runner import pipeline_generate_fn
 
-    pipe, model_path = _load_pipeline(args)
-    if args.rerank < 1:
+    if args.rerank < 1:  # before the model loads or the output folder is made
         raise MarsError(f"--rerank must be >= 1, got {args.rerank}")
+    pipe, model_path = _load_pipeline(args)
     sampling = pipe.sampling_settings(args.cfg_scale, args.top_k, args.top_p, args.temperature)
     settings = {"model": model_path, **sampling, "seed": args.seed}
     if args.rerank > 1:  # absent when off, so earlier runs' settings.json still match

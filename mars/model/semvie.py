@@ -127,10 +127,10 @@ def route(x: torch.Tensor, image_mask: ImageMask, text_fn: Callable, visual_fn: 
     return out.view(B, T, -1)
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id on Linux ("AuthenticAMD", "GenuineIntel", ...), else ""."""
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's vendor id from Linux's cpuinfo ("AuthenticAMD", "GenuineIntel", ...), else ""."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
+        with open(cpuinfo, encoding="utf-8") as info:
             for line in info:
                 if line.startswith("vendor_id"):
                     return line.split(":", 1)[1].strip()

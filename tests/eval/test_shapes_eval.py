@@ -151,3 +151,4 @@ def test_shapes_cli_records_rerank_and_refuses_to_mix_it(tiny_model_dir, tmp_pat
     assert main(args) == 2  # the same folder without reranking: other settings
     assert "other settings" in capsys.readouterr().err
     assert main(args + ["--rerank", "0", "--out-dir", str(tmp_path / "bad")]) == 2
+    assert "--rerank must be >= 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -207,10 +207,13 @@ def test_few_row_cpu_product_equals_the_plain_linear(rows, monkeypatch):
     torch.testing.assert_close(matmul_t(x, weight), x @ weight.t(), rtol=1e-5, atol=1e-5)
 
 
-def test_the_weight_first_layout_is_chosen_on_amd_cpus_only():
-    vendor = semvie.cpu_vendor()
-    assert isinstance(vendor, str)
-    assert semvie.FEW_ROWS == (4 if vendor == "AuthenticAMD" else 0)
+def test_the_weight_first_layout_is_chosen_on_amd_cpus_only(tmp_path):
+    amd, intel = tmp_path / "amd", tmp_path / "intel"
+    amd.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    intel.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)\n")
+    assert semvie.cpu_vendor(str(amd)) == "AuthenticAMD" and semvie.cpu_vendor(str(intel)) == "GenuineIntel"
+    assert semvie.cpu_vendor(str(tmp_path / "missing")) == ""  # not Linux: the usual layout
+    assert semvie.FEW_ROWS == (4 if semvie.cpu_vendor() == "AuthenticAMD" else 0)
 
 
 def test_rms_norm_fp32_fast_path_equals_the_upcast_formula():
