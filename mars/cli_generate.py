@@ -66,9 +66,20 @@ def add_commands(subparsers) -> None:
     cap.add_argument("--max-new-tokens", type=int, default=64, help="caption length limit in tokens (default 64)")
     cap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     cap.add_argument("--seed", type=int, default=0, help="seed of the first caption when sampling (default 0)")
+    _add_caption_guidance_args(cap)
     cap.add_argument("--batch-size", type=int, default=16, help="images captioned at once (default 16)")
     _add_model_args(cap)
     cap.set_defaults(func=run_caption)
+
+
+def _add_caption_guidance_args(parser: argparse.ArgumentParser) -> None:
+    """--cfg-scale / --plausibility of captioning (also used by `mars eval captions`)."""
+    parser.add_argument("--cfg-scale", type=float,
+                        help="guide each caption by its image against the text model alone; 1 = off "
+                             "(default: the model's)")
+    parser.add_argument("--plausibility", type=float,
+                        help="with guidance, only words at least this fraction as likely as the best one "
+                             "given the image are chosen (default: the model's)")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -235,7 +246,8 @@ def run_caption(args: argparse.Namespace) -> int:
         for start in range(0, len(readable), args.batch_size):
             chunk = readable[start : start + args.batch_size]
             texts = pipe.caption([im for _, im in chunk], lang=args.lang, temperature=args.temperature,
-                                 max_new_tokens=args.max_new_tokens, seed=args.seed + start)
+                                 max_new_tokens=args.max_new_tokens, seed=args.seed + start,
+                                 cfg_scale=args.cfg_scale, plausibility=args.plausibility)
             for (file, _), text in zip(chunk, texts):
                 if args.json:
                     tqdm.write(json.dumps({"image": file, "caption": text}, ensure_ascii=False), file=sys.stdout)

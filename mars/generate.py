@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,6 +79,24 @@ class SampleConfig:
     def guided(self) -> bool:
         """Whether the unconditional rows run (anything but cfg_scale 1)."""
         return self.cfg_scale != 1.0
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """A model's default caption decoding (the "caption" entry of its generation_config.json).
+
+    cfg_scale 1 = the image-conditioned model alone; > 1 guides by the image against the language
+    model reading the instruction alone; plausibility: see `guide_text`.
+    """
+
+    cfg_scale: float = 1.0
+    plausibility: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.cfg_scale >= 0:
+            raise MarsError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if not 0 <= self.plausibility < 1:
+            raise MarsError(f"plausibility must lie in [0, 1), got {self.plausibility}")
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -387,19 +406,46 @@ def _decode_image(model, prompts, generators, num_tokens, sampling, use_cache, c
 # ---------------------------------------------------------------------------------------------
 
 
-def _decode_text(model, cache, hidden, slot, generators, sampling, eos_id, vocab_limit, max_new_tokens):
-    """Text tokens after `hidden` (R, C) until each row's eos or `max_new_tokens`.
+def guide_text(logits: torch.Tensor, cfg_scale: float, plausibility: float) -> torch.Tensor:
+    """(2R, V) stacked [with image; without] text logits -> (R, V) image-guided logits.
 
-    Generated text is fed through the language expert alone (`image_mask=False`); logits cover
-    only the first `vocab_limit` text rows. Returns one list per row, without the eos.
+    `u + s * (c - u)` weighs what the image adds over the language model's own prior (so a caption
+    can name a pair the text never paired, where the prior alone would overrule the image); only
+    tokens whose probability given the image is at least `plausibility` times the likeliest one's
+    stay candidates (the adaptive plausibility rule of contrastive decoding, Li et al. 2023), so
+    guidance cannot promote a token the image makes unlikely merely because the prior finds it rarer.
+    """
+    cond, uncond = logits.chunk(2, dim=0)
+    guided = uncond + cfg_scale * (cond - uncond)
+    if plausibility <= 0:
+        return guided
+    log_probs = cond.log_softmax(dim=-1)
+    floor = log_probs.max(dim=-1, keepdim=True).values + math.log(plausibility)
+    return guided.masked_fill(log_probs < floor, float("-inf"))
+
+
+def _decode_text(model, cache, hidden, slot, generators, sampling, eos_id, vocab_limit, max_new_tokens,
+                 plausibility=0.0):
+    """Text tokens after `hidden` until each row's eos or `max_new_tokens`.
+
+    `hidden` is (R, C), or with guidance (2R, C): the R conditional rows, then their R unconditional
+    rows, which are fed the same tokens (`guide_text`). Generated text is fed through the language
+    expert alone (`image_mask=False`); logits cover only the first `vocab_limit` text rows. Returns
+    one list per row, without the eos.
     """
     rows = slice(0, vocab_limit)
-    R = hidden.shape[0]
+    guided = sampling.guided
+    R = hidden.shape[0] // 2 if guided else hidden.shape[0]
     device = hidden.device
     out = torch.full((R, max_new_tokens), eos_id, dtype=torch.long, device=device)
     done = torch.zeros(R, dtype=torch.bool, device=device)
     positions = torch.arange(slot, slot + max_new_tokens, device=device)
-    logits = model.logits(hidden, rows=rows).float()  # (R, V_text)
+
+    def next_logits(hidden: torch.Tensor) -> torch.Tensor:
+        logits = model.logits(hidden, rows=rows).float()  # (R or 2R, V_text)
+        return guide_text(logits, sampling.cfg_scale, plausibility) if guided else logits
+
+    logits = next_logits(hidden)
     for t in range(max_new_tokens):
         token = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, generators)
         out[:, t] = token  # a finished row goes on, but its text is cut at its first eos
@@ -407,8 +453,9 @@ def _decode_text(model, cache, hidden, slot, generators, sampling, eos_id, vocab
         if t + 1 == max_new_tokens or bool(done.all()):  # one host sync per text token
             break
         window = cache_window(cache, slot + t + 1)
-        hidden = model.forward_hidden(token[:, None], False, positions[t : t + 1], window)[:, -1]
-        logits = model.logits(hidden, rows=rows).float()
+        fed = torch.cat([token, token]) if guided else token
+        hidden = model.forward_hidden(fed[:, None], False, positions[t : t + 1], window)[:, -1]
+        logits = next_logits(hidden)
     texts = []
     for row in out.tolist():
         texts.append(row[: row.index(eos_id)] if eos_id in row else row)
@@ -432,15 +479,28 @@ def generate_text(
     vocab_limit: int,
     max_new_tokens: int = 64,
     sampling: SampleConfig = SampleConfig(temperature=0.0, cfg_scale=1.0),
+    unconditional_prefixes: list[list[int]] | None = None,
+    plausibility: float = 0.0,
 ) -> list[list[int]]:
     """Continue each prefix (any mix of text and image ids) with text, one list of ids per row.
 
     Rows stop independently at `eos_id` (not included) or after `max_new_tokens`; only ids below
-    `vocab_limit` (the text tokenizer's size) can be drawn.
+    `vocab_limit` (the text tokenizer's size) can be drawn. With `sampling.cfg_scale != 1` each
+    prefix is guided against its `unconditional_prefixes` entry (for a caption: the instruction
+    without the image), in the same batch; see `guide_text` for `plausibility`.
     """
     _check_text_settings(model, eos_id, vocab_limit, max_new_tokens)
-    cache, hidden, slot = prefill(model, prefixes, max_new_tokens - 1)
-    return _decode_text(model, cache, hidden, slot, generators, sampling, eos_id, vocab_limit, max_new_tokens)
+    CaptionConfig(sampling.cfg_scale, plausibility)  # checks the plausibility
+    rows = prefixes
+    if sampling.guided:
+        if unconditional_prefixes is None or len(unconditional_prefixes) != len(prefixes):
+            raise MarsError(f"guided text (cfg_scale {sampling.cfg_scale}) needs one unconditional prefix per "
+                            f"prefix: {len(prefixes)} prefixes, "
+                            f"{'none' if unconditional_prefixes is None else len(unconditional_prefixes)} unconditional")
+        rows = [*prefixes, *unconditional_prefixes]
+    cache, hidden, slot = prefill(model, rows, max_new_tokens - 1)
+    return _decode_text(model, cache, hidden, slot, generators, sampling, eos_id, vocab_limit, max_new_tokens,
+                        plausibility)
 
 
 def caption_prefix(model: SemVIE, codes: torch.Tensor, instruction: list[int]) -> list[int]:
@@ -470,6 +530,8 @@ def generate_image_and_text(
     unconditional rows are dropped once the image is done; the text continues from the prompt's rows.
     """
     _check_text_settings(model, eos_id, vocab_limit, max_new_tokens)
+    if text_sampling.guided:
+        raise MarsError("the text after a generated image is not guided: text_sampling needs cfg_scale 1")
     vocab, B = model.vocab, len(prompts)
     # slots beyond the image: c_N and </img> are fed, then up to max_new_tokens - 1 text tokens
     codes, _, cache, slot = _decode_image(model, prompts, generators, num_tokens, sampling, True, compile,
@@ -485,12 +547,14 @@ def generate_image_and_text(
 
 __all__ = [
     "CAPTION_INSTRUCTIONS",
+    "CaptionConfig",
     "SampleConfig",
     "caption_prefix",
     "generate_image_and_text",
     "generate_image_tokens",
     "generate_text",
     "guide",
+    "guide_text",
     "left_pad",
     "make_generators",
     "sample",

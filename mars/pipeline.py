@@ -29,6 +29,7 @@ from mars.data.images import UnusableImage, load_image, pil_to_tensor, resize_ce
 from mars.errors import MarsError
 from mars.generate import (
     CAPTION_INSTRUCTIONS,
+    CaptionConfig,
     SampleConfig,
     caption_prefix,
     generate_image_and_text,
@@ -76,7 +77,7 @@ class MarsPipeline:
     """A SemVIE model with its text tokenizer and VQ-GAN: prompts -> images, images -> text."""
 
     def __init__(self, model: SemVIE, text_tokenizer: TextTokenizer, vq: VQModel,
-                 generation_config: SampleConfig | None = None) -> None:
+                 generation_config: SampleConfig | None = None, caption_config: CaptionConfig | None = None) -> None:
         config = model.config
         if vq.config.codebook_size != config.image_vocab_size:
             raise MarsError(f"the VQ-GAN has {vq.config.codebook_size} codes but the model "
@@ -92,6 +93,8 @@ class MarsPipeline:
         self.vq = vq.eval()
         # Sampling settings a call leaves at None: the model folder's own, else SampleConfig's defaults.
         self.generation_config = generation_config or SampleConfig()
+        # ... and of a caption call
+        self.caption_config = caption_config or CaptionConfig()
 
     @classmethod
     def from_pretrained(
@@ -113,7 +116,7 @@ class MarsPipeline:
         model = SemVIE.from_pretrained(path, device=device, dtype=dtype)
         text_tokenizer = load_model_text_tokenizer(path, model.config.text_tokenizer)
         vq = load_tokenizer(path / VQ_DIR, device=device)
-        return cls(model, text_tokenizer, vq, load_generation_config(path))
+        return cls(model, text_tokenizer, vq, load_generation_config(path), load_caption_config(path))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write a folder `from_pretrained` reads: config + weights, tokenizer/, vq/."""
@@ -121,8 +124,8 @@ class MarsPipeline:
         self.model.save_pretrained(directory)
         self.tokenizer.save(directory / "tokenizer")
         self.vq.save_pretrained(directory / VQ_DIR)
-        if self.generation_config != SampleConfig():
-            save_generation_config(directory, self.generation_config)
+        if self.generation_config != SampleConfig() or self.caption_config != CaptionConfig():
+            save_generation_config(directory, self.generation_config, self.caption_config)
 
     def sampling_settings(self, cfg_scale: float | None = None, top_k: int | None = None,
                           top_p: float | None = None, temperature: float | None = None) -> dict[str, float | int]:
@@ -246,14 +249,23 @@ class MarsPipeline:
         top_p: float = 1.0,
         seed: int = 0,
         batch_size: int = 16,
+        cfg_scale: float | None = None,
+        plausibility: float | None = None,
     ) -> list[str]:
         """A caption per image (PIL images or file paths), in English (`lang="en"`) or Chinese ("zh").
 
         Greedy by default; with `temperature > 0` caption i is drawn with seed `seed + i`.
+        `cfg_scale` > 1 guides each caption by its image against the language model reading the
+        instruction alone, so what the image shows outweighs what the text usually says; only words
+        at least `plausibility` times as likely as the best one given the image are candidates
+        (`mars.generate.guide_text`). Both left at None take the model's defaults (`caption_config`:
+        the "caption" entry of its generation_config.json, else no guidance).
         """
         if lang not in CAPTION_INSTRUCTIONS:
             raise MarsError(f"lang must be one of {', '.join(CAPTION_INSTRUCTIONS)}, got {lang!r}")
-        sampling = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=1.0)
+        given = {"cfg_scale": cfg_scale, "plausibility": plausibility}
+        guidance = dataclasses.replace(self.caption_config, **{k: v for k, v in given.items() if v is not None})
+        sampling = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=guidance.cfg_scale)
         _check_count("max_new_tokens", max_new_tokens)
         _check_count("batch_size", batch_size)
         items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
@@ -272,7 +284,9 @@ class MarsPipeline:
             prefixes = [caption_prefix(self.model, c, instruction) for c in codes]
             seeds = [int(seed) + start + i for i in range(len(chunk))]
             texts = generate_text(self.model, prefixes, make_generators(seeds, self.device), self.tokenizer.eos_id,
-                                  self.tokenizer.vocab_size, max_new_tokens, sampling)
+                                  self.tokenizer.vocab_size, max_new_tokens, sampling,
+                                  unconditional_prefixes=[instruction] * len(chunk),
+                                  plausibility=guidance.plausibility)
             captions.extend(self.tokenizer.decode(t).strip() for t in texts)
         return captions
 
@@ -337,22 +351,44 @@ class MarsPipeline:
         return tokens
 
 
+CAPTION_KEY = "caption"  # generation_config.json entry of the caption defaults (CaptionConfig fields)
+
+
+def _read_generation_config(model_dir: str | os.PathLike) -> tuple[Path, dict]:
+    path = Path(model_dir) / GENERATION_CONFIG
+    return path, (read_config_file(path) if path.is_file() else {})  # its errors name the file
+
+
 def load_generation_config(model_dir: str | os.PathLike) -> SampleConfig:
     """A model folder's default sampling settings (its generation_config.json), else SampleConfig()."""
-    path = Path(model_dir) / GENERATION_CONFIG
-    if not path.is_file():
-        return SampleConfig()
-    data = read_config_file(path)  # its errors name the file
+    path, data = _read_generation_config(model_dir)
+    data.pop(CAPTION_KEY, None)
     try:
         return from_dict(SampleConfig, data)
     except MarsError as err:
         raise MarsError(f"{path}: {err}") from None
 
 
-def save_generation_config(model_dir: str | os.PathLike, config: SampleConfig) -> None:
-    """Write `config` as a model folder's generation_config.json (what `load_generation_config` reads)."""
-    text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
-    (Path(model_dir) / GENERATION_CONFIG).write_text(text, encoding="utf-8")
+def load_caption_config(model_dir: str | os.PathLike) -> CaptionConfig:
+    """A model folder's default caption decoding (generation_config.json's "caption"), else CaptionConfig()."""
+    path, data = _read_generation_config(model_dir)
+    section = data.get(CAPTION_KEY, {})
+    if not isinstance(section, dict):
+        raise MarsError(f"{path}: {CAPTION_KEY} must be a mapping of CaptionConfig fields, got {section!r}")
+    try:
+        return from_dict(CaptionConfig, section, prefix=f"{CAPTION_KEY}.")
+    except MarsError as err:
+        raise MarsError(f"{path}: {err}") from None
+
+
+def save_generation_config(model_dir: str | os.PathLike, config: SampleConfig,
+                           caption: CaptionConfig | None = None) -> None:
+    """Write a model folder's generation_config.json: `config`, and `caption` unless it is the default
+    (what `load_generation_config` and `load_caption_config` read)."""
+    data = dataclasses.asdict(config)
+    if caption is not None and caption != CaptionConfig():
+        data[CAPTION_KEY] = dataclasses.asdict(caption)
+    (Path(model_dir) / GENERATION_CONFIG).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _image_seeds(seed: int | Sequence[int], count: int) -> list[int]:

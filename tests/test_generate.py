@@ -11,6 +11,7 @@ from mars.generate import (
     generate_image_and_text,
     generate_image_tokens,
     generate_text,
+    guide_text,
     make_generators,
     sample,
     top_k_filter,
@@ -269,6 +270,71 @@ def test_caption_decoding_stops_at_eos_per_row(tiny_model):
     assert texts == refs
     assert len(texts[0]) <= 2 and max(len(t) for t in texts) > len(texts[0])  # rows stop independently
     assert all(eos not in t and max(t, default=0) < limit for t in texts)
+
+
+def guided_text_reference(model, prefix, uncond, eos, limit, max_new, scale, plausibility):
+    """Greedy image-guided text by two independent full forwards per token (no cache, no batch)."""
+    ids, free, out = list(prefix), list(uncond), []
+    for _ in range(max_new):
+        c = model(torch.tensor([ids]), model.image_mask(torch.tensor([ids])))[0, -1, :limit].double()
+        u = model(torch.tensor([free]), model.image_mask(torch.tensor([free])))[0, -1, :limit].double()
+        guided = u + scale * (c - u)
+        probs = c.softmax(-1)
+        guided[probs < plausibility * probs.max()] = float("-inf")
+        token = int(guided.argmax())
+        if token == eos:
+            break
+        out.append(token)
+        ids.append(token)
+        free.append(token)
+    return out
+
+
+def test_guide_text_weighs_the_image_and_keeps_only_plausible_tokens():
+    cond = torch.tensor([[2.0, 1.0, -1.0, 0.0]]).log_softmax(-1)
+    uncond = torch.tensor([[3.0, -2.0, -9.0, 0.0]]).log_softmax(-1)
+    logits = torch.cat([cond, uncond])
+    assert torch.allclose(guide_text(logits, 2.0, 0.0), uncond + 2.0 * (cond - uncond))
+    guided = guide_text(logits, 2.0, 0.1)
+    # token 2 gains most from the image, but the image itself makes it < 0.1 x as likely as token 0
+    assert guide_text(logits, 2.0, 0.0).argmax() == 2
+    assert torch.isinf(guided[0, 2]) and guided.argmax() == 1
+    assert torch.equal(guide_text(logits, 1.0, 0.1).argmax(-1), cond.argmax(-1))  # scale 1 = the image alone
+
+
+def test_guided_captions_equal_independent_forwards_alone_or_batched(tiny_model):
+    gen = torch.Generator().manual_seed(3)
+    instruction = TOK.encode("Describe the image.")
+    prefixes = [caption_prefix(tiny_model, torch.randint(0, 256, (4, 4), generator=gen), instruction)
+                for _ in range(3)]
+    unconditional = [instruction, TOK.encode("x"), instruction]  # different lengths: left padding
+    eos, limit, max_new = TOK.eos_id, TOK.vocab_size, 10
+    greedy = SampleConfig(temperature=0.0, cfg_scale=3.0)
+    texts = generate_text(tiny_model, prefixes, None, eos, limit, max_new, greedy, unconditional, plausibility=0.05)
+    refs = [guided_text_reference(tiny_model, p, u, eos, limit, max_new, 3.0, 0.05)
+            for p, u in zip(prefixes, unconditional)]
+    assert texts == refs
+    assert texts != [greedy_text_reference(tiny_model, p, eos, limit, max_new) for p in prefixes]  # guidance acts
+    alone = [generate_text(tiny_model, [p], None, eos, limit, max_new, greedy, [u], plausibility=0.05)[0]
+             for p, u in zip(prefixes, unconditional)]
+    assert alone == texts
+    plain = generate_text(tiny_model, prefixes, None, eos, limit, max_new, SampleConfig(temperature=0.0, cfg_scale=1.0),
+                          unconditional, plausibility=0.05)
+    assert plain == [greedy_text_reference(tiny_model, p, eos, limit, max_new) for p in prefixes]
+
+
+def test_guided_text_needs_one_unconditional_prefix_each(tiny_model):
+    prefixes = encode(PROMPTS[:2])
+    guided = SampleConfig(temperature=0.0, cfg_scale=2.0)
+    with pytest.raises(MarsError, match="unconditional prefix per prefix"):
+        generate_text(tiny_model, prefixes, None, TOK.eos_id, TOK.vocab_size, 4, guided)
+    with pytest.raises(MarsError, match="unconditional prefix per prefix"):
+        generate_text(tiny_model, prefixes, None, TOK.eos_id, TOK.vocab_size, 4, guided, prefixes[:1])
+    with pytest.raises(MarsError, match="plausibility"):
+        generate_text(tiny_model, prefixes, None, TOK.eos_id, TOK.vocab_size, 4, guided, prefixes, plausibility=1.0)
+    with pytest.raises(MarsError, match="not guided"):
+        generate_image_and_text(tiny_model, prefixes, None, 16, TOK.eos_id, TOK.vocab_size, 4,
+                                text_sampling=guided)
 
 
 def test_joint_generation_writes_image_then_text(tiny_model):

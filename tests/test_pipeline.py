@@ -9,7 +9,7 @@ from PIL import Image
 
 from mars import MarsPipeline
 from mars.errors import MarsError
-from mars.generate import CAPTION_INSTRUCTIONS, SampleConfig, caption_prefix, generate_text
+from mars.generate import CAPTION_INSTRUCTIONS, CaptionConfig, SampleConfig, caption_prefix, generate_text
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,36 @@ def test_generation_config_sets_the_models_sampling_defaults(tmp_path, tiny_mode
     assert MarsPipeline.from_pretrained(tmp_path / "copy", device="cpu").generation_config == tuned.generation_config
     for bad, message in (('{"cfg": 2}', "unknown key 'cfg'"), ('{"top_k": 1.5}', "top_k: expected an integer"),
                          ('{"top_p": 0}', "top_p must lie"), ("{oops", "cannot parse")):
+        (folder / "generation_config.json").write_text(bad)
+        with pytest.raises(MarsError, match=message):
+            MarsPipeline.from_pretrained(folder, device="cpu")
+
+
+def test_guided_captions_follow_the_models_caption_defaults(tmp_path, tiny_model_dir, pipe):
+    folder = tmp_path / "tuned"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "generation_config.json").write_text('{"cfg_scale": 2.5, "caption": {"cfg_scale": 3.0, '
+                                                   '"plausibility": 0.05}}')
+    tuned = MarsPipeline.from_pretrained(folder, device="cpu")
+    assert tuned.caption_config == CaptionConfig(cfg_scale=3.0, plausibility=0.05)
+    assert tuned.generation_config.cfg_scale == 2.5
+    images = tuned.generate(["a red circle", "一个蓝色的正方形"], seed=1)
+    # a guided caption: `<img> codes </img> instruction` against the instruction alone
+    instruction = tuned.tokenizer.encode(CAPTION_INSTRUCTIONS["zh"])
+    prefixes = [caption_prefix(tuned.model, c, instruction) for c in tuned.encode_images(images)]
+    ids = generate_text(tuned.model, prefixes, None, tuned.tokenizer.eos_id, tuned.tokenizer.vocab_size, 8,
+                        SampleConfig(temperature=0.0, cfg_scale=3.0), [instruction] * 2, plausibility=0.05)
+    expected = [tuned.tokenizer.decode(t).strip() for t in ids]
+    assert tuned.caption(images, lang="zh", max_new_tokens=8) == expected
+    assert pipe.caption(images, lang="zh", max_new_tokens=8, cfg_scale=3.0, plausibility=0.05) == expected
+    assert pipe.caption_config == CaptionConfig()  # a folder without the entry: no guidance
+    assert tuned.caption(images, lang="zh", max_new_tokens=8, cfg_scale=1.0) == pipe.caption(images, lang="zh",
+                                                                                              max_new_tokens=8)
+    tuned.save_pretrained(tmp_path / "copy")  # the defaults travel with the model
+    assert MarsPipeline.from_pretrained(tmp_path / "copy", device="cpu").caption_config == tuned.caption_config
+    for bad, message in (('{"caption": {"scale": 2}}', "unknown key 'caption.scale'"),
+                         ('{"caption": {"plausibility": 1.5}}', "plausibility must lie"),
+                         ('{"caption": 2}', "caption must be a mapping")):
         (folder / "generation_config.json").write_text(bad)
         with pytest.raises(MarsError, match=message):
             MarsPipeline.from_pretrained(folder, device="cpu")

@@ -32,8 +32,9 @@ def _pairs_text(counter: Counter) -> str:
 
 
 def run_captions_eval(caption: CaptionFn, out_dir: str | Path, n: int = 100, seed: int = 0,
-                      langs: tuple[str, ...] = LANGS, batch_size: int = 16) -> dict:
-    """Render `n` eval scenes (fixed by `seed`), caption them per language, score and save."""
+                      langs: tuple[str, ...] = LANGS, batch_size: int = 16, settings: dict | None = None) -> dict:
+    """Render `n` eval scenes (fixed by `seed`), caption them per language, score and save
+    (`settings`, how `caption` decodes, is recorded beside the scores)."""
     if n < 1:
         raise MarsError(f"--n must be >= 1, got {n}")
     out_dir = Path(out_dir)
@@ -65,7 +66,7 @@ def run_captions_eval(caption: CaptionFn, out_dir: str | Path, n: int = 100, see
                 per_category[category] = sum(marks) / len(marks)
         per_category["all"] = sum(r["correct"] for r in mine) / len(mine)
         summary[lang] = per_category
-    results = {"n": n, "seed": seed, "summary": summary, "captions": records}
+    results = {"n": n, "seed": seed, "settings": settings or {}, "summary": summary, "captions": records}
     write_json_atomic(out_dir / RESULTS_FILE, results)
     return results
 

@@ -18,6 +18,7 @@ The generating verbs resume (existing PNGs are kept) and split across processes 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -108,6 +109,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--n", type=int, default=200, help="number of scenes (default 200)")
     p.add_argument("--seed", type=int, default=0, help="scene seed (default 0)")
     p.add_argument("--lang", choices=("en", "zh", "both"), default="both", help="caption language (default both)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="caption guidance by the image, 1 = off (default: the model's)")
+    p.add_argument("--plausibility", type=float, default=None,
+                   help="with guidance, the least probability relative to the best word (default: the model's)")
     p.add_argument("--out-dir", default="mars-eval-captions", help="output folder (default mars-eval-captions)")
     p.set_defaults(func=run_captions)
 
@@ -227,12 +232,18 @@ def run_shapes(args: argparse.Namespace) -> int:
 
 def run_captions(args: argparse.Namespace) -> int:
     from mars.eval.captions_eval import RESULTS_FILE, run_captions_eval, summary_table
+    from mars.generate import CaptionConfig
 
     if args.n < 1:
         raise MarsError(f"--n must be >= 1, got {args.n}")
+    given = {"cfg_scale": args.cfg_scale, "plausibility": args.plausibility}
+    dataclasses.replace(CaptionConfig(), **{k: v for k, v in given.items() if v is not None})  # checks them
     pipe, _ = _load_pipeline(args)
-    results = run_captions_eval(lambda images, lang: pipe.caption(images, lang=lang), args.out_dir, args.n,
-                                args.seed, _langs(args.lang), args.batch_size)
+    guidance = dataclasses.replace(pipe.caption_config, **{k: v for k, v in given.items() if v is not None})
+    results = run_captions_eval(lambda images, lang: pipe.caption(images, lang=lang, cfg_scale=guidance.cfg_scale,
+                                                                  plausibility=guidance.plausibility),
+                                args.out_dir, args.n, args.seed, _langs(args.lang), args.batch_size,
+                                settings=dataclasses.asdict(guidance))
     print(summary_table(results["summary"]))
     print(f"every caption: {Path(args.out_dir) / RESULTS_FILE}")
     return 0

@@ -49,7 +49,7 @@ import torch
 
 from mars.config import load_config
 from mars.errors import MarsError
-from mars.generate import SampleConfig
+from mars.generate import CaptionConfig, SampleConfig
 from mars.model.weights import load_weights, save_weights
 from mars.pipeline import save_generation_config
 
@@ -82,6 +82,7 @@ class RecipeConfig:
     parallel: bool = True  # train the decoder in a second process beside preprocess and stages 0-II
     generation: SampleConfig = field(default_factory=SampleConfig)  # the shipped model's sampling
     # defaults, written to its generation_config.json
+    caption: CaptionConfig = field(default_factory=CaptionConfig)  # ... and its caption defaults
 
 
 class Recipe:
@@ -369,13 +370,15 @@ class Recipe:
     def ship(self) -> None:
         """Copy stage 2's final model (weights, config, tokenizer/) to the shipped folder, with the
         fine-tuned VQ decoder as its vq/ (the same codes: its encoder and codebook are unchanged)."""
-        ship_model(self.final("stage2"), self.ship_to, vq=self.vq_decoder_dir, generation=self.config.generation)
+        ship_model(self.final("stage2"), self.ship_to, vq=self.vq_decoder_dir, generation=self.config.generation,
+                   caption=self.config.caption)
 
 
 def ship_model(src: str | Path, dst: str | Path, vq: str | Path | None = None, max_bytes: int = 60 * 2**20,
-               generation: SampleConfig | None = None, weights_dtype: torch.dtype | None = None) -> Path:
-    """Copy a model folder to `dst` (replacing it; `vq` replaces its vq/; `generation` becomes its
-    generation_config.json; `weights_dtype`, e.g. fp16, stores the model's floating-point weights in
+               generation: SampleConfig | None = None, weights_dtype: torch.dtype | None = None,
+               caption: CaptionConfig | None = None) -> Path:
+    """Copy a model folder to `dst` (replacing it; `vq` replaces its vq/; `generation` and `caption`
+    become its generation_config.json; `weights_dtype`, e.g. fp16, stores the model's floating-point weights in
     that type: loaders cast them to the dtype they run in), refusing more than `max_bytes`."""
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
@@ -391,7 +394,7 @@ def ship_model(src: str | Path, dst: str | Path, vq: str | Path | None = None, m
         shutil.rmtree(tmp / "vq", ignore_errors=True)
         shutil.copytree(vq, tmp / "vq", ignore=shutil.ignore_patterns("eval.json"))
     if generation is not None:
-        save_generation_config(tmp, generation)
+        save_generation_config(tmp, generation, caption)
     size = folder_bytes(tmp)
     if size > max_bytes:
         shutil.rmtree(tmp)
