@@ -17,6 +17,7 @@ How the engine is fast:
   text id or a special;
 - classifier-free guidance runs the conditional and the unconditional (null prompt: `<img>` alone)
   rows in ONE batch and combines them on the small image slice; `cfg_scale == 1` skips the doubling;
+  captions can be guided the same way, by the image against the instruction alone (`guide_text`);
 - the loop keeps every token on the device (no host sync per image step);
 - optionally the decode step is compiled (`torch.compile`) and, on CUDA, captured once and
   replayed as a CUDA graph (one launch per token).
@@ -95,8 +96,12 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         if not self.cfg_scale >= 0:
             raise MarsError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        if not 0 <= self.plausibility < 1:
-            raise MarsError(f"plausibility must lie in [0, 1), got {self.plausibility}")
+        check_plausibility(self.plausibility)
+
+
+def check_plausibility(plausibility: float) -> None:
+    if not 0 <= plausibility < 1:  # also rejects NaN
+        raise MarsError(f"plausibility must lie in [0, 1), got {plausibility}")
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -490,7 +495,7 @@ def generate_text(
     without the image), in the same batch; see `guide_text` for `plausibility`.
     """
     _check_text_settings(model, eos_id, vocab_limit, max_new_tokens)
-    CaptionConfig(sampling.cfg_scale, plausibility)  # checks the plausibility
+    check_plausibility(plausibility)
     rows = prefixes
     if sampling.guided:
         if unconditional_prefixes is None or len(unconditional_prefixes) != len(prefixes):
