@@ -17,7 +17,7 @@ from PIL import Image
 from mars.cli import main as mars_main
 from mars.data.sequences import INSTRUCTION_EN, INSTRUCTION_ZH
 from mars.errors import MarsError
-from mars.generate import SampleConfig
+from mars.generate import CaptionConfig, SampleConfig
 from mars.model_dir import ASSETS
 from mars.pipeline import MarsPipeline
 from mars.recipes.cli import parse_settings
@@ -140,6 +140,7 @@ def test_recipe_runs_every_step_then_skips_and_resumes(tmp_path, monkeypatch):
     assert stage0["image_vocab_size"] == 64 and stage0["image_size"] == 64  # recipe.resolution, not the preset's 256
     pipe = MarsPipeline.from_pretrained(ship, device="cpu")
     assert pipe.generation_config == SampleConfig(cfg_scale=2.0, top_k=10)  # recipe.yaml's `generation`
+    assert pipe.caption_config == CaptionConfig(cfg_scale=1.5, plausibility=0.1)  # ... and `caption`
     # The shipped VQ is the fine-tuned decoder: other weights, but exactly the codes the model learnt.
     from mars.data.images import pil_to_tensor
     from mars.data.shapes import render_scene, scene_for_index
