@@ -1,7 +1,7 @@
 """The HTTP API and the web page: a FastAPI app around one `MarsPipeline` and one `Batcher`.
 
     POST /v1/images/generations   JSON -> base64 PNGs, the seeds used, timings
-    POST /v1/captions             multipart image upload (+ lang) -> caption
+    POST /v1/captions             multipart image upload (+ lang, cfg_scale, plausibility) -> caption
     GET  /health                  liveness + queue state
     GET  /v1/models               the served model and its limits
     GET  /                        the web page (static/, no CDN)
@@ -9,7 +9,7 @@
 
 Batching: requests with the same sampling settings (cfg_scale, top_k, top_p, temperature) share a
 batch — the sampler takes one setting per batch — and every image carries its own seed, so an
-image is the same whether it ran alone or beside others. Captions batch by language.
+image is the same whether it ran alone or beside others. Captions batch by language and guidance.
 
 Every error answers `{"error": {"message": ..., "type": ...}}`: 4xx for anything a client can
 cause (validation 422, bad upload 400/413/415, full queue 503 + Retry-After), never a 500.
@@ -41,7 +41,7 @@ from mars.generate import SampleConfig
 from mars.rerank import check_fits
 from mars.serve.batcher import Batcher, BatcherStopped, JobResult, QueueFull
 from mars.serve.schemas import (
-    MAX_SEED, CaptionResponse, ErrorResponse, GeneratedImage, GenerationRequest, GenerationResponse,
+    MAX_SEED, CaptionResponse, CaptionSettings, ErrorResponse, GeneratedImage, GenerationRequest, GenerationResponse,
     GenerationSettings, HealthResponse, ModelCard, ModelList, QueueStatus, ServeLimits, Timings,
 )
 
@@ -73,8 +73,8 @@ def error_response(status: int, message: str, type: str, headers: dict[str, str]
 
 def run_batch(pipeline, key: Hashable, rows: list[Any], compile: bool = False) -> list[Any]:
     """One batch on the worker thread: ("generate", cfg, top_k, top_p, temperature, rerank) with rows
-    (prompt, seed, negative prompt or "") -> PIL images; ("caption", lang) with rows PIL images ->
-    strings. `compile`: the decode step runs compiled (each new batch size compiles once, the first
+    (prompt, seed, negative prompt or "") -> PIL images; ("caption", lang, cfg_scale, plausibility) with
+    rows PIL images -> strings. `compile`: the decode step runs compiled (each new batch size compiles once, the first
     time it occurs)."""
     if key[0] == "generate":
         _, cfg_scale, top_k, top_p, temperature, rerank = key
@@ -85,7 +85,8 @@ def run_batch(pipeline, key: Hashable, rows: list[Any], compile: bool = False) -
                                  temperature=temperature, seed=seeds, batch_size=len(prompts), compile=compile,
                                  negative_prompt=negatives if any(negatives) else None, rerank=rerank)
     if key[0] == "caption":
-        return pipeline.caption(rows, lang=key[1])
+        _, lang, cfg_scale, plausibility = key
+        return pipeline.caption(rows, lang=lang, cfg_scale=cfg_scale, plausibility=plausibility)
     raise ValueError(f"unknown batch kind {key[0]!r}")
 
 
@@ -310,15 +311,27 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
                                   settings=settings, data=data, timings=timings(result, arrived))
 
     @app.post("/v1/captions", response_model=CaptionResponse, responses=ERROR_RESPONSES)
-    async def caption_image(request: Request, image: UploadFile = File(description="PNG, JPEG or WebP"),
-                            lang: Literal["en", "zh"] = Form("en")) -> CaptionResponse:
+    async def caption_image(
+        request: Request,
+        image: UploadFile = File(description="PNG, JPEG or WebP"),
+        lang: Literal["en", "zh"] = Form("en"),
+        cfg_scale: float | None = Form(None, ge=0.0, le=50.0, allow_inf_nan=False,
+                                       description="Guidance by the image; 1 = off (default: the model's)."),
+        plausibility: float | None = Form(None, ge=0.0, lt=1.0, allow_inf_nan=False,
+                                          description="With guidance, the least probability of a chosen word "
+                                                      "relative to the best one's (default: the model's)."),
+    ) -> CaptionResponse:
         """Describe an uploaded image in English or Chinese."""
         arrived = time.perf_counter()
+        defaults = pipeline.caption_config
+        settings = CaptionSettings(cfg_scale=defaults.cfg_scale if cfg_scale is None else cfg_scale,
+                                   plausibility=defaults.plausibility if plausibility is None else plausibility)
         data = await image.read(limits.max_upload_bytes + 1)
         picture = await run_in_threadpool(decode_upload, data, limits)
-        result = await run_job(request.app.state.batcher, request, ("caption", lang), [picture])
+        key = ("caption", lang, settings.cfg_scale, settings.plausibility)  # one batch per setting
+        result = await run_job(request.app.state.batcher, request, key, [picture])
         return CaptionResponse(created=int(time.time()), model=model_name, lang=lang, caption=result.outputs[0],
-                               timings=timings(result, arrived))
+                               settings=settings, timings=timings(result, arrived))
 
     @app.get("/health", response_model=HealthResponse)
     async def health(request: Request) -> HealthResponse:

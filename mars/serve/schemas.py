@@ -88,11 +88,18 @@ class GenerationResponse(BaseModel):
     timings: Timings
 
 
+class CaptionSettings(BaseModel):
+    cfg_scale: float = Field(description="Guidance by the image against the text model alone; 1 = off.")
+    plausibility: float = Field(description="With guidance, the least probability of a chosen word relative to "
+                                            "the best one's.")
+
+
 class CaptionResponse(BaseModel):
     created: int
     model: str
     lang: str
     caption: str
+    settings: CaptionSettings
     timings: Timings
 
 
