@@ -237,7 +237,7 @@ def run_captions(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise MarsError(f"--n must be >= 1, got {args.n}")
     given = {"cfg_scale": args.cfg_scale, "plausibility": args.plausibility}
-    dataclasses.replace(CaptionConfig(), **{k: v for k, v in given.items() if v is not None})  # checks them
+    CaptionConfig(**{k: v for k, v in given.items() if v is not None})  # bad values refused before loading
     pipe, _ = _load_pipeline(args)
     guidance = dataclasses.replace(pipe.caption_config, **{k: v for k, v in given.items() if v is not None})
     results = run_captions_eval(lambda images, lang: pipe.caption(images, lang=lang, cfg_scale=guidance.cfg_scale,
