@@ -197,13 +197,15 @@ def model_device_dtype(model: SemVIE) -> tuple[torch.device, torch.dtype]:
     return weight.device, weight.dtype
 
 
-def prefill(model: SemVIE, rows: list[list[int]], cache_len: int,
-            round_to: int = 1) -> tuple[KVCache, torch.Tensor, int]:
+def prefill(model: SemVIE, rows: list[list[int]], cache_len: int, round_to: int = 1,
+            split: int | None = None) -> tuple[KVCache, torch.Tensor, int]:
     """Run the left-padded `rows` once, filling a new static cache.
 
     The cache holds `cache_len` slots beyond the longest row (rounded up to a multiple of
-    `round_to`, so compiled steps see few distinct shapes). Returns the cache, the hidden state of
-    each row's last token (R, C) and the first free slot.
+    `round_to`, so compiled steps see few distinct shapes). With `split`, rows[:split] and
+    rows[split:] run as two forwards, each over only its own longest row's slots (the rest are
+    padding either way): guided captions pair long image rows with short instruction-only rows.
+    Returns the cache, the hidden state of each row's last token (R, C) and the first free slot.
     """
     device, dtype = model_device_dtype(model)
     ids, pad = left_pad(rows, device)  # (R, L)
@@ -211,17 +213,29 @@ def prefill(model: SemVIE, rows: list[list[int]], cache_len: int,
     max_len = length + cache_len
     max_len = max(max_len, min(-(-max_len // round_to) * round_to, model.config.max_seq_len))
     cache = KVCache(model.config, ids.shape[0], max_len, device, dtype, pad)
-    hidden = model.forward_hidden(ids, model.image_mask(ids), torch.arange(length, device=device), cache)
-    return cache, hidden[:, -1], length
+    groups = [slice(0, split), slice(split, len(rows))] if split is not None else [slice(0, len(rows))]
+    last = []
+    for group in groups:
+        width = max(len(row) for row in rows[group])
+        part = ids[group, length - width :]  # (R_g, width): the slots any row of the group fills
+        slots = torch.arange(length - width, length, device=device)
+        hidden = model.forward_hidden(part, model.image_mask(part), slots, cache_rows(cache, group))
+        last.append(hidden[:, -1])
+    return cache, torch.cat(last), length
+
+
+def cache_rows(cache: KVCache, rows: slice) -> KVCache:
+    """A view of some rows of a cache: writes land in the full cache."""
+    view = copy.copy(cache)
+    view.k = [k[rows] for k in cache.k]
+    view.v = [v[rows] for v in cache.v]
+    view.pad_lengths = cache.pad_lengths[rows]
+    return view
 
 
 def keep_rows(cache: KVCache, n: int) -> KVCache:
     """A view of the first n rows of a cache (drops the unconditional rows after an image)."""
-    view = copy.copy(cache)
-    view.k = [k[:n] for k in cache.k]
-    view.v = [v[:n] for v in cache.v]
-    view.pad_lengths = cache.pad_lengths[:n]
-    return view
+    return cache_rows(cache, slice(0, n))
 
 
 def cache_window(cache: KVCache, length: int) -> KVCache:
@@ -503,7 +517,8 @@ def generate_text(
                             f"prefix: {len(prefixes)} prefixes, "
                             f"{'none' if unconditional_prefixes is None else len(unconditional_prefixes)} unconditional")
         rows = [*prefixes, *unconditional_prefixes]
-    cache, hidden, slot = prefill(model, rows, max_new_tokens - 1)
+    split = len(prefixes) if sampling.guided else None  # the short unconditional rows prefill on their own
+    cache, hidden, slot = prefill(model, rows, max_new_tokens - 1, split=split)
     return _decode_text(model, cache, hidden, slot, generators, sampling, eos_id, vocab_limit, max_new_tokens,
                         plausibility)
 

@@ -13,6 +13,7 @@ from mars.generate import (
     generate_text,
     guide_text,
     make_generators,
+    prefill,
     sample,
     top_k_filter,
     top_p_filter,
@@ -321,6 +322,21 @@ def test_guided_captions_equal_independent_forwards_alone_or_batched(tiny_model)
     plain = generate_text(tiny_model, prefixes, None, eos, limit, max_new, SampleConfig(temperature=0.0, cfg_scale=1.0),
                           unconditional, plausibility=0.05)
     assert plain == [greedy_text_reference(tiny_model, p, eos, limit, max_new) for p in prefixes]
+
+
+def test_a_split_prefill_fills_the_same_cache_as_one_prefill(tiny_model):
+    gen = torch.Generator().manual_seed(5)
+    instruction = TOK.encode("Describe the image.")
+    rows = [caption_prefix(tiny_model, torch.randint(0, 256, (4, 4), generator=gen), instruction) for _ in range(2)]
+    rows += [instruction, TOK.encode("a")]  # short rows: the split prefill runs them over 19 slots, not 37
+    whole, hidden, slot = prefill(tiny_model, rows, 4)
+    split, split_hidden, split_slot = prefill(tiny_model, rows, 4, split=2)
+    assert slot == split_slot and torch.allclose(hidden, split_hidden, atol=1e-5)
+    for layer in range(tiny_model.config.num_layers):
+        for b, row in enumerate(rows):  # every row's real slots hold the same keys and values
+            filled = slice(slot - len(row), slot)
+            assert torch.allclose(whole.k[layer][b, :, filled], split.k[layer][b, :, filled], atol=1e-5)
+            assert torch.allclose(whole.v[layer][b, :, filled], split.v[layer][b, :, filled], atol=1e-5)
 
 
 def test_guided_text_needs_one_unconditional_prefix_each(tiny_model):
