@@ -80,6 +80,9 @@ def _add_caption_guidance_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plausibility", type=float,
                         help="with guidance, only words at least this fraction as likely as the best one "
                              "given the image are chosen (default: the model's)")
+    parser.add_argument("--rerank", type=int, default=1, metavar="N",
+                        help="also draw N - 1 captions per image and keep the one under which the model, "
+                             "drawing, finds the image likeliest (default 1 = off)")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -230,8 +233,8 @@ def run_caption(args: argparse.Namespace) -> int:
     """Handler of `mars caption`."""
     from mars.data.images import UnusableImage, load_image
 
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise MarsError("--max-new-tokens and --batch-size must be >= 1")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.rerank < 1:
+        raise MarsError("--max-new-tokens, --batch-size and --rerank must be >= 1")
     readable, failed = [], 0
     for file in args.images:
         try:
@@ -247,7 +250,7 @@ def run_caption(args: argparse.Namespace) -> int:
             chunk = readable[start : start + args.batch_size]
             texts = pipe.caption([im for _, im in chunk], lang=args.lang, temperature=args.temperature,
                                  max_new_tokens=args.max_new_tokens, seed=args.seed + start,
-                                 cfg_scale=args.cfg_scale, plausibility=args.plausibility)
+                                 cfg_scale=args.cfg_scale, plausibility=args.plausibility, rerank=args.rerank)
             for (file, _), text in zip(chunk, texts):
                 if args.json:
                     tqdm.write(json.dumps({"image": file, "caption": text}, ensure_ascii=False), file=sys.stdout)

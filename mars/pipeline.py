@@ -39,7 +39,7 @@ from mars.generate import (
 )
 from mars.model.semvie import SemVIE
 from mars.model_dir import DEFAULT_MODEL, GENERATION_CONFIG, VQ_DIR, load_model_text_tokenizer, resolve_model_path
-from mars.rerank import best_candidates, check_fits
+from mars.rerank import best_candidates, best_caption, check_fits
 from mars.text_tokenizer import TextTokenizer
 from mars.vq import VQModel, load_tokenizer
 
@@ -251,6 +251,7 @@ class MarsPipeline:
         batch_size: int = 16,
         cfg_scale: float | None = None,
         plausibility: float | None = None,
+        rerank: int = 1,
     ) -> list[str]:
         """A caption per image (PIL images or file paths), in English (`lang="en"`) or Chinese ("zh").
 
@@ -260,6 +261,10 @@ class MarsPipeline:
         at least `plausibility` times as likely as the best one given the image are candidates
         (`mars.generate.guide_text`). Both left at None take the model's defaults (`caption_config`:
         the "caption" entry of its generation_config.json, else no guidance).
+        `rerank` > 1 also draws `rerank - 1` captions per image at temperature 1 (candidate k of
+        caption i with seed `seed + i + k * RERANK_SEED_STRIDE`, same filters and guidance) and keeps,
+        of those and the caption `rerank=1` gives, the one under which the model finds the image's
+        codes likeliest when drawing (`mars.rerank.best_caption`).
         """
         if lang not in CAPTION_INSTRUCTIONS:
             raise MarsError(f"lang must be one of {', '.join(CAPTION_INSTRUCTIONS)}, got {lang!r}")
@@ -268,6 +273,7 @@ class MarsPipeline:
         sampling = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=guidance.cfg_scale)
         _check_count("max_new_tokens", max_new_tokens)
         _check_count("batch_size", batch_size)
+        _check_count("rerank", rerank)
         items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
         if not items:
             raise MarsError("no images to caption")
@@ -283,12 +289,24 @@ class MarsPipeline:
             codes = self.encode_images(chunk)  # (B, h, w)
             prefixes = [caption_prefix(self.model, c, instruction) for c in codes]
             seeds = [int(seed) + start + i for i in range(len(chunk))]
-            texts = generate_text(self.model, prefixes, make_generators(seeds, self.device), self.tokenizer.eos_id,
-                                  self.tokenizer.vocab_size, max_new_tokens, sampling,
-                                  unconditional_prefixes=[instruction] * len(chunk),
-                                  plausibility=guidance.plausibility)
+            texts = self._caption_ids(prefixes, seeds, instruction, max_new_tokens, sampling, guidance.plausibility)
+            if rerank > 1:
+                drawn = dataclasses.replace(sampling, temperature=1.0)
+                others = self._caption_ids([p for p in prefixes for _ in range(1, rerank)],
+                                           [s + k * RERANK_SEED_STRIDE for s in seeds for k in range(1, rerank)],
+                                           instruction, max_new_tokens, drawn, guidance.plausibility)
+                texts = [best_caption(self.model, [text, *others[i * (rerank - 1) : (i + 1) * (rerank - 1)]], c)
+                         for i, (text, c) in enumerate(zip(texts, codes))]
             captions.extend(self.tokenizer.decode(t).strip() for t in texts)
         return captions
+
+    def _caption_ids(self, prefixes: list[list[int]], seeds: list[int], instruction: list[int], max_new_tokens: int,
+                     sampling: SampleConfig, plausibility: float) -> list[list[int]]:
+        """Caption text ids after each `<img> codes </img> instruction` prefix (guided against the
+        instruction alone when `sampling.cfg_scale != 1`)."""
+        return generate_text(self.model, prefixes, make_generators(seeds, self.device), self.tokenizer.eos_id,
+                             self.tokenizer.vocab_size, max_new_tokens, sampling,
+                             unconditional_prefixes=[instruction] * len(prefixes), plausibility=plausibility)
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:

@@ -12,6 +12,11 @@ with the caption instruction and form of the prompt's language (English captions
 instruction after a space, as in training). Every candidate is scored on the same text, so the
 scores compare directly; the end-of-text term also penalises images with more than the prompt
 asks for. This is reranking with the model itself, as DALL-E reranked with CLIP: no second model.
+
+Captions are reranked the other way round (`MarsPipeline.caption(..., rerank=N)`): of N candidate
+captions of an image, the one kept is the one under which the model, drawing, finds the image's own
+codes the likeliest (`image_log_likelihood`), i.e. the caption that best explains the image by
+Bayes' rule with the text-to-image direction as the likelihood.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 
 from mars.data.sequences import INSTRUCTION_EN, INSTRUCTION_ZH
 from mars.errors import MarsError
-from mars.generate import caption_prefix
+from mars.generate import caption_prefix, left_pad
 from mars.model.semvie import SemVIE
 from mars.text_tokenizer import TextTokenizer
 
@@ -84,3 +89,27 @@ def best_candidates(model: SemVIE, tokenizer: TextTokenizer, prompts: list[str],
         scores = caption_log_likelihood(model, candidates, instruction, caption)
         kept.append(candidates[int(scores.argmax())])
     return torch.stack(kept)
+
+
+@torch.inference_mode()
+def image_log_likelihood(model: SemVIE, prompts: list[list[int]], codes: torch.Tensor) -> torch.Tensor:
+    """log p(codes | prompt <img>) of one image's codes (h, w) under each prompt (text ids) -> (N,) in nats.
+
+    One forward over the N left-padded sequences `prompt <img> c_1 .. c_n`, the text-to-image
+    direction exactly as trained; only the image rows of the head are scored.
+    """
+    vocab = model.vocab
+    image = vocab.codes_to_ids(codes.flatten().cpu()).tolist()
+    device = next(model.parameters()).device
+    ids, pad = left_pad([[*prompt, vocab.boi_id, *image] for prompt in prompts], device)  # (N, L)
+    inputs = ids[:, :-1]
+    hidden = model.forward_hidden(inputs, model.image_mask(inputs), pad_lengths=pad)[:, -len(image):]  # (N, n, C)
+    log_probs = F.log_softmax(model.logits(hidden, rows=vocab.image_ids).float(), dim=-1)  # (N, n, K)
+    targets = ids[:, -len(image):] - vocab.image_offset  # (N, n)
+    return log_probs.gather(-1, targets[..., None]).squeeze(-1).sum(-1)
+
+
+def best_caption(model: SemVIE, candidates: list[list[int]], codes: torch.Tensor) -> list[int]:
+    """The candidate caption (text ids) under which the image's codes (h, w) are the likeliest."""
+    scores = image_log_likelihood(model, candidates, codes)
+    return candidates[int(scores.argmax())]

@@ -124,9 +124,9 @@ def test_caption_json_lines_and_unreadable_images(tmp_path, capsys, tiny_model_d
     assert [r["caption"] for r in rows] == pipe.caption(paths, lang="zh", max_new_tokens=6)
     code, out, _ = run(capsys, "caption", paths[0], "--lang", "zh", "--max-new-tokens", 6, "--model", tiny_model_dir)
     assert code == 0 and out.splitlines() == [f"{paths[0]}\t{rows[0]['caption']}"]
-    code, out, _ = run(capsys, "caption", *paths, "--cfg-scale", 3, "--plausibility", 0.05, "--max-new-tokens", 6,
-                       "--model", tiny_model_dir)
-    guided = pipe.caption(paths, max_new_tokens=6, cfg_scale=3.0, plausibility=0.05)
+    code, out, _ = run(capsys, "caption", *paths, "--cfg-scale", 3, "--plausibility", 0.05, "--rerank", 3,
+                       "--max-new-tokens", 6, "--model", tiny_model_dir)
+    guided = pipe.caption(paths, max_new_tokens=6, cfg_scale=3.0, plausibility=0.05, rerank=3)
     assert code == 0 and out.splitlines() == [f"{p}\t{text}" for p, text in zip(paths, guided)]
 
 

@@ -12,7 +12,7 @@ from mars.cli import main
 from mars.errors import MarsError
 from mars.generate import SampleConfig, caption_prefix, generate_image_tokens, make_generators
 from mars.pipeline import RERANK_SEED_STRIDE
-from mars.rerank import best_candidates, caption_ids, caption_log_likelihood, prompt_language
+from mars.rerank import best_candidates, caption_ids, caption_log_likelihood, image_log_likelihood, prompt_language
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +103,48 @@ def test_cli_rerank_records_the_setting(tmp_path, tiny_model_dir):
     assert line["settings"]["rerank"] == 2
     assert main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--model", str(tiny_model_dir),
                  "--device", "cpu", "--rerank", "0"]) != 0
+
+
+# --- captions reranked by the text-to-image direction ------------------------------------------
+
+
+def test_image_log_likelihood_equals_a_forward_per_prompt(pipe):
+    model, vocab = pipe.model, pipe.model.vocab
+    codes = torch.randint(0, model.config.image_vocab_size, (4, 4), generator=torch.Generator().manual_seed(1))
+    prompts = [pipe.tokenizer.encode(t) for t in ("a red circle", "一个蓝色的正方形在左边", "")]  # padded rows
+    got = image_log_likelihood(model, prompts, codes)
+    image = vocab.codes_to_ids(codes.flatten()).tolist()
+    with torch.inference_mode():
+        for score, prompt in zip(got, prompts):
+            ids = torch.tensor([[*prompt, vocab.boi_id, *image]])
+            logits = model(ids[:, :-1], model.image_mask(ids[:, :-1]))[0, -len(image):]  # unpadded
+            # among image codes only, as images are drawn
+            log_probs = F.log_softmax(logits[:, vocab.image_ids].double(), dim=-1)
+            want = sum(float(log_probs[t, ids[0, -len(image) + t] - vocab.image_offset]) for t in range(len(image)))
+            assert float(score) == pytest.approx(want, abs=1e-3)
+
+
+def test_caption_rerank_keeps_the_candidate_that_best_explains_the_image(pipe):
+    from mars.generate import CAPTION_INSTRUCTIONS, generate_text
+
+    images = pipe.generate(["a red circle", "一个蓝色的正方形", "x"], seed=2)
+    kwargs = dict(lang="en", max_new_tokens=6, cfg_scale=2.0, plausibility=0.05)
+    kept = pipe.caption(images, rerank=4, **kwargs)
+    # independently: candidate 0 is the rerank=1 caption (greedy), candidate k is drawn at
+    # temperature 1 with seed i + k * stride; each is scored alone
+    instruction = pipe.tokenizer.encode(CAPTION_INSTRUCTIONS["en"])
+    tok = pipe.tokenizer
+    changed = 0
+    for i, c in enumerate(pipe.encode_images(images)):
+        prefix = caption_prefix(pipe.model, c, instruction)
+        candidates = [generate_text(pipe.model, [prefix], make_generators([i + k * RERANK_SEED_STRIDE]), tok.eos_id,
+                                    tok.vocab_size, 6, SampleConfig(temperature=float(k > 0), cfg_scale=2.0),
+                                    [instruction], plausibility=0.05)[0] for k in range(4)]
+        scores = [float(image_log_likelihood(pipe.model, [ids], c)[0]) for ids in candidates]
+        assert kept[i] == tok.decode(candidates[int(np.argmax(scores))]).strip()
+        changed += int(np.argmax(scores)) != 0
+    assert changed > 0  # the check above is not only candidate 0
+    assert pipe.caption(images, rerank=1, **kwargs) == pipe.caption(images, **kwargs)
+    assert pipe.caption(images[1], seed=1, rerank=4, **kwargs) == kept[1:2]  # alone == in a batch
+    with pytest.raises(MarsError, match="rerank"):
+        pipe.caption(images, rerank=0)

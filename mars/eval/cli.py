@@ -113,6 +113,9 @@ def add_commands(subparsers) -> None:
                    help="caption guidance by the image, 1 = off (default: the model's)")
     p.add_argument("--plausibility", type=float, default=None,
                    help="with guidance, the least probability relative to the best word (default: the model's)")
+    p.add_argument("--rerank", type=int, default=1, metavar="N",
+                   help="best of N captions per image by how likely the model, drawing, finds the image "
+                        "(default 1 = off)")
     p.add_argument("--out-dir", default="mars-eval-captions", help="output folder (default mars-eval-captions)")
     p.set_defaults(func=run_captions)
 
@@ -234,16 +237,17 @@ def run_captions(args: argparse.Namespace) -> int:
     from mars.eval.captions_eval import RESULTS_FILE, run_captions_eval, summary_table
     from mars.generate import CaptionConfig
 
-    if args.n < 1:
-        raise MarsError(f"--n must be >= 1, got {args.n}")
+    if args.n < 1 or args.rerank < 1:
+        raise MarsError(f"--n and --rerank must be >= 1, got {args.n} and {args.rerank}")
     given = {"cfg_scale": args.cfg_scale, "plausibility": args.plausibility}
     CaptionConfig(**{k: v for k, v in given.items() if v is not None})  # bad values refused before loading
     pipe, _ = _load_pipeline(args)
     guidance = dataclasses.replace(pipe.caption_config, **{k: v for k, v in given.items() if v is not None})
     results = run_captions_eval(lambda images, lang: pipe.caption(images, lang=lang, cfg_scale=guidance.cfg_scale,
-                                                                  plausibility=guidance.plausibility),
+                                                                  plausibility=guidance.plausibility,
+                                                                  rerank=args.rerank),
                                 args.out_dir, args.n, args.seed, _langs(args.lang), args.batch_size,
-                                settings=dataclasses.asdict(guidance))
+                                settings=dataclasses.asdict(guidance) | {"rerank": args.rerank})
     print(summary_table(results["summary"]))
     print(f"every caption: {Path(args.out_dir) / RESULTS_FILE}")
     return 0
