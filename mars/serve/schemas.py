@@ -92,6 +92,7 @@ class CaptionSettings(BaseModel):
     cfg_scale: float = Field(description="Guidance by the image against the text model alone; 1 = off.")
     plausibility: float = Field(description="With guidance, the least probability of a chosen word relative to "
                                             "the best one's.")
+    rerank: int = Field(1, description="Captions drawn to keep the best of (1 = off).")
 
 
 class CaptionResponse(BaseModel):

@@ -209,12 +209,13 @@ def test_caption_guidance_defaults_to_the_models_and_can_be_set(client, tiny_pip
     data = encoded(picture, "PNG")
     image = load_image(data)
     out = client.post(CAP, files={"image": ("x.png", data, "image/png")}, data={"lang": "zh"}).json()
-    assert out["settings"] == {"cfg_scale": 1.0, "plausibility": 0.1}  # the tiny model's defaults
+    assert out["settings"] == {"cfg_scale": 1.0, "plausibility": 0.1, "rerank": 1}  # the tiny model's defaults
     out = client.post(CAP, files={"image": ("x.png", data, "image/png")},
-                      data={"lang": "zh", "cfg_scale": "3", "plausibility": "0.05"}).json()
-    assert out["settings"] == {"cfg_scale": 3.0, "plausibility": 0.05}
-    assert out["caption"] == tiny_pipeline.caption([image], lang="zh", cfg_scale=3.0, plausibility=0.05)[0]
-    for field, value in (("cfg_scale", "-1"), ("plausibility", "1"), ("cfg_scale", "nan")):
+                      data={"lang": "zh", "cfg_scale": "3", "plausibility": "0.05", "rerank": "3"}).json()
+    assert out["settings"] == {"cfg_scale": 3.0, "plausibility": 0.05, "rerank": 3}
+    assert out["caption"] == tiny_pipeline.caption([image], lang="zh", cfg_scale=3.0, plausibility=0.05, rerank=3)[0]
+    for field, value in (("cfg_scale", "-1"), ("plausibility", "1"), ("cfg_scale", "nan"), ("rerank", "0"),
+                         ("rerank", "9")):
         r = client.post(CAP, files={"image": ("x.png", data, "image/png")}, data={field: value})
         assert_error(r, 422, field)
 
