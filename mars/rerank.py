@@ -95,8 +95,8 @@ def best_candidates(model: SemVIE, tokenizer: TextTokenizer, prompts: list[str],
 def image_log_likelihood(model: SemVIE, prompts: list[list[int]], codes: torch.Tensor) -> torch.Tensor:
     """log p(codes | prompt <img>) of one image's codes (h, w) under each prompt (text ids) -> (N,) in nats.
 
-    One forward over the N left-padded sequences `prompt <img> c_1 .. c_n`, the text-to-image
-    direction exactly as trained; only the image rows of the head are scored.
+    One forward over the N left-padded sequences `prompt <img> c_1 .. c_n` (the text-to-image
+    sequence form), each code's probability normalised over the image codes, as images are drawn.
     """
     vocab = model.vocab
     image = vocab.codes_to_ids(codes.flatten().cpu()).tolist()
