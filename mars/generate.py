@@ -233,6 +233,15 @@ def cache_rows(cache: KVCache, rows: slice) -> KVCache:
     return view
 
 
+def repeat_rows(cache: KVCache, copies: int) -> KVCache:
+    """A new cache with every row repeated `copies` times in place (row r -> rows r*copies ..)."""
+    repeated = copy.copy(cache)
+    repeated.k = [k.repeat_interleave(copies, dim=0) for k in cache.k]
+    repeated.v = [v.repeat_interleave(copies, dim=0) for v in cache.v]
+    repeated.pad_lengths = cache.pad_lengths.repeat_interleave(copies)
+    return repeated
+
+
 def keep_rows(cache: KVCache, n: int) -> KVCache:
     """A view of the first n rows of a cache (drops the unconditional rows after an image)."""
     return cache_rows(cache, slice(0, n))
@@ -500,25 +509,30 @@ def generate_text(
     sampling: SampleConfig = SampleConfig(temperature=0.0, cfg_scale=1.0),
     unconditional_prefixes: list[list[int]] | None = None,
     plausibility: float = 0.0,
+    copies: int = 1,
 ) -> list[list[int]]:
     """Continue each prefix (any mix of text and image ids) with text, one list of ids per row.
 
     Rows stop independently at `eos_id` (not included) or after `max_new_tokens`; only ids below
     `vocab_limit` (the text tokenizer's size) can be drawn. With `sampling.cfg_scale != 1` each
     prefix is guided against its `unconditional_prefixes` entry (for a caption: the instruction
-    without the image), in the same batch; see `guide_text` for `plausibility`.
+    without the image), in the same batch; see `guide_text` for `plausibility`. `copies` > 1
+    continues each prefix that many times from one prefill (rows `i * copies ..`, one generator
+    each): what drawing several captions of one image needs.
     """
     _check_text_settings(model, eos_id, vocab_limit, max_new_tokens)
     check_plausibility(plausibility)
     rows = prefixes
     if sampling.guided:
         if unconditional_prefixes is None or len(unconditional_prefixes) != len(prefixes):
+            given = "none" if unconditional_prefixes is None else len(unconditional_prefixes)
             raise MarsError(f"guided text (cfg_scale {sampling.cfg_scale}) needs one unconditional prefix per "
-                            f"prefix: {len(prefixes)} prefixes, "
-                            f"{'none' if unconditional_prefixes is None else len(unconditional_prefixes)} unconditional")
+                            f"prefix: {len(prefixes)} prefixes, {given} unconditional")
         rows = [*prefixes, *unconditional_prefixes]
     split = len(prefixes) if sampling.guided else None  # the short unconditional rows prefill on their own
     cache, hidden, slot = prefill(model, rows, max_new_tokens - 1, split=split)
+    if copies > 1:
+        cache, hidden = repeat_rows(cache, copies), hidden.repeat_interleave(copies, dim=0)
     return _decode_text(model, cache, hidden, slot, generators, sampling, eos_id, vocab_limit, max_new_tokens,
                         plausibility)
 

@@ -292,21 +292,22 @@ class MarsPipeline:
             texts = self._caption_ids(prefixes, seeds, instruction, max_new_tokens, sampling, guidance.plausibility)
             if rerank > 1:
                 drawn = dataclasses.replace(sampling, temperature=1.0)
-                others = self._caption_ids([p for p in prefixes for _ in range(1, rerank)],
-                                           [s + k * RERANK_SEED_STRIDE for s in seeds for k in range(1, rerank)],
-                                           instruction, max_new_tokens, drawn, guidance.plausibility)
+                drawn_seeds = [s + k * RERANK_SEED_STRIDE for s in seeds for k in range(1, rerank)]
+                others = self._caption_ids(prefixes, drawn_seeds, instruction, max_new_tokens, drawn,
+                                           guidance.plausibility, copies=rerank - 1)
                 texts = [best_caption(self.model, [text, *others[i * (rerank - 1) : (i + 1) * (rerank - 1)]], c)
                          for i, (text, c) in enumerate(zip(texts, codes))]
             captions.extend(self.tokenizer.decode(t).strip() for t in texts)
         return captions
 
     def _caption_ids(self, prefixes: list[list[int]], seeds: list[int], instruction: list[int], max_new_tokens: int,
-                     sampling: SampleConfig, plausibility: float) -> list[list[int]]:
-        """Caption text ids after each `<img> codes </img> instruction` prefix (guided against the
-        instruction alone when `sampling.cfg_scale != 1`)."""
+                     sampling: SampleConfig, plausibility: float, copies: int = 1) -> list[list[int]]:
+        """Caption text ids after each `<img> codes </img> instruction` prefix, `copies` per prefix
+        (one seed each), guided against the instruction alone when `sampling.cfg_scale != 1`."""
         return generate_text(self.model, prefixes, make_generators(seeds, self.device), self.tokenizer.eos_id,
                              self.tokenizer.vocab_size, max_new_tokens, sampling,
-                             unconditional_prefixes=[instruction] * len(prefixes), plausibility=plausibility)
+                             unconditional_prefixes=[instruction] * len(prefixes), plausibility=plausibility,
+                             copies=copies)
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:

@@ -339,6 +339,19 @@ def test_a_split_prefill_fills_the_same_cache_as_one_prefill(tiny_model):
             assert torch.allclose(whole.v[layer][b, :, filled], split.v[layer][b, :, filled], atol=1e-5)
 
 
+def test_copies_continue_each_prefix_from_one_prefill_as_repeated_prefixes_would(tiny_model):
+    prefixes = encode(PROMPTS[:2])
+    unconditional = encode(["x", "yz"])
+    drawn = SampleConfig(temperature=1.0, top_k=20, cfg_scale=2.0)
+    seeds = [3, 4, 5, 6, 7, 8]  # three copies of each prefix
+    copies = generate_text(tiny_model, prefixes, make_generators(seeds), TOK.eos_id, TOK.vocab_size, 8, drawn,
+                           unconditional, plausibility=0.05, copies=3)
+    repeated = generate_text(tiny_model, [p for p in prefixes for _ in range(3)], make_generators(seeds), TOK.eos_id,
+                             TOK.vocab_size, 8, drawn, [u for u in unconditional for _ in range(3)], plausibility=0.05)
+    assert copies == repeated
+    assert len({tuple(t) for t in copies[:3]}) > 1  # the copies draw differently
+
+
 def test_guided_text_needs_one_unconditional_prefix_each(tiny_model):
     prefixes = encode(PROMPTS[:2])
     guided = SampleConfig(temperature=0.0, cfg_scale=2.0)

@@ -111,7 +111,7 @@ def test_cli_rerank_records_the_setting(tmp_path, tiny_model_dir):
 def test_image_log_likelihood_equals_a_forward_per_prompt(pipe):
     model, vocab = pipe.model, pipe.model.vocab
     codes = torch.randint(0, model.config.image_vocab_size, (4, 4), generator=torch.Generator().manual_seed(1))
-    prompts = [pipe.tokenizer.encode(t) for t in ("a red circle", "一个蓝色的正方形在左边", "")]  # padded rows
+    prompts = [pipe.tokenizer.encode(t) for t in ("a red circle", "一个蓝色的正方形在左边", "")]  # padding
     got = image_log_likelihood(model, prompts, codes)
     image = vocab.codes_to_ids(codes.flatten()).tolist()
     with torch.inference_mode():
