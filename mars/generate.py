@@ -73,8 +73,7 @@ class SampleConfig:
             raise MarsError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise MarsError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if not self.cfg_scale >= 0:
-            raise MarsError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        check_cfg_scale(self.cfg_scale)
 
     @property
     def guided(self) -> bool:
@@ -94,9 +93,13 @@ class CaptionConfig:
     plausibility: float = 0.1
 
     def __post_init__(self) -> None:
-        if not self.cfg_scale >= 0:
-            raise MarsError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        check_cfg_scale(self.cfg_scale)
         check_plausibility(self.plausibility)
+
+
+def check_cfg_scale(cfg_scale: float) -> None:
+    if not cfg_scale >= 0:  # also rejects NaN
+        raise MarsError(f"cfg_scale must be >= 0, got {cfg_scale}")
 
 
 def check_plausibility(plausibility: float) -> None:
@@ -522,14 +525,13 @@ def generate_text(
     """
     _check_text_settings(model, eos_id, vocab_limit, max_new_tokens)
     check_plausibility(plausibility)
-    rows = prefixes
+    rows, split = prefixes, None
     if sampling.guided:
         if unconditional_prefixes is None or len(unconditional_prefixes) != len(prefixes):
             given = "none" if unconditional_prefixes is None else len(unconditional_prefixes)
             raise MarsError(f"guided text (cfg_scale {sampling.cfg_scale}) needs one unconditional prefix per "
                             f"prefix: {len(prefixes)} prefixes, {given} unconditional")
-        rows = [*prefixes, *unconditional_prefixes]
-    split = len(prefixes) if sampling.guided else None  # the short unconditional rows prefill on their own
+        rows, split = [*prefixes, *unconditional_prefixes], len(prefixes)  # the short rows prefill on their own
     cache, hidden, slot = prefill(model, rows, max_new_tokens - 1, split=split)
     if copies > 1:
         cache, hidden = repeat_rows(cache, copies), hidden.repeat_interleave(copies, dim=0)

@@ -134,6 +134,11 @@ class MarsPipeline:
         chosen = dataclasses.replace(self.generation_config, **{k: v for k, v in given.items() if v is not None})
         return dataclasses.asdict(chosen)
 
+    def caption_settings(self, cfg_scale: float | None = None, plausibility: float | None = None) -> CaptionConfig:
+        """The caption guidance a caption call uses: the given settings, the model's defaults for the rest."""
+        given = {"cfg_scale": cfg_scale, "plausibility": plausibility}
+        return dataclasses.replace(self.caption_config, **{k: v for k, v in given.items() if v is not None})
+
     @property
     def device(self) -> torch.device:
         return self.model.norm.weight.device
@@ -268,8 +273,7 @@ class MarsPipeline:
         """
         if lang not in CAPTION_INSTRUCTIONS:
             raise MarsError(f"lang must be one of {', '.join(CAPTION_INSTRUCTIONS)}, got {lang!r}")
-        given = {"cfg_scale": cfg_scale, "plausibility": plausibility}
-        guidance = dataclasses.replace(self.caption_config, **{k: v for k, v in given.items() if v is not None})
+        guidance = self.caption_settings(cfg_scale, plausibility)
         sampling = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=guidance.cfg_scale)
         _check_count("max_new_tokens", max_new_tokens)
         _check_count("batch_size", batch_size)

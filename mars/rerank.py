@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from mars.data.sequences import INSTRUCTION_EN, INSTRUCTION_ZH
 from mars.errors import MarsError
-from mars.generate import caption_prefix, left_pad
+from mars.generate import caption_prefix, left_pad, model_device_dtype
 from mars.model.semvie import SemVIE
 from mars.text_tokenizer import TextTokenizer
 
@@ -59,6 +59,18 @@ def check_fits(model: SemVIE, tokenizer: TextTokenizer, prompts: list[str], imag
                             f"need {length} tokens, the model's context holds {model.config.max_seq_len}")
 
 
+def _tail_log_likelihood(model: SemVIE, ids: torch.Tensor, pad: torch.Tensor | None, n: int,
+                         rows: slice | None = None) -> torch.Tensor:
+    """Sum of log p(token) over the last `n` tokens of each sequence ids (N, L) -> (N,), the
+    probabilities normalised over the head's `rows` (None: the whole vocabulary; the ids are then
+    counted from the slice's start)."""
+    inputs = ids[:, :-1]
+    hidden = model.forward_hidden(inputs, model.image_mask(inputs), pad_lengths=pad)[:, -n:]  # (N, n, C)
+    log_probs = F.log_softmax(model.logits(hidden, rows=rows).float(), dim=-1)  # (N, n, V or K)
+    targets = ids[:, -n:] - (rows.start if rows is not None else 0)  # (N, n)
+    return log_probs.gather(-1, targets[..., None]).squeeze(-1).sum(-1)
+
+
 @torch.inference_mode()
 def caption_log_likelihood(model: SemVIE, codes: torch.Tensor, instruction: list[int],
                            caption: list[int]) -> torch.Tensor:
@@ -66,13 +78,9 @@ def caption_log_likelihood(model: SemVIE, codes: torch.Tensor, instruction: list
 
     One full forward over the N sequences (same length: no padding); `check_fits` first.
     """
-    rows = [caption_prefix(model, c, instruction) + caption for c in codes]
-    device = next(model.parameters()).device
-    ids = torch.tensor(rows, device=device)  # (N, L)
-    start = ids.shape[1] - len(caption)  # first caption position
-    logits = model(ids[:, :-1], model.image_mask(ids[:, :-1]))[:, start - 1 :]  # (N, len(caption), V)
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    return log_probs.gather(-1, ids[:, start:, None]).squeeze(-1).sum(-1)  # (N,)
+    device, _ = model_device_dtype(model)
+    ids = torch.tensor([caption_prefix(model, c, instruction) + caption for c in codes], device=device)  # (N, L)
+    return _tail_log_likelihood(model, ids, None, len(caption))
 
 
 def best_candidates(model: SemVIE, tokenizer: TextTokenizer, prompts: list[str], codes: torch.Tensor,
@@ -100,13 +108,9 @@ def image_log_likelihood(model: SemVIE, prompts: list[list[int]], codes: torch.T
     """
     vocab = model.vocab
     image = vocab.codes_to_ids(codes.flatten().cpu()).tolist()
-    device = next(model.parameters()).device
+    device, _ = model_device_dtype(model)
     ids, pad = left_pad([[*prompt, vocab.boi_id, *image] for prompt in prompts], device)  # (N, L)
-    inputs = ids[:, :-1]
-    hidden = model.forward_hidden(inputs, model.image_mask(inputs), pad_lengths=pad)[:, -len(image):]  # (N, n, C)
-    log_probs = F.log_softmax(model.logits(hidden, rows=vocab.image_ids).float(), dim=-1)  # (N, n, K)
-    targets = ids[:, -len(image):] - vocab.image_offset  # (N, n)
-    return log_probs.gather(-1, targets[..., None]).squeeze(-1).sum(-1)
+    return _tail_log_likelihood(model, ids, pad, len(image), rows=vocab.image_ids)
 
 
 def best_caption(model: SemVIE, candidates: list[list[int]], codes: torch.Tensor) -> list[int]:

@@ -239,10 +239,11 @@ def run_captions(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.rerank < 1:
         raise MarsError(f"--n and --rerank must be >= 1, got {args.n} and {args.rerank}")
-    given = {"cfg_scale": args.cfg_scale, "plausibility": args.plausibility}
-    CaptionConfig(**{k: v for k, v in given.items() if v is not None})  # bad values refused before loading
+    # bad values refused before the model loads
+    CaptionConfig(**{k: v for k, v in (("cfg_scale", args.cfg_scale), ("plausibility", args.plausibility))
+                     if v is not None})
     pipe, _ = _load_pipeline(args)
-    guidance = dataclasses.replace(pipe.caption_config, **{k: v for k, v in given.items() if v is not None})
+    guidance = pipe.caption_settings(args.cfg_scale, args.plausibility)
     results = run_captions_eval(lambda images, lang: pipe.caption(images, lang=lang, cfg_scale=guidance.cfg_scale,
                                                                   plausibility=guidance.plausibility,
                                                                   rerank=args.rerank),

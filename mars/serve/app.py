@@ -73,9 +73,9 @@ def error_response(status: int, message: str, type: str, headers: dict[str, str]
 
 def run_batch(pipeline, key: Hashable, rows: list[Any], compile: bool = False) -> list[Any]:
     """One batch on the worker thread: ("generate", cfg, top_k, top_p, temperature, rerank) with rows
-    (prompt, seed, negative prompt or "") -> PIL images; ("caption", lang, cfg_scale, plausibility, rerank)
-    with rows PIL images -> strings. `compile`: the decode step runs compiled (each new batch size compiles once, the first
-    time it occurs)."""
+    (prompt, seed, negative prompt or "") -> PIL images; ("caption", lang, cfg_scale, plausibility,
+    rerank) with rows PIL images -> strings. `compile`: the decode step runs compiled (each new batch
+    size compiles once, the first time it occurs)."""
     if key[0] == "generate":
         _, cfg_scale, top_k, top_p, temperature, rerank = key
         prompts = [prompt for prompt, _, _ in rows]
@@ -327,10 +327,8 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
         arrived = time.perf_counter()
         if rerank > limits.max_rerank:
             raise ApiError(422, f"rerank: at most {limits.max_rerank} captions per image, got {rerank}")
-        defaults = pipeline.caption_config
-        settings = CaptionSettings(cfg_scale=defaults.cfg_scale if cfg_scale is None else cfg_scale,
-                                   plausibility=defaults.plausibility if plausibility is None else plausibility,
-                                   rerank=rerank)
+        guidance = pipeline.caption_settings(cfg_scale, plausibility)
+        settings = CaptionSettings(cfg_scale=guidance.cfg_scale, plausibility=guidance.plausibility, rerank=rerank)
         data = await image.read(limits.max_upload_bytes + 1)
         picture = await run_in_threadpool(decode_upload, data, limits)
         key = ("caption", lang, settings.cfg_scale, settings.plausibility, rerank)  # one batch per setting
@@ -350,7 +348,8 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
     async def models() -> ModelList:
         card = ModelCard(id=model_name, image_size=config.image_size, max_prompt_tokens=token_limit,
                          max_prompt_chars=limits.max_prompt_chars, max_images=limits.max_images,
-                         max_rerank=limits.max_rerank, sampling_defaults=GenerationSettings(**pipeline.sampling_settings()),
+                         max_rerank=limits.max_rerank,
+                         sampling_defaults=GenerationSettings(**pipeline.sampling_settings()),
                          caption_languages=list(CAPTION_LANGS), upload_formats=list(limits.upload_formats),
                          max_upload_bytes=limits.max_upload_bytes)
         return ModelList(data=[card])

@@ -122,7 +122,8 @@ class Trainer:
         """The starting weights, on rank 0's CPU: init_from's, or a seeded fresh init."""
         cfg = self.cfg
         if cfg.init_from is not None:
-            model = SemVIE.from_pretrained(cfg.init_from, dtype=torch.float32)  # fp32 master weights, also from fp16 files
+            # fp32 master weights, also from fp16 files
+            model = SemVIE.from_pretrained(cfg.init_from, dtype=torch.float32)
         else:
             torch.manual_seed(cfg.seed)
             model = SemVIE(self.model_config)
