@@ -72,15 +72,35 @@ def _tail_log_likelihood(model: SemVIE, ids: torch.Tensor, pad: torch.Tensor | N
 
 
 @torch.inference_mode()
+def caption_log_likelihoods(model: SemVIE, codes: torch.Tensor,
+                            captions: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """log p(caption_i | <img> codes_i </img> instruction_i) per row: codes (N, h, w) and N
+    (instruction ids, caption ids) pairs -> (N,) in nats.
+
+    One full forward over the N sequences, right padded (causal attention keeps padding out of
+    the real tokens); `check_fits` first.
+    """
+    if len(captions) != len(codes):
+        raise ValueError(f"{len(captions)} captions for {len(codes)} images")
+    device, _ = model_device_dtype(model)
+    rows = [caption_prefix(model, c, instruction) + caption for c, (instruction, caption) in zip(codes, captions)]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)  # (N, L)
+    inputs = ids[:, :-1]
+    hidden = model.forward_hidden(inputs, model.image_mask(inputs))  # (N, L-1, C)
+    # the columns whose next token is a caption token: [len(row) - len(caption) - 1, len(row) - 1)
+    row_of = torch.cat([torch.full((len(caption),), i) for i, (_, caption) in enumerate(captions)]).to(device)
+    column = torch.cat([torch.arange(len(row) - len(caption) - 1, len(row) - 1)
+                        for row, (_, caption) in zip(rows, captions)]).to(device)
+    log_probs = F.log_softmax(model.logits(hidden[row_of, column]).float(), dim=-1)  # (M, V)
+    token_log_probs = log_probs.gather(-1, ids[row_of, column + 1][:, None]).squeeze(-1)  # (M,)
+    return torch.zeros(len(rows), device=device).index_add(0, row_of, token_log_probs)
+
+
 def caption_log_likelihood(model: SemVIE, codes: torch.Tensor, instruction: list[int],
                            caption: list[int]) -> torch.Tensor:
-    """log p(caption | <img> codes </img> instruction) of every image: codes (N, h, w) -> (N,) in nats.
-
-    One full forward over the N sequences (same length: no padding); `check_fits` first.
-    """
-    device, _ = model_device_dtype(model)
-    ids = torch.tensor([caption_prefix(model, c, instruction) + caption for c in codes], device=device)  # (N, L)
-    return _tail_log_likelihood(model, ids, None, len(caption))
+    """log p(caption | <img> codes </img> instruction) of every image: codes (N, h, w) -> (N,) in nats."""
+    return caption_log_likelihoods(model, codes, [(instruction, caption)] * len(codes))
 
 
 def best_candidates(model: SemVIE, tokenizer: TextTokenizer, prompts: list[str], codes: torch.Tensor,

@@ -12,7 +12,8 @@ from mars.cli import main
 from mars.errors import MarsError
 from mars.generate import SampleConfig, caption_prefix, generate_image_tokens, make_generators
 from mars.pipeline import RERANK_SEED_STRIDE
-from mars.rerank import best_candidates, caption_ids, caption_log_likelihood, image_log_likelihood, prompt_language
+from mars.rerank import (best_candidates, caption_ids, caption_log_likelihood, caption_log_likelihoods,
+                         image_log_likelihood, prompt_language)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,20 @@ def test_caption_log_likelihood_equals_the_token_by_token_definition(pipe):
                 logits = model(ids, model.image_mask(ids))[0, -1].float()
                 total += F.log_softmax(logits, -1)[token].item()
             assert got[row].item() == pytest.approx(total, abs=1e-3)
+
+
+def test_caption_log_likelihoods_of_different_captions_equal_one_row_at_a_time(pipe):
+    model, tok = pipe.model, pipe.tokenizer
+    torch.manual_seed(2)
+    codes = torch.randint(0, model.config.image_vocab_size, (3, 4, 4))
+    captions = [caption_ids(tok, p) for p in ("a red circle to the left of a blue square", "一个红色的圆形", "a star")]
+    assert len({len(c) for _, c in captions}) == 3  # right padding is exercised
+    got = caption_log_likelihoods(model, codes, captions)
+    for row in range(3):
+        alone = caption_log_likelihood(model, codes[row : row + 1], *captions[row])
+        assert got[row].item() == pytest.approx(alone.item(), abs=1e-4)
+    with pytest.raises(ValueError, match="2 captions for 3 images"):
+        caption_log_likelihoods(model, codes, captions[:2])
 
 
 def test_best_candidates_keeps_each_prompts_likeliest_caption(pipe):

@@ -3,8 +3,8 @@
     mars eval shapes                the MARS-Shapes benchmark (generate + exact checker)
     mars eval captions              captioning accuracy on held-out MARS-Shapes scenes
     mars eval loss                  T2I / I2T loss on held-out code shards (`mars preprocess` output)
-    mars eval prompt-probe          which prompt facts a model reads (colour, count, relation, size,
-                                    binding): likelihood of an image after a counterfactual prompt
+    mars eval prompt-probe          which prompt facts a model draws and reads back (colour, count,
+                                    relation, size, binding): likelihoods after counterfactual prompts
     mars eval fid                   Frechet distance between two image folders (or .npz statistics)
     mars eval clip-score            CLIP score of generated images against their prompts
     mars eval coco                  COCO-30K images (+ FID against a reference)
@@ -136,9 +136,10 @@ def add_commands(subparsers) -> None:
     p = verbs.add_parser("prompt-probe", help="which parts of a prompt a model reads, by likelihood",
                          description="For held-out MARS-Shapes scenes, score the image's codes after its canonical "
                                      "prompt and after a counterfactual one that changes one fact (colour, count, "
-                                     "relation, size, binding). Prints the mean gap in nats per image (0 = the "
-                                     "model ignores that fact) and the fraction of scenes whose own prompt wins "
-                                     "(0.5 = chance). No sampling: seconds on a CPU.")
+                                     "relation, size, binding), and both prompts read as the image's caption. "
+                                     "Prints, for drawing and for reading, the mean gap in nats (0 = the model "
+                                     "ignores that fact) and the fraction of scenes whose own prompt wins (0.5 = "
+                                     "chance). No sampling: seconds on a CPU.")
     _add_model_args(p)
     p.add_argument("--n", type=int, default=48, help="scenes per probe and language (default 48)")
     p.add_argument("--seed", type=int, default=0, help="scene seed (default 0)")
@@ -234,7 +235,7 @@ def run_shapes(args: argparse.Namespace) -> int:
 
 
 def run_captions(args: argparse.Namespace) -> int:
-    from mars.eval.captions_eval import RESULTS_FILE, run_captions_eval, summary_table
+    from mars.eval.captions_eval import RESULTS_FILE, relations_line, run_captions_eval, summary_table
     from mars.generate import CaptionConfig
 
     if args.n < 1 or args.rerank < 1:
@@ -250,6 +251,8 @@ def run_captions(args: argparse.Namespace) -> int:
                                 args.out_dir, args.n, args.seed, _langs(args.lang), args.batch_size,
                                 settings=dataclasses.asdict(guidance) | {"rerank": args.rerank})
     print(summary_table(results["summary"]))
+    if results["relations"]:
+        print(relations_line(results["relations"]))
     print(f"every caption: {Path(args.out_dir) / RESULTS_FILE}")
     return 0
 
@@ -282,9 +285,10 @@ def run_prompt_probe_cli(args: argparse.Namespace) -> int:
     pipe, model_path = _load_pipeline(args)
     result = run_prompt_probe(pipe.model, pipe.tokenizer, pipe.vq, n=args.n, langs=_langs(args.lang),
                               seed=args.seed, batch_size=args.batch_size)
-    rows = [[probe, lang, r["gap"], r["median_gap"], r["preferred"]]
+    rows = [[probe, lang, r["gap"], r["median_gap"], r["preferred"], r["read_gap"], r["read_preferred"]]
             for probe, by_lang in result["summary"].items() for lang, r in by_lang.items()]
-    print(format_table(["probe", "lang", "gap (nats/image)", "median gap", "own prompt preferred"], rows))
+    print(format_table(["probe", "lang", "draws: gap (nats/image)", "median gap", "own prompt preferred",
+                        "reads: gap (nats/caption)", "own caption preferred"], rows))
     if args.json:
         write_json_atomic(args.json, {"model": model_path, "n": args.n, "seed": args.seed, **result})
     return 0

@@ -11,12 +11,19 @@ and after a counterfactual prompt that changes one fact:
     binding   two (colours and shapes both differ):    "a red circle and a blue square" ->
               the shapes exchanged                     "a red square and a blue circle"
 
-gap = NLL(image | counterfactual) - NLL(image | own prompt), in nats per image: how much of the
-image the model explains by that fact. 0 means the model ignores it, and its samples will too; a
-model that reads it pays many nats for the wrong prompt. `preferred` is the fraction of scenes
-whose own prompt is the likelier one (0.5 = chance). The images are exact renders encoded with
-the model's own VQ, so the probe measures how the model reads a prompt, not how well it draws,
-and costs two forwards per scene.
+Both directions of the model are probed on the same scenes:
+
+- draws (text to image): gap = NLL(image | counterfactual) - NLL(image | own prompt), in nats per
+  image: how much of the image the model explains by that fact. 0 means the model ignores it, and
+  its samples will too; a model that reads it pays many nats for the wrong prompt.
+- reads (image to text): read_gap = log p(own prompt | image) - log p(counterfactual | image), each
+  prompt read as the image's caption (the caption instruction of its language, `mars.rerank`), in
+  nats per caption: whether the model, looking at the image, can tell the fact. A reader that
+  cannot tell a relation cannot pick the right one among candidate images either (`--rerank`).
+
+`preferred` / `read_preferred` is the fraction of scenes whose own prompt is the likelier one (0.5
+= chance). The images are exact renders encoded with the model's own VQ, so the probe measures how
+the model reads a prompt or an image, not how well it draws, and costs four forwards per scene.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from mars.data.negatives import swap_words
 from mars.data.sequences import build_t2i, collate_t2i
 from mars.data.shapes import COLOURS, COLOURS_ZH, SHAPES, SHAPES_ZH, Scene, render_scene, scene_for_index
 from mars.errors import MarsError
+from mars.rerank import caption_ids, caption_log_likelihoods
 from mars.train.losses import t2i_image_nll
 
 # probe -> (scene category, {lang: word groups of the one fact it changes})
@@ -81,10 +89,16 @@ def _image_nll(model, text_tokenizer, prompts: list[str], codes: torch.Tensor) -
     return t2i_image_nll(model, batch.to(codes.device), vocab="visual").cpu()
 
 
+def _caption_log_likelihood(model, text_tokenizer, prompts: list[str], codes: torch.Tensor) -> torch.Tensor:
+    """log p(prompt read as a caption | image) per row; codes (b, h*w)."""
+    return caption_log_likelihoods(model, codes, [caption_ids(text_tokenizer, p) for p in prompts]).cpu()
+
+
 @torch.inference_mode()
 def run_prompt_probe(model, text_tokenizer, vq, n: int = 48, langs: tuple[str, ...] = ("en", "zh"),
                      probes: tuple[str, ...] = tuple(PROBES), seed: int = 0, batch_size: int = 16) -> dict:
-    """{"summary": {probe: {lang: {"gap", "median_gap", "preferred", "n"}}}, "examples": [...]}."""
+    """{"summary": {probe: {lang: {"gap", "median_gap", "preferred", "read_gap", "read_preferred", "n"}}},
+    "examples": [{"probe", "lang", "prompt", "counterfactual", "gap", "read_gap"}, ...]}."""
     if n < 1 or batch_size < 1:
         raise MarsError(f"need n >= 1 and batch_size >= 1, got {n} and {batch_size}")
     device = next(model.parameters()).device
@@ -94,7 +108,7 @@ def run_prompt_probe(model, text_tokenizer, vq, n: int = 48, langs: tuple[str, .
         summary[probe] = {}
         for lang in langs:
             triples = probe_prompts(probe, lang, n, seed)
-            gaps = []
+            gaps, read_gaps = [], []
             for start in range(0, n, batch_size):
                 chunk = triples[start:start + batch_size]
                 images = torch.stack([pil_to_tensor(render_scene(s, size)) for s, _, _ in chunk]).to(device)
@@ -102,9 +116,13 @@ def run_prompt_probe(model, text_tokenizer, vq, n: int = 48, langs: tuple[str, .
                 own = _image_nll(model, text_tokenizer, [t[1] for t in chunk], codes)
                 other = _image_nll(model, text_tokenizer, [t[2] for t in chunk], codes)
                 gaps.append(other - own)
-            gap = torch.cat(gaps)
+                read_gaps.append(_caption_log_likelihood(model, text_tokenizer, [t[1] for t in chunk], codes)
+                                 - _caption_log_likelihood(model, text_tokenizer, [t[2] for t in chunk], codes))
+            gap, read_gap = torch.cat(gaps), torch.cat(read_gaps)
             summary[probe][lang] = {"gap": float(gap.mean()), "median_gap": float(gap.median()),
-                                    "preferred": float((gap > 0).float().mean()), "n": n}
-            examples += [{"probe": probe, "lang": lang, "prompt": t[1], "counterfactual": t[2], "gap": float(g)}
-                         for t, g in zip(triples, gap)]
+                                    "preferred": float((gap > 0).float().mean()),
+                                    "read_gap": float(read_gap.mean()),
+                                    "read_preferred": float((read_gap > 0).float().mean()), "n": n}
+            examples += [{"probe": probe, "lang": lang, "prompt": t[1], "counterfactual": t[2], "gap": float(g),
+                          "read_gap": float(r)} for t, g, r in zip(triples, gap, read_gap)]
     return {"summary": summary, "examples": examples}

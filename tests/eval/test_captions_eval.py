@@ -8,8 +8,9 @@ import pytest
 
 from mars.cli import main
 from mars.data.checker import detect_objects
-from mars.data.shapes import COLOURS_ZH, SHAPES_ZH, scene_for_index
-from mars.eval.captions_eval import run_captions_eval
+from mars.data.captions import canonical_caption
+from mars.data.shapes import COLOURS_ZH, INVERSE_RELATION, SHAPES_ZH, Scene, scene_for_index
+from mars.eval.captions_eval import run_captions_eval, states_true_relation
 
 
 def describe(images, lang):
@@ -47,6 +48,45 @@ def test_captioner_naming_one_object_scores_the_share_of_single_object_scenes(tm
     assert result["summary"]["en"]["single"] == 1.0 and result["summary"]["en"]["two"] == 0.0
     wrong = next(r for r in result["captions"] if not r["correct"])
     assert wrong["named"].startswith("1 x ") and wrong["shown"] != wrong["named"]
+
+
+def first_position_scene(seed: int = 0) -> Scene:
+    return next(s for s in (scene_for_index(seed, i, "eval") for i in range(100)) if s.category == "position")
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_a_stated_relation_counts_when_it_holds_in_either_order(lang):
+    scene = first_position_scene()
+    a, b = scene.objects
+    inverse = INVERSE_RELATION[scene.relation]
+    assert states_true_relation(canonical_caption(scene, lang), scene)
+    assert states_true_relation(canonical_caption(Scene((b, a), "position", inverse), lang), scene)  # "B rel' A"
+    assert not states_true_relation(canonical_caption(Scene((a, b), "position", inverse), lang), scene)
+    assert not states_true_relation(canonical_caption(Scene((a, b), "two", None), lang), scene)  # no relation
+    assert not states_true_relation("a drawing of shapes", scene)
+
+
+def test_relation_diagnostic_separates_captioners_the_score_cannot(tmp_path):
+    n, scenes = 40, [scene_for_index(0, i, "eval") for i in range(40)]
+
+    def captioner(flip):  # canonical captions of the true scenes, position relations flipped or not
+        done = []
+
+        def caption(images, lang):
+            texts = []
+            for scene in scenes[len(done):len(done) + len(images)]:
+                if flip and scene.category == "position":
+                    scene = Scene(scene.objects, "position", INVERSE_RELATION[scene.relation])
+                texts.append(canonical_caption(scene, lang))
+            done.extend(images)
+            return texts
+        return caption
+
+    right = run_captions_eval(captioner(False), tmp_path / "right", n=n, langs=("en",), batch_size=7)
+    wrong = run_captions_eval(captioner(True), tmp_path / "wrong", n=n, langs=("en",), batch_size=7)
+    assert right["summary"] == wrong["summary"] and right["summary"]["en"]["all"] == 1.0  # the spec's rule
+    assert right["relations"] == {"en": 1.0} and wrong["relations"] == {"en": 0.0}
+    assert sum("true_relation" in r for r in wrong["captions"]) == sum(s.category == "position" for s in scenes) > 0
 
 
 def test_captions_cli_with_tiny_model(tiny_model_dir, tmp_path, capsys):

@@ -15,6 +15,7 @@ from mars.data.sequences import build_t2i, collate_t2i
 from mars.data.shapes import INVERSE_RELATION, render_scene
 from mars.eval.prompt_probe import PROBES, probe_prompts, run_prompt_probe
 from mars.pipeline import MarsPipeline
+from mars.rerank import caption_ids, caption_log_likelihood
 from mars.train.losses import t2i_loss
 
 
@@ -58,12 +59,19 @@ def test_gaps_are_differences_of_full_forward_likelihoods(tiny_model_dir):
             with torch.no_grad():
                 return float(t2i_loss(pipe.model, batch, prefix_no_grad=False, vocab="visual")[0])
 
+        def read(prompt):  # the prompt as the image's caption, one row
+            return float(caption_log_likelihood(pipe.model, codes[None], *caption_ids(pipe.tokenizer, prompt))[0])
+
         assert example["counterfactual"] == other
         assert example["gap"] == pytest.approx(nll(other) - nll(own), rel=1e-4, abs=1e-4)
+        assert example["read_gap"] == pytest.approx(read(own) - read(other), rel=1e-4, abs=1e-4)
     summary = result["summary"]["relation"]["en"]
     gaps = [e["gap"] for e in result["examples"]]
+    read_gaps = [e["read_gap"] for e in result["examples"]]
     assert summary["gap"] == pytest.approx(sum(gaps) / 3, rel=1e-5)
     assert summary["preferred"] == pytest.approx(sum(g > 0 for g in gaps) / 3)
+    assert summary["read_gap"] == pytest.approx(sum(read_gaps) / 3, rel=1e-5, abs=1e-6)
+    assert summary["read_preferred"] == pytest.approx(sum(g > 0 for g in read_gaps) / 3)
 
 
 def test_cli_prints_every_probe_and_writes_json(tiny_model_dir, tmp_path, capsys):
@@ -71,6 +79,6 @@ def test_cli_prints_every_probe_and_writes_json(tiny_model_dir, tmp_path, capsys
     assert main(["eval", "prompt-probe", "--model", str(tiny_model_dir), "--n", "2", "--lang", "zh",
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert all(probe in printed for probe in PROBES)
+    assert all(probe in printed for probe in PROBES) and "reads: gap" in printed
     saved = json.loads(out.read_text(encoding="utf-8"))
     assert set(saved["summary"]) == set(PROBES) and len(saved["examples"]) == 2 * len(PROBES)
