@@ -1,8 +1,9 @@
 """Best-of-N by self-captioning: the model judges its own candidate images by reading them back.
 
-A MARS model is also a captioner (image-to-text, stage I), and it reads an image more reliably
-than it draws one: the built-in model names the relation of two objects it sees correctly in 92-100 %
-of its captions but draws it right in 16-26 % of its images (docs/shapes-demo.md). So for each
+A MARS model is also a captioner (image-to-text, stage I), and it reads some facts more reliably
+than it draws them: the built-in model, reading, prefers the true caption to one with the sizes or
+the colour-shape binding exchanged in 90-100 % of scenes, but draws the binding of two objects right
+in about half of its images (`mars eval prompt-probe`, docs/shapes-demo.md). So for each
 requested image, `MarsPipeline.generate(..., rerank=N)` draws N candidates and keeps the one under
 which the prompt, read as that image's caption, is most likely:
 
