@@ -47,6 +47,9 @@ class SemVIEConfig:
     image_downsample: int = 16  # VQ downsampling factor: 256 px -> 16 x 16 codes
     text_tokenizer: str = "qwen"  # "qwen", "bytes", or "hf" (tokenizer.json in the model folder)
     init_std: float = 0.02
+    # "1d": one RoPE position per token, the image a raster of grid**2 positions (the paper's model);
+    # "2d": image codes rotate by their row and column (even / odd frequency pairs), text as "1d"
+    image_positions: str = "1d"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -70,6 +73,8 @@ class SemVIEConfig:
             raise MarsError(f"max_seq_len {self.max_seq_len} cannot hold an image of {self.image_tokens} tokens and a prompt")
         if self.text_tokenizer not in ("qwen", "bytes", "hf"):
             raise MarsError(f"text_tokenizer must be qwen, bytes or hf, got {self.text_tokenizer!r}")
+        if self.image_positions not in ("1d", "2d"):
+            raise MarsError(f"image_positions must be 1d or 2d, got {self.image_positions!r}")
 
     @property
     def vocab_size(self) -> int:

@@ -233,6 +233,7 @@ def cache_rows(cache: KVCache, rows: slice) -> KVCache:
     view.k = [k[rows] for k in cache.k]
     view.v = [v[rows] for v in cache.v]
     view.pad_lengths = cache.pad_lengths[rows]
+    view.image_start = cache.image_start[rows]
     return view
 
 
@@ -242,6 +243,7 @@ def repeat_rows(cache: KVCache, copies: int) -> KVCache:
     repeated.k = [k.repeat_interleave(copies, dim=0) for k in cache.k]
     repeated.v = [v.repeat_interleave(copies, dim=0) for v in cache.v]
     repeated.pad_lengths = cache.pad_lengths.repeat_interleave(copies)
+    repeated.image_start = cache.image_start.repeat_interleave(copies)
     return repeated
 
 
@@ -388,6 +390,10 @@ def _decode_image(model, prompts, generators, num_tokens, sampling, use_cache, c
     """
     if num_tokens < 1:
         raise MarsError(f"num_tokens must be >= 1, got {num_tokens}")
+    if model.config.image_positions == "2d" and num_tokens > model.config.image_tokens:
+        raise MarsError(f"this model places image codes on a {model.config.image_grid} x {model.config.image_grid} "
+                        f"grid (image_positions 2d): it draws at most {model.config.image_tokens} codes, "
+                        f"not {num_tokens}")
     vocab, B = model.vocab, len(prompts)
     guided = sampling.guided
     rows = image_rows(model, prompts, guided, negative_prompts)

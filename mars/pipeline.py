@@ -338,6 +338,9 @@ class MarsPipeline:
         f = config.image_downsample
         if isinstance(size, bool) or not isinstance(size, int) or size < f or size % f:
             raise MarsError(f"image_size must be a positive multiple of {f} (the VQ-GAN's downsampling), got {size!r}")
+        if config.image_positions == "2d" and size != config.image_size:
+            raise MarsError(f"this model places image codes on a {config.image_grid} x {config.image_grid} grid "
+                            f"(image_positions 2d): it draws {config.image_size} px images only, not {size}")
         return size // f
 
     def encode_negative_prompts(self, negative: str | Sequence[str], n: int, extra_tokens: int) -> list[list[int]]:

@@ -28,6 +28,12 @@ def encode(prompts):
     return [TOK.encode(p) for p in prompts]
 
 
+@pytest.fixture(params=["1d", "2d"])
+def tiny_model(request, tiny_builders):
+    """Every decoding test runs with 1-D and with 2-D image positions (`image_positions`)."""
+    return tiny_builders.model(image_positions=request.param)
+
+
 # --- reference implementations (plain numpy / full forward passes) -----------------------------
 
 
@@ -393,10 +399,11 @@ def test_compiled_decode_step_equals_eager(tiny_model):
 
 
 @pytest.mark.gpu
-def test_cuda_cached_uncached_and_cuda_graph_agree(tiny_builders):
+@pytest.mark.parametrize("image_positions", ["1d", "2d"])
+def test_cuda_cached_uncached_and_cuda_graph_agree(tiny_builders, image_positions):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    model = tiny_builders.model().to("cuda")  # fp32: batch and graph equalities are exact there
+    model = tiny_builders.model(image_positions=image_positions).to("cuda")  # fp32: equalities are exact there
     prompts = encode(PROMPTS)
     greedy = SampleConfig(temperature=0.0, cfg_scale=3.0)
     plain, plain_logits = generate_image_tokens(model, prompts, None, 16, greedy, use_cache=False, return_logits=True)

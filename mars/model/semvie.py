@@ -54,14 +54,22 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE tables for integer `positions` (B, T) -> (cos, signed sin), two (B, 1, T, head_dim)
-    tensors computed in fp32 and cast to `dtype` (the activations' type, as HF casts them).
+    """RoPE tables for integer `positions` (B, T), or (B, T, 2) (row, column) pairs, -> (cos, signed
+    sin), two (B, 1, T, head_dim) tensors computed in fp32 and cast to `dtype` (the activations'
+    type, as HF casts them).
 
+    With pairs, even frequency pairs rotate by the row and odd ones by the column, so each axis gets
+    high and low frequencies; a token whose row equals its column rotates exactly as in 1-D.
     The signed sin is sin with its first half negated, so that `apply_rope` can rotate with one
     roll. Computed on the fly (no buffers), so a model built on the meta device needs no re-init.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    if positions.dim() == 3:
+        by_column = torch.arange(head_dim // 2, device=positions.device) % 2 == 1  # (D/2,)
+        positions = torch.where(by_column, positions[..., 1:], positions[..., :1])  # (B, T, D/2)
+    else:
+        positions = positions[..., None]  # (B, T, 1)
+    freqs = positions.float() * inv_freq  # (B, T, D/2)
     cos = torch.cat([freqs, freqs], dim=-1).cos()  # (B, T, D)
     signed_sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
     return cos[:, None].to(dtype), signed_sin[:, None].to(dtype)
@@ -73,11 +81,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+NO_IMAGE = 2**40  # the image start of a row that holds no <img>: beyond any position
+
+
+def image_positions_2d(positions: torch.Tensor, image_start: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, T) 1-D positions and (B,) position of each row's `<img>` -> (B, T, 2) (row, column) positions.
+
+    Tokens up to `<img>` keep p on both axes; code k of the image (raster order) sits at
+    (s + 1 + k // grid, s + 1 + k % grid); tokens after the image continue from s + 1 + grid on both
+    axes, so an image spans grid positions per axis instead of grid**2 (as in Qwen2-VL's M-RoPE).
+    One image per sequence.
+    """
+    start = image_start[:, None]  # (B, 1)
+    code = positions - start - 1  # (B, T): index of the code at each position, if it is one
+    n = grid * grid
+    text = torch.where(code >= n, positions - n + grid, positions)
+    inside = (code >= 0) & (code < n)
+    row = torch.where(inside, start + 1 + torch.div(code, grid, rounding_mode="floor"), text)
+    column = torch.where(inside, start + 1 + torch.remainder(code, grid), text)
+    return torch.stack([row, column], dim=-1)
+
+
 class KVCache:
     """Static, pre-allocated keys and values of every layer, for a batch of left-padded sequences.
 
     `pad_lengths[b]` leading slots of row b are padding: they are never attended to, and the
-    positions of row b start at 0 after them.
+    positions of row b start at 0 after them. `image_start[b]` is the position of row b's `<img>`
+    once a forward has written it (NO_IMAGE before): 2-D image positions need it in decode steps.
     """
 
     def __init__(
@@ -98,6 +128,7 @@ class KVCache:
         if pad_lengths is None:
             pad_lengths = torch.zeros(batch_size, dtype=torch.long)
         self.pad_lengths = pad_lengths.to(device=device, dtype=torch.long)  # (B,)
+        self.image_start = torch.full((batch_size,), NO_IMAGE, device=device, dtype=torch.long)  # (B,)
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, Hkv, T, D) at slots `input_pos` (T,); return the full (B, Hkv, S, D) cache."""
@@ -338,11 +369,25 @@ class SemVIE(nn.Module):
             positions = (positions - pad_lengths[:, None]).clamp(min=0)
         if pad_lengths is not None:  # always set with a cache
             attn_mask = self._attention_mask(input_pos, key_slots, pad_lengths)
+        if self.config.image_positions == "2d":
+            start = self._image_start(input_ids, positions, kv_cache)
+            positions = image_positions_2d(positions, start, self.config.image_grid)  # (B, T, 2)
         x = self.embed.embed(input_ids)  # (B, T, C)
         rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.layers:
             x = block(x, image_mask, rope, attn_mask, kv_cache, input_pos)
         return self.norm(x)
+
+    def _image_start(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache | None):
+        """(B,) position of each row's `<img>`: in this input, else remembered by the cache, else NO_IMAGE.
+        A cache remembers it (in place, without a host sync: CUDA graphs replay this)."""
+        is_boi = input_ids == self.vocab.boi_id  # (B, T)
+        here = positions.gather(1, is_boi.long().argmax(1, keepdim=True)).squeeze(1)  # first <img>, if any
+        before = kv_cache.image_start if kv_cache is not None else torch.full_like(here, NO_IMAGE)
+        start = torch.where(is_boi.any(1), here, before)
+        if kv_cache is not None:
+            kv_cache.image_start.copy_(start)
+        return start
 
     @staticmethod
     def _attention_mask(query_slots: torch.Tensor, key_slots: torch.Tensor, pad_lengths: torch.Tensor):

@@ -50,7 +50,8 @@ class TrainConfig:
     out_dir: str = "runs/train"
     init_from: str | None = None  # a MARS model folder (`mars init` output or a previous stage's final/)
     model: str | dict[str, Any] | None = None  # preset name or mapping: build from scratch (stage 0, debug)
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # only image_size / max_seq_len (stage 3)
+    # only image_size / max_seq_len (stage 3) and image_positions (2d: codes on a grid; no weights change)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     init_visual: bool = False  # re-copy the visual side from the text side after loading
     tokenizer: str | None = None  # text tokenizer for a scratch model (default: the config's kind)
     vq: str | None = None  # VQ-GAN folder copied into final/vq (default: init_from/vq)
@@ -104,9 +105,10 @@ class TrainConfig:
             raise MarsError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if (self.init_from is None) == (self.model is None):
             raise MarsError("set exactly one of init_from (a model folder) or model (a preset to build from scratch)")
-        unknown = set(self.model_overrides) - {"image_size", "max_seq_len"}
+        unknown = set(self.model_overrides) - {"image_size", "max_seq_len", "image_positions"}
         if unknown:
-            raise MarsError(f"model_overrides may only change image_size and max_seq_len, got {sorted(unknown)}")
+            raise MarsError(f"model_overrides may only change image_size, max_seq_len and image_positions, "
+                            f"got {sorted(unknown)}")
         allowed = ("lm",) if self.stage == "stage0" else ("t2i", "i2t")
         if not self.tasks or any(t not in allowed or w <= 0 for t, w in self.tasks.items()):
             raise MarsError(f"{self.stage} tasks must be positive weights over {', '.join(allowed)}, got {self.tasks}")

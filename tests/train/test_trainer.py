@@ -18,6 +18,13 @@ def _groups(model: SemVIE) -> dict[str, dict[str, torch.Tensor]]:
     return {g: {k: p.detach().clone() for k, p in params.items()} for g, params in model.parameter_groups().items()}
 
 
+def test_a_1d_model_continues_with_2d_image_positions(model_copy, tmp_path):
+    final, metrics = run_stage("stage2", tmp_path / "run", "max_steps=2", "save_every=0", f"init_from={model_copy}",
+                               "model_overrides={image_positions: 2d}")
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert load_model_config(final).image_positions == "2d"  # the saved model keeps its positions
+
+
 @pytest.mark.parametrize("stage", ["stage0", "stage1", "stage2", "stage3"])
 def test_every_stage_trains_a_few_steps(stage, model_copy, tmp_path):
     init = [f"init_from={model_copy}"] if stage in ("stage2", "stage3") else []
