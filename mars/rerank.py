@@ -60,18 +60,6 @@ def check_fits(model: SemVIE, tokenizer: TextTokenizer, prompts: list[str], imag
                             f"need {length} tokens, the model's context holds {model.config.max_seq_len}")
 
 
-def _tail_log_likelihood(model: SemVIE, ids: torch.Tensor, pad: torch.Tensor | None, n: int,
-                         rows: slice | None = None) -> torch.Tensor:
-    """Sum of log p(token) over the last `n` tokens of each sequence ids (N, L) -> (N,), the
-    probabilities normalised over the head's `rows` (None: the whole vocabulary; the ids are then
-    counted from the slice's start)."""
-    inputs = ids[:, :-1]
-    hidden = model.forward_hidden(inputs, model.image_mask(inputs), pad_lengths=pad)[:, -n:]  # (N, n, C)
-    log_probs = F.log_softmax(model.logits(hidden, rows=rows).float(), dim=-1)  # (N, n, V or K)
-    targets = ids[:, -n:] - (rows.start if rows is not None else 0)  # (N, n)
-    return log_probs.gather(-1, targets[..., None]).squeeze(-1).sum(-1)
-
-
 @torch.inference_mode()
 def caption_log_likelihoods(model: SemVIE, codes: torch.Tensor,
                             captions: list[tuple[list[int], list[int]]]) -> torch.Tensor:
@@ -131,7 +119,11 @@ def image_log_likelihood(model: SemVIE, prompts: list[list[int]], codes: torch.T
     image = vocab.codes_to_ids(codes.flatten().cpu()).tolist()
     device, _ = model_device_dtype(model)
     ids, pad = left_pad([[*prompt, vocab.boi_id, *image] for prompt in prompts], device)  # (N, L)
-    return _tail_log_likelihood(model, ids, pad, len(image), rows=vocab.image_ids)
+    inputs, n = ids[:, :-1], len(image)
+    hidden = model.forward_hidden(inputs, model.image_mask(inputs), pad_lengths=pad)[:, -n:]  # (N, n, C)
+    log_probs = F.log_softmax(model.logits(hidden, rows=vocab.image_ids).float(), dim=-1)  # (N, n, K)
+    targets = ids[:, -n:] - vocab.image_ids.start  # (N, n) code indices
+    return log_probs.gather(-1, targets[..., None]).squeeze(-1).sum(-1)
 
 
 def best_caption(model: SemVIE, candidates: list[list[int]], codes: torch.Tensor) -> list[int]:
