@@ -29,10 +29,12 @@ number of row i comes from generator i, so an image is the same whether made alo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -43,6 +45,7 @@ from mars.model.semvie import KVCache, SemVIE
 
 # Instruction that follows `</img>` in image-to-text sequences: the strings training used.
 CAPTION_INSTRUCTIONS = {"en": INSTRUCTION_EN, "zh": INSTRUCTION_ZH}
+T = TypeVar("T")
 PAD_ID = 0  # id written into left padding; padded slots are never attended to
 
 Generators = list[torch.Generator] | None
@@ -95,6 +98,11 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         check_cfg_scale(self.cfg_scale)
         check_plausibility(self.plausibility)
+
+
+def with_given(config: T, **settings) -> T:
+    """A copy of a settings dataclass with the given (non-None) settings replaced, validated again."""
+    return dataclasses.replace(config, **{k: v for k, v in settings.items() if v is not None})
 
 
 def check_cfg_scale(cfg_scale: float) -> None:

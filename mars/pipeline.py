@@ -36,6 +36,7 @@ from mars.generate import (
     generate_image_tokens,
     generate_text,
     make_generators,
+    with_given,
 )
 from mars.model.semvie import SemVIE
 from mars.model_dir import DEFAULT_MODEL, GENERATION_CONFIG, VQ_DIR, load_model_text_tokenizer, resolve_model_path
@@ -130,14 +131,12 @@ class MarsPipeline:
     def sampling_settings(self, cfg_scale: float | None = None, top_k: int | None = None,
                           top_p: float | None = None, temperature: float | None = None) -> dict[str, float | int]:
         """The settings a generate call uses: the given ones, the model's defaults for the rest."""
-        given = {"cfg_scale": cfg_scale, "top_k": top_k, "top_p": top_p, "temperature": temperature}
-        chosen = dataclasses.replace(self.generation_config, **{k: v for k, v in given.items() if v is not None})
-        return dataclasses.asdict(chosen)
+        return dataclasses.asdict(with_given(self.generation_config, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
+                                             temperature=temperature))
 
     def caption_settings(self, cfg_scale: float | None = None, plausibility: float | None = None) -> CaptionConfig:
         """The caption guidance a caption call uses: the given settings, the model's defaults for the rest."""
-        given = {"cfg_scale": cfg_scale, "plausibility": plausibility}
-        return dataclasses.replace(self.caption_config, **{k: v for k, v in given.items() if v is not None})
+        return with_given(self.caption_config, cfg_scale=cfg_scale, plausibility=plausibility)
 
     @property
     def device(self) -> torch.device:

@@ -236,13 +236,12 @@ def run_shapes(args: argparse.Namespace) -> int:
 
 def run_captions(args: argparse.Namespace) -> int:
     from mars.eval.captions_eval import RESULTS_FILE, relations_line, run_captions_eval, summary_table
-    from mars.generate import CaptionConfig
+    from mars.generate import CaptionConfig, with_given
 
     if args.n < 1 or args.rerank < 1:
         raise MarsError(f"--n and --rerank must be >= 1, got {args.n} and {args.rerank}")
     # bad values refused before the model loads
-    CaptionConfig(**{k: v for k, v in (("cfg_scale", args.cfg_scale), ("plausibility", args.plausibility))
-                     if v is not None})
+    with_given(CaptionConfig(), cfg_scale=args.cfg_scale, plausibility=args.plausibility)
     pipe, _ = _load_pipeline(args)
     guidance = pipe.caption_settings(args.cfg_scale, args.plausibility)
     results = run_captions_eval(lambda images, lang: pipe.caption(images, lang=lang, cfg_scale=guidance.cfg_scale,
