@@ -17,7 +17,10 @@ Layout of the output folder:
 The diagnostics say how far a model is from passing when it does not: per language, the fraction
 of images with as many objects as asked, with every asked colour among the detected objects, and
 with every asked object (colour and shape, as often as asked) among them, extra objects allowed;
-plus the median number of objects per image.
+plus the median number of objects per image. For `position` they also say which half of a relation
+a model gets: of the position images where each named object is found exactly once, the fraction
+with the pair on the asked axis (side by side or stacked), and of those, the fraction in the asked
+order (which object is left or on top); placing the pair at random scores about 0.5 on both.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from tqdm.auto import tqdm
 
 from mars.data.captions import LANGS, canonical_prompts, parse_canonical
 from mars.data.checker import check_prompt
-from mars.data.shapes import EVAL_CATEGORIES
+from mars.data.shapes import EVAL_CATEGORIES, RELATIONS
 from mars.errors import MarsError
 from mars.eval.io import format_table, write_json_atomic
 from mars.eval.runner import WHOLE, GenerateFn, ImageJob, Shard, run_image_jobs
@@ -95,8 +98,8 @@ def score_items(out_dir: str | Path, items: list[ShapesItem]) -> dict:
 
 def diagnostics(records: list[dict]) -> dict[str, dict[str, float]]:
     """Partial credit per language: {"right_count", "colours_present", "objects_present": fractions
-    of images; "median_objects"}. An image passes only with all of these and more (exact multiset,
-    relations), so these move first while a model learns."""
+    of images; "median_objects"; the position_* fractions of `position_diagnostics`}. An image passes
+    only with all of these and more (exact multiset, relations), so these move first while a model learns."""
     out = {}
     for lang in dict.fromkeys(r["lang"] for r in records):
         rows = [r for r in records if r["lang"] == lang]
@@ -109,15 +112,55 @@ def diagnostics(records: list[dict]) -> dict[str, dict[str, float]]:
             objects += not (Counter(wanted) - seen)  # every asked object, extras allowed
         out[lang] = {"right_count": right_count / len(rows), "colours_present": colours / len(rows),
                      "objects_present": objects / len(rows),
-                     "median_objects": float(statistics.median(len(r["detected"]) for r in rows))}
+                     "median_objects": float(statistics.median(len(r["detected"]) for r in rows)),
+                     **position_diagnostics([r for r in rows if r["category"] == "position"])}
     return out
+
+
+def drawn_pair(record: dict) -> tuple[dict, dict] | None:
+    """The detected objects A and B of a position record, when each named object is found exactly once."""
+    found = []
+    for pair in parse_canonical(record["prompt"]).objects:
+        matches = [o for o in record["detected"] if (o["colour"], o["shape"]) == pair]
+        if len(matches) != 1:
+            return None
+        found.append(matches[0])
+    return found[0], found[1]
+
+
+def position_diagnostics(records: list[dict]) -> dict[str, float | None]:
+    """{"position_pairs": fraction of position images with each named object exactly once;
+    "position_axis": of those, the fraction whose larger centre offset lies on the asked axis;
+    "position_order": of those on the asked axis, the fraction in the asked order}. None where the
+    fraction has no images to count."""
+    pairs = on_axis = in_order = 0
+    for record in records:
+        drawn = drawn_pair(record)
+        if drawn is None:
+            continue
+        a, b = drawn
+        axis, sign = RELATIONS[parse_canonical(record["prompt"]).relation]
+        offset = (b["cx"] - a["cx"], b["cy"] - a["cy"])  # d = centre(B) - centre(A), as in the spec
+        pairs += 1
+        if abs(offset[axis]) > abs(offset[1 - axis]):
+            on_axis += 1
+            in_order += sign * offset[axis] > 0
+    return {"position_pairs": pairs / len(records) if records else None,
+            "position_axis": on_axis / pairs if pairs else None,
+            "position_order": in_order / on_axis if on_axis else None}
 
 
 def diagnostics_table(diagnostics_by_lang: dict[str, dict[str, float]]) -> str:
     """Diagnostics as rows, languages as columns."""
     langs = list(diagnostics_by_lang)
-    names = ("right_count", "colours_present", "objects_present", "median_objects")
-    return format_table(["diagnostic", *langs], [[n] + [diagnostics_by_lang[lang][n] for lang in langs] for n in names])
+    names = ("right_count", "colours_present", "objects_present", "median_objects",
+             "position_pairs", "position_axis", "position_order")
+    return format_table(["diagnostic", *langs],
+                        [[n] + [_cell(diagnostics_by_lang[lang].get(n)) for lang in langs] for n in names])
+
+
+def _cell(value: float | None) -> float | str:
+    return "-" if value is None else value
 
 
 def summary_table(summary: dict[str, dict[str, float]]) -> str:

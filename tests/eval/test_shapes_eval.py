@@ -9,9 +9,9 @@ from PIL import Image
 
 from mars.cli import main
 from mars.data.captions import parse_canonical
-from mars.data.shapes import EVAL_CATEGORIES, Scene, ShapeObject, render_scene
+from mars.data.shapes import EVAL_CATEGORIES, INVERSE_RELATION, Scene, ShapeObject, render_scene
 from mars.errors import MarsError
-from mars.eval.shapes_eval import run_shapes_eval, shapes_items
+from mars.eval.shapes_eval import position_diagnostics, run_shapes_eval, shapes_items
 
 # Where a "perfect generator" puts the objects of a prompt (centres px@256, size 60, boxes apart).
 CORNERS = [(64, 64), (192, 64), (64, 192), (192, 192)]
@@ -75,6 +75,7 @@ def test_perfect_generator_scores_one_and_blank_scores_zero(tmp_path):
         partial = perfect["diagnostics"][lang]
         assert partial["right_count"] == partial["colours_present"] == partial["objects_present"] == 1.0
         assert partial["median_objects"] >= 1
+        assert partial["position_pairs"] == partial["position_axis"] == partial["position_order"] == 1.0
 
     blank = run_shapes_eval(FakeGenerator(lambda p: Image.new("RGB", (256, 256), "white")), tmp_path / "blank",
                             n_per_category=3, seed=1)
@@ -82,7 +83,8 @@ def test_perfect_generator_scores_one_and_blank_scores_zero(tmp_path):
         assert blank["summary"][lang] == {**{c: 0.0 for c in EVAL_CATEGORIES}, "overall": 0.0}
     assert all("found 0" in r["reason"] for r in blank["images"])
     assert blank["diagnostics"]["en"] == {"right_count": 0.0, "colours_present": 0.0, "objects_present": 0.0,
-                                          "median_objects": 0.0}
+                                          "median_objects": 0.0, "position_pairs": 0.0,
+                                          "position_axis": None, "position_order": None}
 
     # the JSON holds every image's verdict, and the saved image is the one judged
     saved = json.loads((tmp_path / "perfect" / "results.json").read_text(encoding="utf-8"))
@@ -109,6 +111,43 @@ def test_one_wrong_category_shows_in_its_row_only(tmp_path):
     assert partial["right_count"] == partial["objects_present"] == pytest.approx(5 / 6)
 
 
+def drawn_as(relation_of):
+    """A generator that draws a position prompt's pair as `relation_of(asked relation)` places it."""
+    def draw(prompt):
+        parsed = parse_canonical(prompt)
+        if parsed.category != "position":
+            return perfect_picture(prompt)
+        centres = RELATION_CENTRES[relation_of(parsed.relation)]
+        objects = tuple(ShapeObject(c, s, x, y, 60) for (c, s), (x, y) in zip(parsed.objects, centres))
+        return render_scene(Scene(objects, "position", parsed.relation))
+    return draw
+
+
+def test_position_diagnostics_tell_the_axis_from_the_order(tmp_path):
+    reversed_ = run_shapes_eval(FakeGenerator(drawn_as(INVERSE_RELATION.get)), tmp_path / "reversed",
+                                n_per_category=4, seed=2)
+    across = {"left of": "above", "right of": "below", "above": "left of", "below": "right of"}
+    crossed = run_shapes_eval(FakeGenerator(drawn_as(across.get)), tmp_path / "crossed", n_per_category=4, seed=2)
+    for lang in ("en", "zh"):
+        assert reversed_["summary"][lang]["position"] == crossed["summary"][lang]["position"] == 0.0
+        # the right axis in the wrong order, then the wrong axis (no order to judge)
+        assert {k: reversed_["diagnostics"][lang][k] for k in ("position_pairs", "position_axis", "position_order")} \
+            == {"position_pairs": 1.0, "position_axis": 1.0, "position_order": 0.0}
+        assert {k: crossed["diagnostics"][lang][k] for k in ("position_pairs", "position_axis", "position_order")} \
+            == {"position_pairs": 1.0, "position_axis": 0.0, "position_order": None}
+
+
+def test_position_diagnostics_count_only_images_with_each_named_object_once():
+    record = {"prompt": "a red circle to the left of a blue square", "detected": [
+        {"colour": "red", "shape": "circle", "cx": 60.0, "cy": 128.0},
+        {"colour": "blue", "shape": "square", "cx": 190.0, "cy": 120.0}]}
+    doubled = {**record, "detected": record["detected"] + [{**record["detected"][0], "cy": 40.0}]}
+    missing = {**record, "detected": record["detected"][:1]}
+    assert position_diagnostics([record, doubled, missing]) == {
+        "position_pairs": pytest.approx(1 / 3), "position_axis": 1.0, "position_order": 1.0}
+    assert position_diagnostics([]) == {"position_pairs": None, "position_axis": None, "position_order": None}
+
+
 def test_resume_generates_only_missing_images(tmp_path):
     first = FakeGenerator(perfect_picture)
     run_shapes_eval(first, tmp_path, n_per_category=2, langs=("en",), batch_size=5)
@@ -129,7 +168,7 @@ def test_shapes_cli_with_tiny_model(tiny_model_dir, tmp_path, capsys):
             "--out-dir", str(out), "--batch-size", "6", "--device", "cpu"]
     assert main(args) == 0
     table = capsys.readouterr().out
-    assert "overall" in table and "novel" in table
+    assert "overall" in table and "novel" in table and "position_order" in table
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert len(results["images"]) == len(EVAL_CATEGORIES)
     assert set(results["summary"]["en"]) == {*EVAL_CATEGORIES, "overall"}
