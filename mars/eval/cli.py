@@ -136,10 +136,10 @@ def add_commands(subparsers) -> None:
     p = verbs.add_parser("prompt-probe", help="which parts of a prompt a model reads, by likelihood",
                          description="For held-out MARS-Shapes scenes, score the image's codes after its canonical "
                                      "prompt and after a counterfactual one that changes one fact (colour, count, "
-                                     "relation, size, binding), and both prompts read as the image's caption. "
-                                     "Prints, for drawing and for reading, the mean gap in nats (0 = the model "
-                                     "ignores that fact) and the fraction of scenes whose own prompt wins (0.5 = "
-                                     "chance). No sampling: seconds on a CPU.")
+                                     "relation, its axis, size, binding), and both prompts read as the image's "
+                                     "caption. Prints, for drawing and for reading, the mean gap in nats (0 = the "
+                                     "model ignores that fact) and the fraction of scenes whose own prompt wins (0.5 "
+                                     "= chance). No sampling: seconds on a CPU.")
     _add_model_args(p)
     p.add_argument("--n", type=int, default=48, help="scenes per probe and language (default 48)")
     p.add_argument("--seed", type=int, default=0, help="scene seed (default 0)")

@@ -6,6 +6,8 @@ and after a counterfactual prompt that changes one fact:
     colour    single objects: the colour replaced      "a red circle" -> "a blue circle"
     count     counting: the number replaced            "three red stars" -> "four red stars"
     relation  position: the relation reversed          "A to the left of B" -> "A to the right of B"
+    axis      position: the relation turned to the     "A to the left of B" -> "A above B"
+              other axis (A still first)
     layout    position: the relation dropped           "A to the left of B" -> "A and B"
     size      size: the size words exchanged           "a small A and a large B" -> "a large A and a small B"
     binding   two (colours and shapes both differ):    "a red circle and a blue square" ->
@@ -48,6 +50,9 @@ PROBES: dict[str, tuple[str, dict[str, list[list[str]]]]] = {
     "relation": ("position", {
         "en": [[RELATION_EN["left of"], RELATION_EN["right of"]], [RELATION_EN["above"], RELATION_EN["below"]]],
         "zh": [[RELATION_ZH["left of"], RELATION_ZH["right of"]], [RELATION_ZH["above"], RELATION_ZH["below"]]]}),
+    "axis": ("position", {
+        "en": [[RELATION_EN["left of"], RELATION_EN["above"]], [RELATION_EN["right of"], RELATION_EN["below"]]],
+        "zh": [[RELATION_ZH["left of"], RELATION_ZH["above"]], [RELATION_ZH["right of"], RELATION_ZH["below"]]]}),
     "layout": ("position", {}),  # not a swap: the `two` caption of the same objects
     "size": ("size", {"en": [["small", "large"]], "zh": [["小的", "大的"]]}),
     "binding": ("two", {"en": [list(SHAPES)], "zh": [list(SHAPES_ZH.values())]}),

@@ -12,7 +12,7 @@ from mars.cli import main
 from mars.data.captions import parse_canonical
 from mars.data.images import pil_to_tensor
 from mars.data.sequences import build_t2i, collate_t2i
-from mars.data.shapes import INVERSE_RELATION, render_scene
+from mars.data.shapes import INVERSE_RELATION, RELATIONS, render_scene
 from mars.eval.prompt_probe import PROBES, probe_prompts, run_prompt_probe
 from mars.pipeline import MarsPipeline
 from mars.rerank import caption_ids, caption_log_likelihood
@@ -34,6 +34,9 @@ def test_each_counterfactual_changes_exactly_its_one_fact(lang):
                 assert b.category == "two" and b.objects == a.objects and a.relation is not None
             elif probe == "relation":
                 assert b.objects == a.objects and b.relation == INVERSE_RELATION[a.relation]
+            elif probe == "axis":  # the other axis, the same object first
+                (axis_a, sign_a), (axis_b, sign_b) = RELATIONS[a.relation], RELATIONS[b.relation]
+                assert b.objects == a.objects and axis_b != axis_a and sign_b == sign_a
             elif probe == "binding":
                 (c1, s1), (c2, s2) = a.objects
                 assert c1 != c2 and s1 != s2 and b.objects == ((c1, s2), (c2, s1))
