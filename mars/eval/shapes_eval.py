@@ -96,7 +96,7 @@ def score_items(out_dir: str | Path, items: list[ShapesItem]) -> dict:
     return {"summary": summary, "diagnostics": diagnostics(records), "images": records}
 
 
-def diagnostics(records: list[dict]) -> dict[str, dict[str, float]]:
+def diagnostics(records: list[dict]) -> dict[str, dict[str, float | None]]:
     """Partial credit per language: {"right_count", "colours_present", "objects_present": fractions
     of images; "median_objects"; the position_* fractions of `position_diagnostics`}. An image passes
     only with all of these and more (exact multiset, relations), so these move first while a model learns."""
@@ -150,13 +150,13 @@ def position_diagnostics(records: list[dict]) -> dict[str, float | None]:
             "position_order": in_order / on_axis if on_axis else None}
 
 
-def diagnostics_table(diagnostics_by_lang: dict[str, dict[str, float]]) -> str:
+def diagnostics_table(diagnostics_by_lang: dict[str, dict[str, float | None]]) -> str:
     """Diagnostics as rows, languages as columns."""
     langs = list(diagnostics_by_lang)
     names = ("right_count", "colours_present", "objects_present", "median_objects",
              "position_pairs", "position_axis", "position_order")
     return format_table(["diagnostic", *langs],
-                        [[n] + [_cell(diagnostics_by_lang[lang].get(n)) for lang in langs] for n in names])
+                        [[n] + [_cell(diagnostics_by_lang[lang][n]) for lang in langs] for n in names])
 
 
 def _cell(value: float | None) -> float | str:
