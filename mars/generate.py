@@ -45,7 +45,6 @@ from mars.model.semvie import KVCache, SemVIE
 
 # Instruction that follows `</img>` in image-to-text sequences: the strings training used.
 CAPTION_INSTRUCTIONS = {"en": INSTRUCTION_EN, "zh": INSTRUCTION_ZH}
-T = TypeVar("T")
 PAD_ID = 0  # id written into left padding; padded slots are never attended to
 
 Generators = list[torch.Generator] | None
@@ -98,6 +97,9 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         check_cfg_scale(self.cfg_scale)
         check_plausibility(self.plausibility)
+
+
+T = TypeVar("T")
 
 
 def with_given(config: T, **settings) -> T:

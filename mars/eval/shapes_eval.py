@@ -117,11 +117,11 @@ def diagnostics(records: list[dict]) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def drawn_pair(record: dict) -> tuple[dict, dict] | None:
-    """The detected objects A and B of a position record, when each named object is found exactly once."""
+def drawn_pair(named: tuple, detected: list[dict]) -> tuple[dict, dict] | None:
+    """The detected objects of the named (colour, shape) pairs A and B, when each is found exactly once."""
     found = []
-    for pair in parse_canonical(record["prompt"]).objects:
-        matches = [o for o in record["detected"] if (o["colour"], o["shape"]) == pair]
+    for pair in named:
+        matches = [o for o in detected if (o["colour"], o["shape"]) == pair]
         if len(matches) != 1:
             return None
         found.append(matches[0])
@@ -135,11 +135,12 @@ def position_diagnostics(records: list[dict]) -> dict[str, float | None]:
     fraction has no images to count."""
     pairs = on_axis = in_order = 0
     for record in records:
-        drawn = drawn_pair(record)
+        asked = parse_canonical(record["prompt"])
+        drawn = drawn_pair(asked.objects, record["detected"])
         if drawn is None:
             continue
         a, b = drawn
-        axis, sign = RELATIONS[parse_canonical(record["prompt"]).relation]
+        axis, sign = RELATIONS[asked.relation]
         offset = (b["cx"] - a["cx"], b["cy"] - a["cy"])  # d = centre(B) - centre(A), as in the spec
         pairs += 1
         if abs(offset[axis]) > abs(offset[1 - axis]):
