@@ -83,6 +83,9 @@ def _add_caption_guidance_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerank", type=int, default=1, metavar="N",
                         help="also draw N - 1 captions per image and keep the one under which the model, "
                              "drawing, finds the image likeliest (default 1 = off)")
+    parser.add_argument("--refine", type=int, default=0, metavar="R",
+                        help="then edit each caption for up to R rounds, a word at a time, keeping an edit when "
+                             "drawing and reading both find it likelier (tens of forwards per round; default 0 = off)")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -235,6 +238,8 @@ def run_caption(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.rerank < 1:
         raise MarsError("--max-new-tokens, --batch-size and --rerank must be >= 1")
+    if args.refine < 0:
+        raise MarsError(f"--refine must be >= 0, got {args.refine}")
     readable, failed = [], 0
     for file in args.images:
         try:
@@ -250,7 +255,8 @@ def run_caption(args: argparse.Namespace) -> int:
             chunk = readable[start : start + args.batch_size]
             texts = pipe.caption([im for _, im in chunk], lang=args.lang, temperature=args.temperature,
                                  max_new_tokens=args.max_new_tokens, seed=args.seed + start,
-                                 cfg_scale=args.cfg_scale, plausibility=args.plausibility, rerank=args.rerank)
+                                 cfg_scale=args.cfg_scale, plausibility=args.plausibility, rerank=args.rerank,
+                                 refine=args.refine)
             for (file, _), text in zip(chunk, texts):
                 if args.json:
                     tqdm.write(json.dumps({"image": file, "caption": text}, ensure_ascii=False), file=sys.stdout)

@@ -40,7 +40,7 @@ from mars.generate import (
 )
 from mars.model.semvie import SemVIE
 from mars.model_dir import DEFAULT_MODEL, GENERATION_CONFIG, VQ_DIR, load_model_text_tokenizer, resolve_model_path
-from mars.rerank import best_candidates, best_caption, check_fits
+from mars.rerank import best_candidates, best_caption, check_fits, refine_caption
 from mars.text_tokenizer import TextTokenizer
 from mars.vq import VQModel, load_tokenizer
 
@@ -256,6 +256,7 @@ class MarsPipeline:
         cfg_scale: float | None = None,
         plausibility: float | None = None,
         rerank: int = 1,
+        refine: int = 0,
     ) -> list[str]:
         """A caption per image (PIL images or file paths), in English (`lang="en"`) or Chinese ("zh").
 
@@ -269,6 +270,10 @@ class MarsPipeline:
         caption i with seed `seed + i + k * RERANK_SEED_STRIDE`, same filters and guidance) and keeps,
         of those and the caption `rerank=1` gives, the one under which the model finds the image's
         codes likeliest when drawing (`mars.rerank.best_caption`).
+        `refine` > 0 then edits each caption for up to that many rounds: one token at a time, to
+        one of the words the model finds nearly as likely there, kept when the image drawn from the
+        caption and the caption read from the image both gain (`mars.rerank.refine_caption`; each
+        round costs about one forward per edit tried, tens per caption).
         """
         if lang not in CAPTION_INSTRUCTIONS:
             raise MarsError(f"lang must be one of {', '.join(CAPTION_INSTRUCTIONS)}, got {lang!r}")
@@ -277,6 +282,8 @@ class MarsPipeline:
         _check_count("max_new_tokens", max_new_tokens)
         _check_count("batch_size", batch_size)
         _check_count("rerank", rerank)
+        if refine < 0:
+            raise MarsError(f"refine must be >= 0 (rounds of edits; 0 = off), got {refine}")
         items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
         if not items:
             raise MarsError("no images to caption")
@@ -300,6 +307,9 @@ class MarsPipeline:
                                            guidance.plausibility, copies=rerank - 1)
                 texts = [best_caption(self.model, [text, *others[i * (rerank - 1) : (i + 1) * (rerank - 1)]], c)
                          for i, (text, c) in enumerate(zip(texts, codes))]
+            if refine:
+                texts = [refine_caption(self.model, self.tokenizer, c, instruction, text, refine)
+                         for text, c in zip(texts, codes)]
             captions.extend(self.tokenizer.decode(t).strip() for t in texts)
         return captions
 

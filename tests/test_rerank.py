@@ -12,8 +12,9 @@ from mars.cli import main
 from mars.errors import MarsError
 from mars.generate import SampleConfig, caption_prefix, generate_image_tokens, make_generators
 from mars.pipeline import RERANK_SEED_STRIDE
-from mars.rerank import (best_candidates, caption_ids, caption_log_likelihood, caption_log_likelihoods,
-                         image_log_likelihood, prompt_language)
+from mars.rerank import (best_candidates, caption_as_prompt, caption_ids, caption_log_likelihood,
+                         caption_log_likelihoods, caption_scores, image_log_likelihood, one_token_edits, prompt_language,
+                         refine_caption)
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +164,94 @@ def test_caption_rerank_keeps_the_candidate_that_best_explains_the_image(pipe):
     assert pipe.caption(images[1], seed=1, rerank=4, **kwargs) == kept[1:2]  # alone == in a batch
     with pytest.raises(MarsError, match="rerank"):
         pipe.caption(images, rerank=0)
+
+
+# --- captions refined by one-token edits ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def edit_case(pipe):
+    """(codes (h, w), instruction ids, caption ids) of one drawn image and a caption of it."""
+    from mars.generate import CAPTION_INSTRUCTIONS
+
+    (codes,) = pipe.encode_images(pipe.generate("a red circle", seed=3))
+    instruction = pipe.tokenizer.encode(CAPTION_INSTRUCTIONS["en"])
+    return codes, instruction, pipe.tokenizer.encode(" a red circle")
+
+
+def test_one_token_edits_are_the_top_words_at_each_place(pipe, edit_case):
+    codes, instruction, caption = edit_case
+    tok, model = pipe.tokenizer, pipe.model
+    top_k, floor = 3, 0.05
+    got = one_token_edits(model, tok, codes, instruction, caption, top_k, floor)
+    want = []
+    prefix = caption_prefix(model, codes, instruction)
+    with torch.inference_mode():
+        for j in range(len(caption)):  # one forward per place, over the caption so far
+            ids = torch.tensor([prefix + caption[:j]])
+            log_probs = F.log_softmax(model(ids, model.image_mask(ids))[0, -1, : tok.vocab_size].double(), -1)
+            ranked = log_probs.argsort(descending=True).tolist()
+            best = log_probs[ranked[0]].item()
+            words = [t for t in ranked[: top_k + 1] if log_probs[t].item() >= best + np.log(floor)
+                     and t not in (caption[j], tok.eos_id)][:top_k]
+            want.extend(caption[:j] + [t] + caption[j + 1 :] for t in words)
+    assert got == want and got  # every edit changes exactly one token
+    assert all(sum(a != b for a, b in zip(e, caption)) == 1 and len(e) == len(caption) for e in got)
+    assert one_token_edits(model, tok, codes, instruction, [], top_k, floor) == []
+
+
+def test_caption_scores_add_drawing_and_reading_per_caption(pipe, edit_case):
+    codes, instruction, caption = edit_case
+    tok, model = pipe.tokenizer, pipe.model
+    captions = [caption, tok.encode(" a blue star"), tok.encode("一个红色的圆形")]
+    with pytest.raises(ValueError, match="not a prompt"):
+        caption_scores(model, tok, codes, instruction, [caption, tok.encode("红")[:1]])
+    got = caption_scores(model, tok, codes, instruction, captions, chunk=2)  # chunks of 2 and 1
+    for score, c in zip(got, captions):
+        drawn = image_log_likelihood(model, [tok.encode(tok.decode(c).strip())], codes)[0]
+        read = caption_log_likelihood(model, codes[None], instruction, [*c, tok.eos_id])[0]
+        assert score.item() == pytest.approx((drawn + read).item(), abs=1e-3)
+    assert caption_as_prompt(tok, tok.encode(" a red circle")) == tok.encode("a red circle")
+    assert caption_as_prompt(tok, tok.encode("红")[:1]) == []  # a split multi-byte character is not text
+    assert caption_as_prompt(tok, tok.encode("  ")) == []
+
+
+def test_refine_caption_climbs_to_a_caption_no_edit_improves(pipe, edit_case):
+    codes, instruction, caption = edit_case
+    tok, model = pipe.tokenizer, pipe.model
+    top_k, floor = 4, 0.01
+
+    def score(c):
+        return caption_scores(model, tok, codes, instruction, [c])[0].item()
+
+    assert refine_caption(model, tok, codes, instruction, caption, 0, top_k, floor) == caption
+    path, current = [caption], caption
+    for rounds in range(1, 40):  # each further round makes at most one more edit, and only an improving one
+        current = refine_caption(model, tok, codes, instruction, caption, rounds, top_k, floor)
+        assert current == path[-1] or sum(a != b for a, b in zip(current, path[-1])) == 1
+        if current == path[-1]:
+            break
+        assert score(current) > score(path[-1])
+        path.append(current)
+    else:
+        pytest.fail("no local optimum within 40 edits")
+    assert len(path) > 1  # the given caption is not already the random model's best
+    for edit in one_token_edits(model, tok, codes, instruction, current, top_k, floor):  # a local optimum
+        if caption_as_prompt(tok, edit):
+            assert score(edit) <= score(current) + 1e-4
+
+
+def test_pipeline_refine_edits_each_caption(pipe):
+    from mars.generate import CAPTION_INSTRUCTIONS
+
+    images = pipe.generate(["a red circle", "一个蓝色的正方形"], seed=2)
+    kwargs = dict(lang="zh", max_new_tokens=6, cfg_scale=2.0, plausibility=0.05)
+    plain = pipe.caption(images, **kwargs)
+    assert pipe.caption(images, refine=0, **kwargs) == plain
+    refined = pipe.caption(images, refine=2, **kwargs)
+    instruction = pipe.tokenizer.encode(CAPTION_INSTRUCTIONS["zh"])
+    for text, new, codes in zip(plain, refined, pipe.encode_images(images)):
+        want = refine_caption(pipe.model, pipe.tokenizer, codes, instruction, pipe.tokenizer.encode(text), 2)
+        assert new == pipe.tokenizer.decode(want).strip()
+    with pytest.raises(MarsError, match="refine must be >= 0"):
+        pipe.caption(images, refine=-1)

@@ -1,7 +1,7 @@
 """The HTTP API and the web page: a FastAPI app around one `MarsPipeline` and one `Batcher`.
 
     POST /v1/images/generations   JSON -> base64 PNGs, the seeds used, timings
-    POST /v1/captions             multipart image upload (+ lang, cfg_scale, plausibility, rerank) -> caption
+    POST /v1/captions             multipart image upload (+ lang, cfg_scale, plausibility, rerank, refine) -> caption
     GET  /health                  liveness + queue state
     GET  /v1/models               the served model and its limits
     GET  /                        the web page (static/, no CDN)
@@ -74,7 +74,7 @@ def error_response(status: int, message: str, type: str, headers: dict[str, str]
 def run_batch(pipeline, key: Hashable, rows: list[Any], compile: bool = False) -> list[Any]:
     """One batch on the worker thread: ("generate", cfg, top_k, top_p, temperature, rerank) with rows
     (prompt, seed, negative prompt or "") -> PIL images; ("caption", lang, cfg_scale, plausibility,
-    rerank) with rows PIL images -> strings. `compile`: the decode step runs compiled (each new batch
+    rerank, refine) with rows PIL images -> strings. `compile`: the decode step runs compiled (each new batch
     size compiles once, the first time it occurs)."""
     if key[0] == "generate":
         _, cfg_scale, top_k, top_p, temperature, rerank = key
@@ -85,8 +85,9 @@ def run_batch(pipeline, key: Hashable, rows: list[Any], compile: bool = False) -
                                  temperature=temperature, seed=seeds, batch_size=len(prompts), compile=compile,
                                  negative_prompt=negatives if any(negatives) else None, rerank=rerank)
     if key[0] == "caption":
-        _, lang, cfg_scale, plausibility, rerank = key
-        return pipeline.caption(rows, lang=lang, cfg_scale=cfg_scale, plausibility=plausibility, rerank=rerank)
+        _, lang, cfg_scale, plausibility, rerank, refine = key
+        return pipeline.caption(rows, lang=lang, cfg_scale=cfg_scale, plausibility=plausibility, rerank=rerank,
+                                refine=refine)
     raise ValueError(f"unknown batch kind {key[0]!r}")
 
 
@@ -322,16 +323,21 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
                                                       "relative to the best one's (default: the model's)."),
         rerank: int = Form(1, ge=1, description="Best of this many captions: the one under which the model, "
                                                 "drawing, finds the image likeliest (1 = off)."),
+        refine: int = Form(0, ge=0, description="Then this many rounds of one-word edits, each kept when drawing "
+                                                "and reading both find it likelier (0 = off)."),
     ) -> CaptionResponse:
         """Describe an uploaded image in English or Chinese."""
         arrived = time.perf_counter()
         if rerank > limits.max_rerank:
             raise ApiError(422, f"rerank: at most {limits.max_rerank} captions per image, got {rerank}")
+        if refine > limits.max_refine:
+            raise ApiError(422, f"refine: at most {limits.max_refine} rounds of edits, got {refine}")
         guidance = pipeline.caption_settings(cfg_scale, plausibility)
-        settings = CaptionSettings(cfg_scale=guidance.cfg_scale, plausibility=guidance.plausibility, rerank=rerank)
+        settings = CaptionSettings(cfg_scale=guidance.cfg_scale, plausibility=guidance.plausibility, rerank=rerank,
+                                   refine=refine)
         data = await image.read(limits.max_upload_bytes + 1)
         picture = await run_in_threadpool(decode_upload, data, limits)
-        key = ("caption", lang, settings.cfg_scale, settings.plausibility, rerank)  # one batch per setting
+        key = ("caption", lang, settings.cfg_scale, settings.plausibility, rerank, refine)  # one batch per setting
         result = await run_job(request.app.state.batcher, request, key, [picture])
         return CaptionResponse(created=int(time.time()), model=model_name, lang=lang, caption=result.outputs[0],
                                settings=settings, timings=timings(result, arrived))
@@ -348,7 +354,7 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
     async def models() -> ModelList:
         card = ModelCard(id=model_name, image_size=config.image_size, max_prompt_tokens=token_limit,
                          max_prompt_chars=limits.max_prompt_chars, max_images=limits.max_images,
-                         max_rerank=limits.max_rerank,
+                         max_rerank=limits.max_rerank, max_refine=limits.max_refine,
                          sampling_defaults=GenerationSettings(**pipeline.sampling_settings()),
                          caption_languages=list(CAPTION_LANGS), upload_formats=list(limits.upload_formats),
                          max_upload_bytes=limits.max_upload_bytes)

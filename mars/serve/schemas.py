@@ -22,6 +22,7 @@ class ServeLimits:
     max_prompt_chars: int = 2000
     max_images: int = 8
     max_rerank: int = 8  # candidates per image a request may ask to choose from (each costs one generation)
+    max_refine: int = 4  # rounds of caption edits a request may ask for (each costs tens of forwards)
     max_upload_bytes: int = 10 * 2**20
     max_upload_pixels: int = 4096 * 4096  # Pillow decodes lazily; refuse decompression bombs before decoding
     upload_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
@@ -93,6 +94,7 @@ class CaptionSettings(BaseModel):
     plausibility: float = Field(description="With guidance, the least probability of a chosen word relative to "
                                             "the best one's.")
     rerank: int = Field(1, description="Captions drawn to keep the best of (1 = off).")
+    refine: int = Field(0, description="Rounds of one-word edits after that (0 = off).")
 
 
 class CaptionResponse(BaseModel):
@@ -127,6 +129,7 @@ class ModelCard(BaseModel):
     max_prompt_chars: int
     max_images: int
     max_rerank: int
+    max_refine: int
     sampling_defaults: GenerationSettings = Field(description="What a request gets for the settings it leaves out "
                                                               "(the model's generation_config.json).")
     caption_languages: list[str]

@@ -107,13 +107,13 @@ def test_captions_cli_guidance_is_applied_and_recorded(tiny_model_dir, tmp_path)
 
     out = tmp_path / "guided"
     assert main(["eval", "captions", "--model", str(tiny_model_dir), "--device", "cpu", "--n", "2", "--lang", "zh",
-                 "--cfg-scale", "3", "--plausibility", "0.05", "--rerank", "3", "--out-dir", str(out)]) == 0
+                 "--cfg-scale", "3", "--plausibility", "0.05", "--rerank", "3", "--refine", "1", "--out-dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert results["settings"] == {"cfg_scale": 3.0, "plausibility": 0.05, "rerank": 3}
+    assert results["settings"] == {"cfg_scale": 3.0, "plausibility": 0.05, "rerank": 3, "refine": 1}
     pipe = MarsPipeline.from_pretrained(tiny_model_dir, device="cpu")
     images = [str(out / r["file"]) for r in results["captions"]]
     assert [r["caption"] for r in results["captions"]] == pipe.caption(images, lang="zh", cfg_scale=3.0,
-                                                                       plausibility=0.05, rerank=3)
+                                                                       plausibility=0.05, rerank=3, refine=1)
 
 
 def test_captions_cli_refuses_bad_guidance_before_loading(tmp_path, capsys):

@@ -209,13 +209,14 @@ def test_caption_guidance_defaults_to_the_models_and_can_be_set(client, tiny_pip
     data = encoded(picture, "PNG")
     image = load_image(data)
     out = client.post(CAP, files={"image": ("x.png", data, "image/png")}, data={"lang": "zh"}).json()
-    assert out["settings"] == {"cfg_scale": 1.0, "plausibility": 0.1, "rerank": 1}  # the tiny model's defaults
+    assert out["settings"] == {"cfg_scale": 1.0, "plausibility": 0.1, "rerank": 1, "refine": 0}  # the tiny model's
     out = client.post(CAP, files={"image": ("x.png", data, "image/png")},
-                      data={"lang": "zh", "cfg_scale": "3", "plausibility": "0.05", "rerank": "3"}).json()
-    assert out["settings"] == {"cfg_scale": 3.0, "plausibility": 0.05, "rerank": 3}
-    assert out["caption"] == tiny_pipeline.caption([image], lang="zh", cfg_scale=3.0, plausibility=0.05, rerank=3)[0]
+                      data={"lang": "zh", "cfg_scale": "3", "plausibility": "0.05", "rerank": "3", "refine": "2"}).json()
+    assert out["settings"] == {"cfg_scale": 3.0, "plausibility": 0.05, "rerank": 3, "refine": 2}
+    assert out["caption"] == tiny_pipeline.caption([image], lang="zh", cfg_scale=3.0, plausibility=0.05, rerank=3,
+                                                   refine=2)[0]
     for field, value in (("cfg_scale", "-1"), ("plausibility", "1"), ("cfg_scale", "nan"), ("rerank", "0"),
-                         ("rerank", "9")):
+                         ("rerank", "9"), ("refine", "-1"), ("refine", "5")):
         r = client.post(CAP, files={"image": ("x.png", data, "image/png")}, data={field: value})
         assert_error(r, 422, field)
 
@@ -319,4 +320,4 @@ def test_rerank_reaches_the_pipeline_and_is_bounded(client, tiny_pipeline):
 def test_model_card_gives_the_sampling_defaults_the_page_starts_from(client, tiny_pipeline):
     card = client.get("/v1/models").json()["data"][0]
     assert card["sampling_defaults"] == {**tiny_pipeline.sampling_settings(), "rerank": 1}
-    assert card["max_rerank"] == 8
+    assert card["max_rerank"] == 8 and card["max_refine"] == 4
