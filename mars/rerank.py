@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from mars.data.sequences import INSTRUCTION_EN, INSTRUCTION_ZH
 from mars.errors import MarsError
-from mars.generate import caption_prefix, left_pad, model_device_dtype
+from mars.generate import caption_prefix, left_pad, model_device_dtype, prefill, repeat_rows
 from mars.model.semvie import SemVIE
 from mars.text_tokenizer import TextTokenizer
 
@@ -182,14 +182,34 @@ def caption_scores(model: SemVIE, tokenizer: TextTokenizer, codes: torch.Tensor,
     prompts = [caption_as_prompt(tokenizer, c) for c in captions]
     if not all(prompts):
         raise ValueError("a caption that is blank or not whole text is not a prompt to score")
+    prefix = caption_prefix(model, codes, instruction)
     scores = []
     for start in range(0, len(captions), chunk):
         part = captions[start : start + chunk]
         drawn = image_log_likelihood(model, prompts[start : start + chunk], codes)
-        read = caption_log_likelihoods(model, codes[None].expand(len(part), *codes.shape),
-                                       [(instruction, [*c, tokenizer.eos_id]) for c in part])
+        read = continuation_log_likelihoods(model, prefix, [[*c, tokenizer.eos_id] for c in part])
         scores.append(drawn + read)
     return torch.cat(scores)
+
+
+@torch.inference_mode()
+def continuation_log_likelihoods(model: SemVIE, prefix: list[int], continuations: list[list[int]]) -> torch.Tensor:
+    """log p(continuation_i | prefix) of text continuations of one shared prefix -> (N,) in nats.
+
+    The prefix runs once into a KV cache that every continuation then reads (its rows repeated);
+    the continuations run right padded, one forward, so padding follows every real token.
+    """
+    width = max(map(len, continuations))
+    cache, last, free = prefill(model, [prefix], width)  # last: (1, C)
+    cache = repeat_rows(cache, len(continuations))
+    device = last.device
+    ids = torch.tensor([c + [0] * (width - len(c)) for c in continuations], device=device)  # (N, W)
+    hidden = model.forward_hidden(ids, model.image_mask(ids), torch.arange(free, free + width, device=device), cache)
+    # continuation token t is predicted by the prefix's last state (t = 0) or by token t - 1's
+    before = torch.cat([last.expand(len(continuations), -1)[:, None], hidden[:, :-1]], dim=1)  # (N, W, C)
+    log_probs = F.log_softmax(model.logits(before).float(), dim=-1).gather(-1, ids[..., None]).squeeze(-1)  # (N, W)
+    real = torch.arange(width, device=device)[None] < torch.tensor([len(c) for c in continuations], device=device)[:, None]
+    return torch.where(real, log_probs, 0.0).sum(-1)
 
 
 def refine_caption(model: SemVIE, tokenizer: TextTokenizer, codes: torch.Tensor, instruction: list[int],

@@ -13,8 +13,8 @@ from mars.errors import MarsError
 from mars.generate import SampleConfig, caption_prefix, generate_image_tokens, make_generators
 from mars.pipeline import RERANK_SEED_STRIDE
 from mars.rerank import (best_candidates, caption_as_prompt, caption_ids, caption_log_likelihood,
-                         caption_log_likelihoods, caption_scores, image_log_likelihood, one_token_edits, prompt_language,
-                         refine_caption)
+                         caption_log_likelihoods, caption_scores, continuation_log_likelihoods, image_log_likelihood,
+                         one_token_edits, prompt_language, refine_caption)
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +255,12 @@ def test_pipeline_refine_edits_each_caption(pipe):
         assert new == pipe.tokenizer.decode(want).strip()
     with pytest.raises(MarsError, match="refine must be >= 0"):
         pipe.caption(images, refine=-1)
+
+
+def test_continuation_log_likelihoods_equal_full_forwards(pipe, edit_case):
+    codes, instruction, _ = edit_case
+    tok, model = pipe.tokenizer, pipe.model
+    continuations = [tok.encode(t) + [tok.eos_id] for t in (" a red circle", " 两个", " a blue star and a square")]
+    got = continuation_log_likelihoods(model, caption_prefix(model, codes, instruction), continuations)
+    want = caption_log_likelihoods(model, codes[None].expand(3, *codes.shape), [(instruction, c) for c in continuations])
+    assert torch.allclose(got, want, atol=1e-3)
