@@ -83,9 +83,10 @@ def _add_caption_guidance_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerank", type=int, default=1, metavar="N",
                         help="also draw N - 1 captions per image and keep the one under which the model, "
                              "drawing, finds the image likeliest (default 1 = off)")
-    parser.add_argument("--refine", type=int, default=0, metavar="R",
+    parser.add_argument("--refine", type=int, metavar="R",
                         help="then edit each caption for up to R rounds, a word at a time, keeping an edit when "
-                             "drawing and reading both find it likelier (tens of forwards per round; default 0 = off)")
+                             "drawing and reading both find it likelier (tens of forwards per round; 0 = off; "
+                             "default: the model's)")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -238,7 +239,7 @@ def run_caption(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.rerank < 1:
         raise MarsError("--max-new-tokens, --batch-size and --rerank must be >= 1")
-    if args.refine < 0:
+    if args.refine is not None and args.refine < 0:
         raise MarsError(f"--refine must be >= 0, got {args.refine}")
     readable, failed = [], 0
     for file in args.images:

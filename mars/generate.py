@@ -88,15 +88,19 @@ class CaptionConfig:
     """A model's default caption decoding (the "caption" entry of its generation_config.json).
 
     cfg_scale 1 = the image-conditioned model alone; > 1 guides by the image against the language
-    model reading the instruction alone; plausibility: see `guide_text`.
+    model reading the instruction alone; plausibility: see `guide_text`; refine: rounds of one-word
+    edits after decoding (`mars.rerank.refine_caption`; 0 = off).
     """
 
     cfg_scale: float = 1.0
     plausibility: float = 0.1
+    refine: int = 0
 
     def __post_init__(self) -> None:
         check_cfg_scale(self.cfg_scale)
         check_plausibility(self.plausibility)
+        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
+            raise MarsError(f"refine must be an integer >= 0 (rounds of edits; 0 = off), got {self.refine!r}")
 
 
 T = TypeVar("T")

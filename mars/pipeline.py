@@ -134,9 +134,10 @@ class MarsPipeline:
         return dataclasses.asdict(with_given(self.generation_config, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
                                              temperature=temperature))
 
-    def caption_settings(self, cfg_scale: float | None = None, plausibility: float | None = None) -> CaptionConfig:
-        """The caption guidance a caption call uses: the given settings, the model's defaults for the rest."""
-        return with_given(self.caption_config, cfg_scale=cfg_scale, plausibility=plausibility)
+    def caption_settings(self, cfg_scale: float | None = None, plausibility: float | None = None,
+                         refine: int | None = None) -> CaptionConfig:
+        """The caption decoding a caption call uses: the given settings, the model's defaults for the rest."""
+        return with_given(self.caption_config, cfg_scale=cfg_scale, plausibility=plausibility, refine=refine)
 
     @property
     def device(self) -> torch.device:
@@ -256,7 +257,7 @@ class MarsPipeline:
         cfg_scale: float | None = None,
         plausibility: float | None = None,
         rerank: int = 1,
-        refine: int = 0,
+        refine: int | None = None,
     ) -> list[str]:
         """A caption per image (PIL images or file paths), in English (`lang="en"`) or Chinese ("zh").
 
@@ -264,8 +265,7 @@ class MarsPipeline:
         `cfg_scale` > 1 guides each caption by its image against the language model reading the
         instruction alone, so what the image shows outweighs what the text usually says; only words
         at least `plausibility` times as likely as the best one given the image are candidates
-        (`mars.generate.guide_text`). Both left at None take the model's defaults (`caption_config`:
-        the "caption" entry of its generation_config.json, else no guidance).
+        (`mars.generate.guide_text`).
         `rerank` > 1 also draws `rerank - 1` captions per image at temperature 1 (candidate k of
         caption i with seed `seed + i + k * RERANK_SEED_STRIDE`, same filters and guidance) and keeps,
         of those and the caption `rerank=1` gives, the one under which the model finds the image's
@@ -274,16 +274,17 @@ class MarsPipeline:
         one of the words the model finds nearly as likely there, kept when the image drawn from the
         caption and the caption read from the image both gain (`mars.rerank.refine_caption`; each
         round costs about one forward per edit tried, tens per caption).
+        `cfg_scale`, `plausibility` and `refine` left at None take the model's defaults
+        (`caption_config`: the "caption" entry of its generation_config.json, else no guidance and no
+        edits).
         """
         if lang not in CAPTION_INSTRUCTIONS:
             raise MarsError(f"lang must be one of {', '.join(CAPTION_INSTRUCTIONS)}, got {lang!r}")
-        guidance = self.caption_settings(cfg_scale, plausibility)
+        guidance = self.caption_settings(cfg_scale, plausibility, refine)
         sampling = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=guidance.cfg_scale)
         _check_count("max_new_tokens", max_new_tokens)
         _check_count("batch_size", batch_size)
         _check_count("rerank", rerank)
-        if refine < 0:
-            raise MarsError(f"refine must be >= 0 (rounds of edits; 0 = off), got {refine}")
         items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
         if not items:
             raise MarsError("no images to caption")
@@ -307,8 +308,8 @@ class MarsPipeline:
                                            guidance.plausibility, copies=rerank - 1)
                 texts = [best_caption(self.model, [text, *others[i * (rerank - 1) : (i + 1) * (rerank - 1)]], c)
                          for i, (text, c) in enumerate(zip(texts, codes))]
-            if refine:
-                texts = [refine_caption(self.model, self.tokenizer, c, instruction, text, refine)
+            if guidance.refine:
+                texts = [refine_caption(self.model, self.tokenizer, c, instruction, text, guidance.refine)
                          for text, c in zip(texts, codes)]
             captions.extend(self.tokenizer.decode(t).strip() for t in texts)
         return captions

@@ -170,7 +170,15 @@ def test_guided_captions_follow_the_models_caption_defaults(tmp_path, tiny_model
                                                                                               max_new_tokens=8)
     tuned.save_pretrained(tmp_path / "copy")  # the defaults travel with the model
     assert MarsPipeline.from_pretrained(tmp_path / "copy", device="cpu").caption_config == tuned.caption_config
+    (folder / "generation_config.json").write_text('{"caption": {"refine": 2}}')  # edit rounds by default
+    edited = MarsPipeline.from_pretrained(folder, device="cpu")
+    assert edited.caption_config == CaptionConfig(refine=2)
+    assert edited.caption(images, lang="zh", max_new_tokens=8) == pipe.caption(images, lang="zh", max_new_tokens=8,
+                                                                               refine=2)
+    assert edited.caption(images, lang="zh", max_new_tokens=8, refine=0) == pipe.caption(images, lang="zh",
+                                                                                         max_new_tokens=8)
     for bad, message in (('{"caption": {"scale": 2}}', "unknown key 'caption.scale'"),
+                         ('{"caption": {"refine": -1}}', "refine must be an integer >= 0"),
                          ('{"caption": {"plausibility": 1.5}}', "plausibility must lie"),
                          ('{"caption": 2}', "caption must be a mapping")):
         (folder / "generation_config.json").write_text(bad)

@@ -140,7 +140,7 @@ def test_recipe_runs_every_step_then_skips_and_resumes(tmp_path, monkeypatch):
     assert stage0["image_vocab_size"] == 64 and stage0["image_size"] == 64  # recipe.resolution, not the preset's 256
     pipe = MarsPipeline.from_pretrained(ship, device="cpu")
     assert pipe.generation_config == SampleConfig(cfg_scale=2.0, top_k=10)  # recipe.yaml's `generation`
-    assert pipe.caption_config == CaptionConfig(cfg_scale=1.5, plausibility=0.1)  # ... and `caption`
+    assert pipe.caption_config == CaptionConfig(cfg_scale=1.5, plausibility=0.1, refine=3)  # ... and `caption`
     # The shipped VQ is the fine-tuned decoder: other weights, but exactly the codes the model learnt.
     from mars.data.images import pil_to_tensor
     from mars.data.shapes import render_scene, scene_for_index

@@ -253,7 +253,7 @@ def test_pipeline_refine_edits_each_caption(pipe):
     for text, new, codes in zip(plain, refined, pipe.encode_images(images)):
         want = refine_caption(pipe.model, pipe.tokenizer, codes, instruction, pipe.tokenizer.encode(text), 2)
         assert new == pipe.tokenizer.decode(want).strip()
-    with pytest.raises(MarsError, match="refine must be >= 0"):
+    with pytest.raises(MarsError, match="refine must be an integer >= 0"):
         pipe.caption(images, refine=-1)
 
 

@@ -116,8 +116,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--rerank", type=int, default=1, metavar="N",
                    help="best of N captions per image by how likely the model, drawing, finds the image "
                         "(default 1 = off)")
-    p.add_argument("--refine", type=int, default=0, metavar="R",
-                   help="then up to R rounds of one-word edits per caption (MarsPipeline.caption; default 0 = off)")
+    p.add_argument("--refine", type=int, metavar="R",
+                   help="then up to R rounds of one-word edits per caption (MarsPipeline.caption; 0 = off; "
+                        "default: the model's)")
     p.add_argument("--out-dir", default="mars-eval-captions", help="output folder (default mars-eval-captions)")
     p.set_defaults(func=run_captions)
 
@@ -242,18 +243,15 @@ def run_captions(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.rerank < 1:
         raise MarsError(f"--n and --rerank must be >= 1, got {args.n} and {args.rerank}")
-    if args.refine < 0:
-        raise MarsError(f"--refine must be >= 0, got {args.refine}")
     # bad values refused before the model loads
-    with_given(CaptionConfig(), cfg_scale=args.cfg_scale, plausibility=args.plausibility)
+    with_given(CaptionConfig(), cfg_scale=args.cfg_scale, plausibility=args.plausibility, refine=args.refine)
     pipe, _ = _load_pipeline(args)
-    guidance = pipe.caption_settings(args.cfg_scale, args.plausibility)
+    guidance = pipe.caption_settings(args.cfg_scale, args.plausibility, args.refine)
     results = run_captions_eval(lambda images, lang: pipe.caption(images, lang=lang, cfg_scale=guidance.cfg_scale,
                                                                   plausibility=guidance.plausibility,
-                                                                  rerank=args.rerank, refine=args.refine),
+                                                                  rerank=args.rerank, refine=guidance.refine),
                                 args.out_dir, args.n, args.seed, _langs(args.lang), args.batch_size,
-                                settings=dataclasses.asdict(guidance) | {"rerank": args.rerank}
-                                | ({"refine": args.refine} if args.refine else {}))
+                                settings=dataclasses.asdict(guidance) | {"rerank": args.rerank})
     print(summary_table(results["summary"]))
     if results["relations"]:
         print(relations_line(results["relations"]))

@@ -323,21 +323,22 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
                                                       "relative to the best one's (default: the model's)."),
         rerank: int = Form(1, ge=1, description="Best of this many captions: the one under which the model, "
                                                 "drawing, finds the image likeliest (1 = off)."),
-        refine: int = Form(0, ge=0, description="Then this many rounds of one-word edits, each kept when drawing "
-                                                "and reading both find it likelier (0 = off)."),
+        refine: int | None = Form(None, ge=0, description="Then this many rounds of one-word edits, each kept when "
+                                                          "drawing and reading both find it likelier (0 = off; "
+                                                          "default: the model's)."),
     ) -> CaptionResponse:
         """Describe an uploaded image in English or Chinese."""
         arrived = time.perf_counter()
         if rerank > limits.max_rerank:
             raise ApiError(422, f"rerank: at most {limits.max_rerank} captions per image, got {rerank}")
-        if refine > limits.max_refine:
-            raise ApiError(422, f"refine: at most {limits.max_refine} rounds of edits, got {refine}")
-        guidance = pipeline.caption_settings(cfg_scale, plausibility)
+        guidance = pipeline.caption_settings(cfg_scale, plausibility, refine)
+        if guidance.refine > limits.max_refine:
+            raise ApiError(422, f"refine: at most {limits.max_refine} rounds of edits, got {guidance.refine}")
         settings = CaptionSettings(cfg_scale=guidance.cfg_scale, plausibility=guidance.plausibility, rerank=rerank,
-                                   refine=refine)
+                                   refine=guidance.refine)
         data = await image.read(limits.max_upload_bytes + 1)
         picture = await run_in_threadpool(decode_upload, data, limits)
-        key = ("caption", lang, settings.cfg_scale, settings.plausibility, rerank, refine)  # one batch per setting
+        key = ("caption", lang, settings.cfg_scale, settings.plausibility, rerank, settings.refine)  # one batch per setting
         result = await run_job(request.app.state.batcher, request, key, [picture])
         return CaptionResponse(created=int(time.time()), model=model_name, lang=lang, caption=result.outputs[0],
                                settings=settings, timings=timings(result, arrived))

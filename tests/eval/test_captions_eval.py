@@ -99,7 +99,7 @@ def test_captions_cli_with_tiny_model(tiny_model_dir, tmp_path, capsys):
                                                                      ("zh", 0), ("zh", 1), ("zh", 2)]
     assert all(isinstance(r["caption"], str) for r in results["captions"])
     assert set(results["summary"]) == {"en", "zh"}
-    assert results["settings"] == {"cfg_scale": 1.0, "plausibility": 0.1, "rerank": 1}  # the tiny model's defaults
+    assert results["settings"] == {"cfg_scale": 1.0, "plausibility": 0.1, "refine": 0, "rerank": 1}  # the tiny model's
 
 
 def test_captions_cli_guidance_is_applied_and_recorded(tiny_model_dir, tmp_path):
@@ -109,7 +109,7 @@ def test_captions_cli_guidance_is_applied_and_recorded(tiny_model_dir, tmp_path)
     assert main(["eval", "captions", "--model", str(tiny_model_dir), "--device", "cpu", "--n", "2", "--lang", "zh",
                  "--cfg-scale", "3", "--plausibility", "0.05", "--rerank", "3", "--refine", "1", "--out-dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert results["settings"] == {"cfg_scale": 3.0, "plausibility": 0.05, "rerank": 3, "refine": 1}
+    assert results["settings"] == {"cfg_scale": 3.0, "plausibility": 0.05, "refine": 1, "rerank": 3}
     pipe = MarsPipeline.from_pretrained(tiny_model_dir, device="cpu")
     images = [str(out / r["file"]) for r in results["captions"]]
     assert [r["caption"] for r in results["captions"]] == pipe.caption(images, lang="zh", cfg_scale=3.0,
