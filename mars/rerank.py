@@ -157,11 +157,11 @@ def one_token_edits(model: SemVIE, tokenizer: TextTokenizer, codes: torch.Tensor
     hidden = model.forward_hidden(ids, model.image_mask(ids))[0, len(prefix) - 1 :]  # (len(caption), C)
     log_probs = F.log_softmax(model.logits(hidden, rows=slice(0, tokenizer.vocab_size)).float(), dim=-1)
     top = log_probs.topk(min(top_k + 1, tokenizer.vocab_size), dim=-1)  # +1: the current token may be among them
-    lowest = top.values[:, :1] + math.log(floor)  # (len(caption), 1)
     edits = []
     for j, (values, tokens) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-        alternatives = [t for v, t in zip(values, tokens) if v >= lowest[j].item() and t not in (caption[j], tokenizer.eos_id)]
-        edits.extend(caption[:j] + [t] + caption[j + 1 :] for t in alternatives[:top_k])
+        lowest = values[0] + math.log(floor)  # values are sorted: the likeliest first
+        words = [t for v, t in zip(values, tokens) if v >= lowest and t not in (caption[j], tokenizer.eos_id)]
+        edits.extend(caption[:j] + [t] + caption[j + 1 :] for t in words[:top_k])
     return edits
 
 
@@ -208,7 +208,8 @@ def continuation_log_likelihoods(model: SemVIE, prefix: list[int], continuations
     # continuation token t is predicted by the prefix's last state (t = 0) or by token t - 1's
     before = torch.cat([last.expand(len(continuations), -1)[:, None], hidden[:, :-1]], dim=1)  # (N, W, C)
     log_probs = F.log_softmax(model.logits(before).float(), dim=-1).gather(-1, ids[..., None]).squeeze(-1)  # (N, W)
-    real = torch.arange(width, device=device)[None] < torch.tensor([len(c) for c in continuations], device=device)[:, None]
+    lengths = torch.tensor([len(c) for c in continuations], device=device)
+    real = torch.arange(width, device=device)[None] < lengths[:, None]  # (N, W): not padding
     return torch.where(real, log_probs, 0.0).sum(-1)
 
 

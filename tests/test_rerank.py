@@ -262,5 +262,6 @@ def test_continuation_log_likelihoods_equal_full_forwards(pipe, edit_case):
     tok, model = pipe.tokenizer, pipe.model
     continuations = [tok.encode(t) + [tok.eos_id] for t in (" a red circle", " 两个", " a blue star and a square")]
     got = continuation_log_likelihoods(model, caption_prefix(model, codes, instruction), continuations)
-    want = caption_log_likelihoods(model, codes[None].expand(3, *codes.shape), [(instruction, c) for c in continuations])
+    images = codes[None].expand(3, *codes.shape)
+    want = caption_log_likelihoods(model, images, [(instruction, c) for c in continuations])
     assert torch.allclose(got, want, atol=1e-3)

@@ -338,7 +338,8 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
                                    refine=guidance.refine)
         data = await image.read(limits.max_upload_bytes + 1)
         picture = await run_in_threadpool(decode_upload, data, limits)
-        key = ("caption", lang, settings.cfg_scale, settings.plausibility, rerank, settings.refine)  # one batch per setting
+        # one batch per setting
+        key = ("caption", lang, settings.cfg_scale, settings.plausibility, rerank, settings.refine)
         result = await run_job(request.app.state.batcher, request, key, [picture])
         return CaptionResponse(created=int(time.time()), model=model_name, lang=lang, caption=result.outputs[0],
                                settings=settings, timings=timings(result, arrived))
