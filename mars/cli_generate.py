@@ -236,11 +236,12 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_caption(args: argparse.Namespace) -> int:
     """Handler of `mars caption`."""
     from mars.data.images import UnusableImage, load_image
+    from mars.generate import CaptionConfig, with_given
 
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.rerank < 1:
         raise MarsError("--max-new-tokens, --batch-size and --rerank must be >= 1")
-    if args.refine is not None and args.refine < 0:
-        raise MarsError(f"--refine must be >= 0, got {args.refine}")
+    # bad caption settings refused before the model loads, by the rules a model's defaults obey
+    with_given(CaptionConfig(), cfg_scale=args.cfg_scale, plausibility=args.plausibility, refine=args.refine)
     readable, failed = [], 0
     for file in args.images:
         try:

@@ -76,3 +76,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_builders() -> SimpleNamespace:
     """`.model(seed, **config_overrides)`, `.vq(seed, codebook_size)`, `.write_dir(path, model, vq)`."""
     return SimpleNamespace(model=random_tiny_model, vq=random_tiny_vq, write_dir=write_model_dir)
+
+
+@pytest.fixture
+def edit_recorder(monkeypatch) -> list[tuple]:
+    """Replaces the caption edits (`mars.rerank.refine_caption`, as the pipeline calls it) with a
+    stand-in that records (codes, instruction ids, caption text, rounds) and returns the caption
+    "edited R" for R rounds, so a test can see a `refine` setting reach the search: the tiny random
+    model's captions are not whole text, which the real search keeps unchanged."""
+    import mars.pipeline
+
+    calls: list[tuple] = []
+
+    def stand_in(model, tokenizer, codes, instruction, caption, rounds):
+        calls.append((codes, instruction, tokenizer.decode(caption).strip(), rounds))
+        return tokenizer.encode(f" edited {rounds}")
+
+    monkeypatch.setattr(mars.pipeline, "refine_caption", stand_in)
+    return calls

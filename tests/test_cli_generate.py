@@ -128,11 +128,15 @@ def test_caption_json_lines_and_unreadable_images(tmp_path, capsys, tiny_model_d
                        "--max-new-tokens", 6, "--model", tiny_model_dir)
     guided = pipe.caption(paths, max_new_tokens=6, cfg_scale=3.0, plausibility=0.05, rerank=3)
     assert code == 0 and out.splitlines() == [f"{p}\t{text}" for p, text in zip(paths, guided)]
-    code, out, _ = run(capsys, "caption", *paths, "--refine", 2, "--max-new-tokens", 6, "--model", tiny_model_dir)
-    refined = pipe.caption(paths, max_new_tokens=6, refine=2)
-    assert code == 0 and out.splitlines() == [f"{p}\t{text}" for p, text in zip(paths, refined)]
     code, _, err = run(capsys, "caption", *paths, "--refine", -1, "--model", tiny_model_dir)
-    assert code == 2 and "--refine must be >= 0" in err
+    assert code == 2 and "refine must be an integer >= 0" in error_line(err)
+
+
+def test_cli_caption_refine_reaches_the_edits(capsys, tmp_path, tiny_model_dir, edit_recorder):
+    path = tmp_path / "a.png"
+    MarsPipeline.from_pretrained(tiny_model_dir, device="cpu").generate("a red circle")[0].save(path)
+    code, out, _ = run(capsys, "caption", path, "--refine", 2, "--max-new-tokens", 6, "--model", tiny_model_dir)
+    assert code == 0 and out.splitlines() == [f"{path}\tedited 2"] and [c[3] for c in edit_recorder] == [2]
 
 
 def test_console_entry_point_prints_one_line(tmp_path, tiny_model_dir):

@@ -241,26 +241,17 @@ def test_refine_caption_climbs_to_a_caption_no_edit_improves(pipe, edit_case):
             assert score(edit) <= score(current) + 1e-4
 
 
-def test_pipeline_refine_edits_each_caption(pipe, monkeypatch):
-    # the tiny random model's captions are not whole text, so refine_caption (tested above) would
-    # keep them: a stand-in records what the pipeline hands it and edits every caption
-    import mars.pipeline
+def test_pipeline_refine_edits_each_caption(pipe, edit_recorder):
     from mars.generate import CAPTION_INSTRUCTIONS
 
     images = pipe.generate(["a red circle", "一个蓝色的正方形"], seed=2)
     kwargs = dict(lang="zh", max_new_tokens=6, cfg_scale=2.0, plausibility=0.05)
     plain = pipe.caption(images, **kwargs)
-    calls = []
-
-    def stand_in(model, tokenizer, codes, instruction, caption, rounds):
-        calls.append((codes, instruction, tokenizer.decode(caption).strip(), rounds))
-        return tokenizer.encode(" edited " + str(len(calls)))
-
-    monkeypatch.setattr(mars.pipeline, "refine_caption", stand_in)
-    assert pipe.caption(images, refine=0, **kwargs) == plain and not calls
-    assert pipe.caption(images, refine=2, **kwargs) == ["edited 1", "edited 2"]
+    assert pipe.caption(images, refine=0, **kwargs) == plain and not edit_recorder
+    assert pipe.caption(images, refine=2, **kwargs) == ["edited 2", "edited 2"]
     instruction = pipe.tokenizer.encode(CAPTION_INSTRUCTIONS["zh"])
-    for (codes, given, text, rounds), want, want_codes in zip(calls, plain, pipe.encode_images(images)):
+    assert len(edit_recorder) == 2
+    for (codes, given, text, rounds), want, want_codes in zip(edit_recorder, plain, pipe.encode_images(images)):
         assert torch.equal(codes, want_codes) and given == instruction and text == want and rounds == 2
     with pytest.raises(MarsError, match="refine must be an integer >= 0"):
         pipe.caption(images, refine=-1)

@@ -102,6 +102,15 @@ def test_captions_cli_with_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert results["settings"] == {"cfg_scale": 1.0, "plausibility": 0.1, "refine": 0, "rerank": 1}  # the tiny model's
 
 
+def test_captions_cli_refine_reaches_the_edits(tiny_model_dir, tmp_path, edit_recorder):
+    out = tmp_path / "edited"
+    assert main(["eval", "captions", "--model", str(tiny_model_dir), "--device", "cpu", "--n", "2", "--lang", "en",
+                 "--refine", "3", "--out-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert [r["caption"] for r in results["captions"]] == ["edited 3", "edited 3"]
+    assert [rounds for *_, rounds in edit_recorder] == [3, 3] and results["settings"]["refine"] == 3
+
+
 def test_captions_cli_guidance_is_applied_and_recorded(tiny_model_dir, tmp_path):
     from mars.pipeline import MarsPipeline
 

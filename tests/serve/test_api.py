@@ -221,6 +221,12 @@ def test_caption_guidance_defaults_to_the_models_and_can_be_set(client, tiny_pip
         assert_error(r, 422, field)
 
 
+def test_caption_refine_reaches_the_edits(client, picture, edit_recorder):
+    data = encoded(picture, "PNG")
+    out = client.post(CAP, files={"image": ("x.png", data, "image/png")}, data={"refine": "3"}).json()
+    assert out["caption"] == "edited 3" and [rounds for *_, rounds in edit_recorder] == [3]
+
+
 def test_caption_in_chinese(client, tiny_pipeline, picture):
     data = encoded(picture, "PNG")
     out = client.post(CAP, files={"image": ("x.png", data, "image/png")}, data={"lang": "zh"}).json()
