@@ -354,10 +354,14 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
+        guidance = pipeline.caption_settings()
+        caption_defaults = CaptionSettings(cfg_scale=guidance.cfg_scale, plausibility=guidance.plausibility,
+                                           refine=guidance.refine)
         card = ModelCard(id=model_name, image_size=config.image_size, max_prompt_tokens=token_limit,
                          max_prompt_chars=limits.max_prompt_chars, max_images=limits.max_images,
                          max_rerank=limits.max_rerank, max_refine=limits.max_refine,
                          sampling_defaults=GenerationSettings(**pipeline.sampling_settings()),
+                         caption_defaults=caption_defaults,
                          caption_languages=list(CAPTION_LANGS), upload_formats=list(limits.upload_formats),
                          max_upload_bytes=limits.max_upload_bytes)
         return ModelList(data=[card])

@@ -132,6 +132,8 @@ class ModelCard(BaseModel):
     max_refine: int
     sampling_defaults: GenerationSettings = Field(description="What a request gets for the settings it leaves out "
                                                               "(the model's generation_config.json).")
+    caption_defaults: CaptionSettings = Field(description="What a caption request gets for the settings it leaves "
+                                                          "out (the \"caption\" entry of generation_config.json).")
     caption_languages: list[str]
     upload_formats: list[str]
     max_upload_bytes: int

@@ -7,6 +7,7 @@ same pixels as `pipeline.generate` for the same prompt, seed and settings), capt
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 
@@ -327,3 +328,11 @@ def test_model_card_gives_the_sampling_defaults_the_page_starts_from(client, tin
     card = client.get("/v1/models").json()["data"][0]
     assert card["sampling_defaults"] == {**tiny_pipeline.sampling_settings(), "rerank": 1}
     assert card["max_rerank"] == 8 and card["max_refine"] == 4
+
+
+def test_model_card_gives_the_models_caption_defaults(tiny_pipeline, monkeypatch):
+    monkeypatch.setattr(tiny_pipeline, "caption_config",
+                        dataclasses.replace(tiny_pipeline.caption_config, cfg_scale=1.5, refine=2))
+    with TestClient(create_app(tiny_pipeline, model_name="tiny")) as client:
+        card = client.get("/v1/models").json()["data"][0]
+    assert card["caption_defaults"] == {"cfg_scale": 1.5, "plausibility": 0.1, "rerank": 1, "refine": 2}

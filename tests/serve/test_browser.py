@@ -125,6 +125,27 @@ def test_caption_an_upload_in_the_browser(browser, tiny_pipeline, tmp_path):
         assert text.get_property("textContent") == tiny_pipeline.caption([picture], lang="zh")[0]
 
 
+def test_caption_settings_in_the_browser(browser, tiny_pipeline, tmp_path, edit_recorder):
+    path = tmp_path / "upload.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    with live_server(create_app(tiny_pipeline, model_name="tiny")) as url:
+        browser.get(url + "/")
+        wait_for(lambda: browser.find_element("id", "model-name").text, what="the model card")
+        refine = browser.find_element("id", "caption-refine")
+        assert refine.get_attribute("value") == str(tiny_pipeline.caption_config.refine)  # the model's own
+        assert refine.get_attribute("max") == "4"  # the server's limits
+        assert browser.find_element("id", "caption-rerank").get_attribute("max") == "8"
+        browser.find_element("id", "caption-file").send_keys(str(path))
+        fill(browser, "caption-rerank", "2")
+        fill(browser, "caption-refine", "3")
+        browser.find_element("id", "caption").click()
+        text = browser.find_element("id", "caption-text")
+        wait_for(lambda: text.get_attribute("data-state") == "done", what="the caption")
+        assert text.get_property("textContent") == "edited 3"  # the stand-in's answer for 3 rounds
+        assert browser.find_element("id", "caption-status").text.startswith("best of 2 · 3 rounds of edits")
+    assert [rounds for *_, rounds in edit_recorder] == [3]
+
+
 def test_negative_prompt_in_the_browser(browser, tiny_pipeline):
     with live_server(create_app(RecordingPipeline(tiny_pipeline), model_name="tiny")) as url:
         browser.get(url + "/")

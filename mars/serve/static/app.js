@@ -110,14 +110,23 @@ $("caption-form").addEventListener("submit", async (event) => {
   const form = new FormData();
   form.append("image", file);
   form.append("lang", $("caption-lang").value);
+  // left empty: the model's own setting
+  for (const [id, field] of [["caption-rerank", "rerank"], ["caption-refine", "refine"]]) {
+    const value = numberField(id);
+    if (value !== null) form.append(field, value);
+  }
   const out = $("caption-text");
   out.className = "";
   out.textContent = "";
   out.dataset.state = "busy";
+  $("caption-status").textContent = "";
   try {
     const result = await withProgress("caption-progress", "caption-elapsed", $("caption"), () =>
       postJSON("/v1/captions", { method: "POST", body: form }));
     out.textContent = result.caption;
+    const s = result.settings;
+    $("caption-status").textContent = "best of " + s.rerank + " · " + s.refine + " rounds of edits · guidance "
+      + s.cfg_scale + " · generated in " + result.timings.generation_ms.toFixed(0) + " ms";
     out.dataset.state = "done";
   } catch (err) {
     out.textContent = err.message;
@@ -132,6 +141,9 @@ fetch("/v1/models").then((r) => r.json()).then((models) => {
   $("model-name").textContent = card.id + " · " + card.image_size + " px";
   $("n").max = card.max_images;
   $("rerank").max = card.max_rerank;
+  $("caption-rerank").max = card.max_rerank;
+  $("caption-refine").max = card.max_refine;
+  $("caption-refine").value = card.caption_defaults.refine;
   $("prompt").maxLength = card.max_prompt_chars;
   for (const [id, value] of Object.entries(card.sampling_defaults)) $(id).value = value;  // the model's own
 }).catch(() => {});
