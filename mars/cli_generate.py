@@ -45,6 +45,9 @@ def add_commands(subparsers) -> None:
     gen.add_argument("--rerank", type=int, default=1, metavar="N",
                      help="draw N candidates per image and keep the one whose prompt the model, reading the image "
                           "back, finds the likeliest caption (N times the work; default 1 = off)")
+    gen.add_argument("--rerank-drawing-weight", type=float, metavar="W",
+                     help="with --rerank: add W times the log-likelihood of a candidate's codes after the prompt "
+                          "to its score (0 = reading alone; default: the model's)")
     gen.add_argument("--batch-size", type=int, default=8, help="images generated at once (default 8)")
     gen.add_argument("--image-size", type=int, help="output side in pixels (default: the model's)")
     gen.add_argument("--grid", action="store_true", help="also write a contact sheet of all images")
@@ -189,6 +192,10 @@ def run_generate(args: argparse.Namespace) -> int:
         raise MarsError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.rerank < 1:
         raise MarsError(f"--rerank must be >= 1, got {args.rerank}")
+    if args.rerank_drawing_weight is not None:
+        from mars.generate import RerankConfig
+
+        RerankConfig(drawing_weight=args.rerank_drawing_weight)  # its rule, before the model loads
     pipe = _load_pipeline(args)
     settings = pipe.sampling_settings(args.cfg_scale, args.top_k, args.top_p, args.temperature)
     prompts = list(dict.fromkeys(j.prompt for j in jobs))
@@ -196,6 +203,8 @@ def run_generate(args: argparse.Namespace) -> int:
     manifest_path = Path(args.out_dir) / MANIFEST if args.out_dir else None
     record = {**settings, "image_size": args.image_size or pipe.model.config.image_size, "model": str(args.model),
               "rerank": args.rerank}
+    if args.rerank > 1:
+        record["rerank_drawing_weight"] = pipe.rerank_settings(args.rerank_drawing_weight).drawing_weight
     if args.negative_prompt is not None:  # checked before any work, like the prompts above
         from mars.generate import SampleConfig
 
@@ -211,7 +220,8 @@ def run_generate(args: argparse.Namespace) -> int:
             chunk = jobs[start : start + args.batch_size]
             made = pipe.generate([j.prompt for j in chunk], seed=chunk[0].seed, batch_size=len(chunk),
                                  image_size=args.image_size, compile=args.compile,
-                                 negative_prompt=args.negative_prompt, rerank=args.rerank, **settings)
+                                 negative_prompt=args.negative_prompt, rerank=args.rerank,
+                                 rerank_drawing_weight=args.rerank_drawing_weight, **settings)
             for job, image in zip(chunk, made):
                 image.save(job.path)
                 if manifest:

@@ -103,6 +103,23 @@ class CaptionConfig:
             raise MarsError(f"refine must be an integer >= 0 (rounds of edits; 0 = off), got {self.refine!r}")
 
 
+@dataclass(frozen=True)
+class RerankConfig:
+    """How a model judges its candidate images with `rerank` > 1 (the "rerank" entry of its
+    generation_config.json).
+
+    drawing_weight: the weight of the drawing term log p(codes | prompt) beside the reading term
+    log p(prompt | image) in a candidate's score (`mars.rerank.best_candidates`; 0 = reading alone).
+    """
+
+    drawing_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        weight = self.drawing_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:  # NaN too
+            raise MarsError(f"drawing_weight must be a finite number >= 0 (0 = reading alone), got {weight!r}")
+
+
 T = TypeVar("T")
 
 

@@ -19,6 +19,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from PIL import Image
@@ -30,6 +31,7 @@ from mars.errors import MarsError
 from mars.generate import (
     CAPTION_INSTRUCTIONS,
     CaptionConfig,
+    RerankConfig,
     SampleConfig,
     caption_prefix,
     generate_image_and_text,
@@ -44,6 +46,7 @@ from mars.rerank import best_candidates, best_caption, check_fits, refine_captio
 from mars.text_tokenizer import TextTokenizer
 from mars.vq import VQModel, load_tokenizer
 
+T = TypeVar("T")
 RERANK_SEED_STRIDE = 1_000_003  # seed of candidate k of an image: its seed + k * this (a prime)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -78,7 +81,8 @@ class MarsPipeline:
     """A SemVIE model with its text tokenizer and VQ-GAN: prompts -> images, images -> text."""
 
     def __init__(self, model: SemVIE, text_tokenizer: TextTokenizer, vq: VQModel,
-                 generation_config: SampleConfig | None = None, caption_config: CaptionConfig | None = None) -> None:
+                 generation_config: SampleConfig | None = None, caption_config: CaptionConfig | None = None,
+                 rerank_config: RerankConfig | None = None) -> None:
         config = model.config
         if vq.config.codebook_size != config.image_vocab_size:
             raise MarsError(f"the VQ-GAN has {vq.config.codebook_size} codes but the model "
@@ -96,6 +100,8 @@ class MarsPipeline:
         self.generation_config = generation_config or SampleConfig()
         # ... and of a caption call
         self.caption_config = caption_config or CaptionConfig()
+        # ... and how candidate images are judged with rerank > 1
+        self.rerank_config = rerank_config or RerankConfig()
 
     @classmethod
     def from_pretrained(
@@ -117,7 +123,8 @@ class MarsPipeline:
         model = SemVIE.from_pretrained(path, device=device, dtype=dtype)
         text_tokenizer = load_model_text_tokenizer(path, model.config.text_tokenizer)
         vq = load_tokenizer(path / VQ_DIR, device=device)
-        return cls(model, text_tokenizer, vq, load_generation_config(path), load_caption_config(path))
+        return cls(model, text_tokenizer, vq, load_generation_config(path), load_caption_config(path),
+                   load_rerank_config(path))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write a folder `from_pretrained` reads: config + weights, tokenizer/, vq/."""
@@ -125,8 +132,9 @@ class MarsPipeline:
         self.model.save_pretrained(directory)
         self.tokenizer.save(directory / "tokenizer")
         self.vq.save_pretrained(directory / VQ_DIR)
-        if self.generation_config != SampleConfig() or self.caption_config != CaptionConfig():
-            save_generation_config(directory, self.generation_config, self.caption_config)
+        if (self.generation_config, self.caption_config, self.rerank_config) != (SampleConfig(), CaptionConfig(),
+                                                                                   RerankConfig()):
+            save_generation_config(directory, self.generation_config, self.caption_config, self.rerank_config)
 
     def sampling_settings(self, cfg_scale: float | None = None, top_k: int | None = None,
                           top_p: float | None = None, temperature: float | None = None) -> dict[str, float | int]:
@@ -138,6 +146,10 @@ class MarsPipeline:
                          refine: int | None = None) -> CaptionConfig:
         """The caption decoding a caption call uses: the given settings, the model's defaults for the rest."""
         return with_given(self.caption_config, cfg_scale=cfg_scale, plausibility=plausibility, refine=refine)
+
+    def rerank_settings(self, drawing_weight: float | None = None) -> RerankConfig:
+        """How a generate call with rerank > 1 judges its candidates: the given weight, else the model's."""
+        return with_given(self.rerank_config, drawing_weight=drawing_weight)
 
     @property
     def device(self) -> torch.device:
@@ -159,6 +171,7 @@ class MarsPipeline:
         compile: bool = False,
         negative_prompt: str | Sequence[str] | None = None,
         rerank: int = 1,
+        rerank_drawing_weight: float | None = None,
     ) -> list[Image.Image]:
         """Images for `prompts` (English, Chinese, any text the tokenizer reads).
 
@@ -174,9 +187,11 @@ class MarsPipeline:
         `negative_prompt` (one for all prompts, or one per prompt; "" = the null prompt) takes the
         null prompt's place in guidance, steering the images away from it; it needs cfg_scale != 1.
         `rerank` > 1 draws that many candidates per image and keeps the one under which the model,
-        reading it back, finds the prompt the likeliest caption (`mars.rerank`); candidate k of the
-        image with seed s uses seed `s + k * RERANK_SEED_STRIDE`, so candidate 0 is the image that
-        `rerank=1` makes.
+        reading it back, finds the prompt the likeliest caption, plus `rerank_drawing_weight` times
+        the log-likelihood of its codes after the prompt (`mars.rerank.best_candidates`; None = the
+        model's default, `rerank_config`: the "rerank" entry of its generation_config.json, else 0);
+        candidate k of the image with seed s uses seed `s + k * RERANK_SEED_STRIDE`, so candidate 0
+        is the image that `rerank=1` makes.
         """
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         sampling = SampleConfig(**self.sampling_settings(cfg_scale, top_k, top_p, temperature))
@@ -185,6 +200,7 @@ class MarsPipeline:
         _check_count("num_images_per_prompt", num_images_per_prompt)
         _check_count("batch_size", batch_size)
         _check_count("rerank", rerank)
+        judging = self.rerank_settings(rerank_drawing_weight)
         if rerank > 1:
             check_fits(self.model, self.tokenizer, prompt_list, grid * grid)
         texts = [p for p in prompt_list for _ in range(num_images_per_prompt)]
@@ -209,7 +225,7 @@ class MarsPipeline:
                 bar.update(len(chunk))
         kept = torch.cat(codes)  # (len(candidates), h, w)
         if rerank > 1:
-            kept = best_candidates(self.model, self.tokenizer, texts, kept, rerank)
+            kept = best_candidates(self.model, self.tokenizer, texts, kept, rerank, judging.drawing_weight)
         return [image for start in range(0, len(kept), batch_size)
                 for image in self.decode_codes(kept[start : start + batch_size])]
 
@@ -388,6 +404,7 @@ class MarsPipeline:
 
 
 CAPTION_KEY = "caption"  # generation_config.json entry of the caption defaults (CaptionConfig fields)
+RERANK_KEY = "rerank"  # ... and of how candidate images are judged (RerankConfig fields)
 
 
 def _read_generation_config(model_dir: str | os.PathLike) -> tuple[Path, dict]:
@@ -399,31 +416,42 @@ def load_generation_config(model_dir: str | os.PathLike) -> SampleConfig:
     """A model folder's default sampling settings (its generation_config.json), else SampleConfig()."""
     path, data = _read_generation_config(model_dir)
     data.pop(CAPTION_KEY, None)
+    data.pop(RERANK_KEY, None)
     try:
         return from_dict(SampleConfig, data)
     except MarsError as err:
         raise MarsError(f"{path}: {err}") from None
 
 
-def load_caption_config(model_dir: str | os.PathLike) -> CaptionConfig:
-    """A model folder's default caption decoding (generation_config.json's "caption"), else CaptionConfig()."""
+def _load_section(model_dir: str | os.PathLike, key: str, cls: type[T]) -> T:
     path, data = _read_generation_config(model_dir)
-    section = data.get(CAPTION_KEY, {})
+    section = data.get(key, {})
     if not isinstance(section, dict):
-        raise MarsError(f"{path}: {CAPTION_KEY} must be a mapping of CaptionConfig fields, got {section!r}")
+        raise MarsError(f"{path}: {key} must be a mapping of {cls.__name__} fields, got {section!r}")
     try:
-        return from_dict(CaptionConfig, section, prefix=f"{CAPTION_KEY}.")
+        return from_dict(cls, section, prefix=f"{key}.")
     except MarsError as err:
         raise MarsError(f"{path}: {err}") from None
 
 
-def save_generation_config(model_dir: str | os.PathLike, config: SampleConfig,
-                           caption: CaptionConfig | None = None) -> None:
-    """Write a model folder's generation_config.json: `config`, and `caption` unless it is the default
-    (what `load_generation_config` and `load_caption_config` read)."""
+def load_caption_config(model_dir: str | os.PathLike) -> CaptionConfig:
+    """A model folder's default caption decoding (generation_config.json's "caption"), else CaptionConfig()."""
+    return _load_section(model_dir, CAPTION_KEY, CaptionConfig)
+
+
+def load_rerank_config(model_dir: str | os.PathLike) -> RerankConfig:
+    """How a model folder judges candidate images (generation_config.json's "rerank"), else RerankConfig()."""
+    return _load_section(model_dir, RERANK_KEY, RerankConfig)
+
+
+def save_generation_config(model_dir: str | os.PathLike, config: SampleConfig, caption: CaptionConfig | None = None,
+                           rerank: RerankConfig | None = None) -> None:
+    """Write a model folder's generation_config.json: `config`, and `caption` and `rerank` unless they
+    are the defaults (what `load_generation_config`, `load_caption_config`, `load_rerank_config` read)."""
     data = dataclasses.asdict(config)
-    if caption is not None and caption != CaptionConfig():
-        data[CAPTION_KEY] = dataclasses.asdict(caption)
+    for key, section in ((CAPTION_KEY, caption), (RERANK_KEY, rerank)):
+        if section is not None and section != type(section)():
+            data[key] = dataclasses.asdict(section)
     (Path(model_dir) / GENERATION_CONFIG).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 

@@ -13,6 +13,14 @@ with the caption instruction and form of the prompt's language (English captions
 instruction after a space, as in training). Every candidate is scored on the same text, so the
 scores compare directly; the end-of-text term also penalises images with more than the prompt
 asks for. This is reranking with the model itself, as DALL-E reranked with CLIP: no second model.
+A model may add the drawing direction (`rerank_drawing_weight`, its generation_config.json's
+"rerank" entry):
+
+    score(image) += w * log p(codes | prompt <img>)
+
+which prefers, among images the prompt explains equally well, the one it would most likely draw:
+fewer stray codes, so fewer extra objects (the built-in model reads "four" and "five" alike but
+draws five objects as less likely than four; w = 0.1 there, chosen on validation prompts).
 
 Captions are reranked the other way round (`MarsPipeline.caption(..., rerank=N)`): of N candidate
 captions of an image, the one kept is the one under which the model, drawing, finds the image's own
@@ -104,8 +112,9 @@ def caption_log_likelihood(model: SemVIE, codes: torch.Tensor, instruction: list
 
 
 def best_candidates(model: SemVIE, tokenizer: TextTokenizer, prompts: list[str], codes: torch.Tensor,
-                    per_image: int) -> torch.Tensor:
-    """Keep, for each prompt, the candidate its caption likelihood prefers.
+                    per_image: int, drawing_weight: float = 0.0) -> torch.Tensor:
+    """Keep, for each prompt, the candidate with the highest score: its caption likelihood of the
+    prompt, plus `drawing_weight` times its codes' likelihood after the prompt.
 
     `codes` (len(prompts) * per_image, h, w) holds each prompt's candidates one after the other;
     returns (len(prompts), h, w).
@@ -115,26 +124,37 @@ def best_candidates(model: SemVIE, tokenizer: TextTokenizer, prompts: list[str],
         candidates = codes[i * per_image : (i + 1) * per_image]
         instruction, caption = caption_ids(tokenizer, prompt)
         scores = caption_log_likelihood(model, candidates, instruction, caption)
+        if drawing_weight:
+            scores = scores + drawing_weight * drawing_log_likelihoods(model, [tokenizer.encode(prompt)] * per_image,
+                                                                      candidates)
         kept.append(candidates[int(scores.argmax())])
     return torch.stack(kept)
 
 
 @torch.inference_mode()
-def image_log_likelihood(model: SemVIE, prompts: list[list[int]], codes: torch.Tensor) -> torch.Tensor:
-    """log p(codes | prompt <img>) of one image's codes (h, w) under each prompt (text ids) -> (N,) in nats.
+def drawing_log_likelihoods(model: SemVIE, prompts: list[list[int]], codes: torch.Tensor) -> torch.Tensor:
+    """log p(codes_i | prompt_i <img>) per row: N prompts (text ids) and codes (N, h, w) -> (N,) in nats.
 
     One forward over the N left-padded sequences `prompt <img> c_1 .. c_n` (the text-to-image
-    sequence form), each code's probability normalised over the image codes, as images are drawn.
+    sequence form), each code's probability normalised over the image codes, as images are drawn
+    (the conditional model alone, without guidance).
     """
+    if len(prompts) != len(codes):
+        raise ValueError(f"{len(prompts)} prompts for {len(codes)} images")
     vocab = model.vocab
-    image = vocab.codes_to_ids(codes.flatten().cpu()).tolist()
     device, _ = model_device_dtype(model)
-    ids, pad = left_pad([[*prompt, vocab.boi_id, *image] for prompt in prompts], device)  # (N, L)
-    inputs, n = ids[:, :-1], len(image)
+    images = vocab.codes_to_ids(codes.flatten(1).cpu()).tolist()  # (N, n)
+    ids, pad = left_pad([[*prompt, vocab.boi_id, *image] for prompt, image in zip(prompts, images)], device)
+    inputs, n = ids[:, :-1], codes[0].numel()  # ids (N, L)
     hidden = model.forward_hidden(inputs, model.image_mask(inputs), pad_lengths=pad)[:, -n:]  # (N, n, C)
     log_probs = F.log_softmax(model.logits(hidden, rows=vocab.image_ids).float(), dim=-1)  # (N, n, K)
     targets = ids[:, -n:] - vocab.image_ids.start  # (N, n) code indices
     return log_probs.gather(-1, targets[..., None]).squeeze(-1).sum(-1)
+
+
+def image_log_likelihood(model: SemVIE, prompts: list[list[int]], codes: torch.Tensor) -> torch.Tensor:
+    """log p(codes | prompt <img>) of one image's codes (h, w) under each prompt (text ids) -> (N,) in nats."""
+    return drawing_log_likelihoods(model, prompts, codes.expand(len(prompts), *codes.shape))
 
 
 def best_caption(model: SemVIE, candidates: list[list[int]], codes: torch.Tensor) -> list[int]:

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from mars import MarsPipeline
 from mars.cli import main
 from mars.errors import MarsError
-from mars.generate import SampleConfig, caption_prefix, generate_image_tokens, make_generators
+from mars.generate import RerankConfig, SampleConfig, caption_prefix, generate_image_tokens, make_generators
 from mars.pipeline import RERANK_SEED_STRIDE
 from mars.rerank import (best_candidates, caption_as_prompt, caption_ids, caption_log_likelihood,
-                         caption_log_likelihoods, caption_scores, continuation_log_likelihoods, image_log_likelihood,
-                         one_token_edits, prompt_language, refine_caption)
+                         caption_log_likelihoods, caption_scores, continuation_log_likelihoods,
+                         drawing_log_likelihoods, image_log_likelihood, one_token_edits, prompt_language,
+                         refine_caption)
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,18 @@ def pipe(tiny_model_dir):
 
 def pixels(images):
     return [np.asarray(im, dtype=np.int16) for im in images]
+
+
+def drawn_log_likelihood(model, prompt: list[int], codes: torch.Tensor) -> float:
+    """log p(codes | prompt <img>) by one unpadded forward, each code normalised among image codes
+    only, as images are drawn."""
+    vocab = model.vocab
+    image = vocab.codes_to_ids(codes.flatten()).tolist()
+    ids = torch.tensor([[*prompt, vocab.boi_id, *image]])
+    with torch.inference_mode():
+        logits = model(ids[:, :-1], model.image_mask(ids[:, :-1]))[0, -len(image):]
+    log_probs = F.log_softmax(logits[:, vocab.image_ids].double(), dim=-1)
+    return sum(float(log_probs[t, ids[0, -len(image) + t] - vocab.image_offset]) for t in range(len(image)))
 
 
 def test_prompt_language_picks_the_caption_language():
@@ -75,6 +88,24 @@ def test_best_candidates_keeps_each_prompts_likeliest_caption(pipe):
         assert torch.equal(kept[i], codes[3 * i + int(scores.argmax())])
 
 
+def test_best_candidates_adds_the_weighted_drawing_term(pipe):
+    model, tok = pipe.model, pipe.tokenizer
+    torch.manual_seed(4)
+    prompts = ["a red circle", "一个蓝色的正方形"]
+    codes = torch.randint(0, model.config.image_vocab_size, (8, 4, 4))  # 4 candidates per prompt
+    changed = False
+    for i, prompt in enumerate(prompts):
+        candidates = codes[4 * i : 4 * i + 4]
+        reading = caption_log_likelihood(model, candidates, *caption_ids(tok, prompt))
+        drawing = torch.tensor([drawn_log_likelihood(model, tok.encode(prompt), c) for c in candidates])
+        for weight in (0.5, 100.0):
+            kept = best_candidates(model, tok, prompts, codes, per_image=4, drawing_weight=weight)
+            best = int((reading.double() + weight * drawing).argmax())
+            assert torch.equal(kept[i], candidates[best])
+            changed |= best != int(reading.argmax())
+    assert changed  # the drawing term changed a choice
+
+
 def test_pipeline_rerank_keeps_the_best_of_the_seeded_candidates(pipe):
     prompt, seed, n = "a red circle", 6, 3
     settings = pipe.sampling_settings(cfg_scale=2.0, top_k=20)
@@ -100,6 +131,32 @@ def test_pipeline_rerank_is_the_same_alone_or_in_a_batch(pipe):
         assert np.abs(together[i] - alone).max() <= 1
 
 
+def test_rerank_drawing_weight_is_the_models_default_and_overridable(pipe, tmp_path):
+    weighted = MarsPipeline(pipe.model, pipe.tokenizer, pipe.vq, rerank_config=RerankConfig(drawing_weight=100.0))
+    assert pipe.rerank_config == RerankConfig()  # a folder without the entry: reading alone
+    images = {}
+    for seed in range(6):
+        images[seed] = [pixels(p.generate("a red circle", seed=seed, rerank=4, top_k=20, **kw))[0]
+                        for p, kw in ((weighted, {}), (pipe, {"rerank_drawing_weight": 100.0}), (pipe, {}),
+                                      (weighted, {"rerank_drawing_weight": 0.0}))]
+        by_default, given, reading, given_zero = images[seed]
+        assert np.abs(by_default - given).max() <= 1 and np.abs(reading - given_zero).max() <= 1
+    assert any(np.abs(a - c).max() > 1 for a, _, c, _ in images.values())  # the weight changed a choice
+    weighted.save_pretrained(tmp_path / "copy")  # the default travels with the model
+    config = json.loads((tmp_path / "copy" / "generation_config.json").read_text())
+    assert config["rerank"] == {"drawing_weight": 100.0}
+    assert MarsPipeline.from_pretrained(tmp_path / "copy", device="cpu").rerank_config == weighted.rerank_config
+    for bad, message in (('{"rerank": {"drawing_weight": -1}}', "drawing_weight must be a finite number >= 0"),
+                         ('{"rerank": {"drawing_weight": NaN}}', "drawing_weight must be a finite number >= 0"),
+                         ('{"rerank": {"weight": 1}}', "unknown key 'rerank.weight'"),
+                         ('{"rerank": 0.1}', "rerank must be a mapping")):
+        (tmp_path / "copy" / "generation_config.json").write_text(bad)
+        with pytest.raises(MarsError, match=message):
+            MarsPipeline.from_pretrained(tmp_path / "copy", device="cpu")
+    with pytest.raises(MarsError, match="drawing_weight"):
+        pipe.generate("a red circle", rerank=2, rerank_drawing_weight=float("inf"))
+
+
 def test_rerank_must_be_positive_and_fit_the_context(pipe):
     with pytest.raises(MarsError, match="rerank"):
         pipe.generate("a red circle", rerank=0)
@@ -116,28 +173,36 @@ def test_cli_rerank_records_the_setting(tmp_path, tiny_model_dir):
     assert main(["generate", "a red circle", "--out-dir", str(out), "--model", str(tiny_model_dir),
                  "--device", "cpu", "--rerank", "2"]) == 0
     line = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
-    assert line["settings"]["rerank"] == 2
-    assert main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--model", str(tiny_model_dir),
-                 "--device", "cpu", "--rerank", "0"]) != 0
+    assert line["settings"]["rerank"] == 2 and line["settings"]["rerank_drawing_weight"] == 0.0  # the model's
+    assert main(["generate", "a red circle", "--out-dir", str(out), "--model", str(tiny_model_dir), "--overwrite",
+                 "--device", "cpu", "--rerank", "2", "--rerank-drawing-weight", "0.5"]) == 0
+    assert json.loads((out / "manifest.jsonl").read_text().splitlines()[0])["settings"]["rerank_drawing_weight"] == 0.5
+    for bad in (["--rerank", "0"], ["--rerank", "2", "--rerank-drawing-weight", "-1"]):
+        assert main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--model", str(tiny_model_dir),
+                     "--device", "cpu", *bad]) != 0
 
 
 # --- captions reranked by the text-to-image direction ------------------------------------------
 
 
 def test_image_log_likelihood_equals_a_forward_per_prompt(pipe):
-    model, vocab = pipe.model, pipe.model.vocab
+    model = pipe.model
     codes = torch.randint(0, model.config.image_vocab_size, (4, 4), generator=torch.Generator().manual_seed(1))
     prompts = [pipe.tokenizer.encode(t) for t in ("a red circle", "一个蓝色的正方形在左边", "")]  # padding
     got = image_log_likelihood(model, prompts, codes)
-    image = vocab.codes_to_ids(codes.flatten()).tolist()
-    with torch.inference_mode():
-        for score, prompt in zip(got, prompts):
-            ids = torch.tensor([[*prompt, vocab.boi_id, *image]])
-            logits = model(ids[:, :-1], model.image_mask(ids[:, :-1]))[0, -len(image):]  # unpadded
-            # among image codes only, as images are drawn
-            log_probs = F.log_softmax(logits[:, vocab.image_ids].double(), dim=-1)
-            want = sum(float(log_probs[t, ids[0, -len(image) + t] - vocab.image_offset]) for t in range(len(image)))
-            assert float(score) == pytest.approx(want, abs=1e-3)
+    for score, prompt in zip(got, prompts):
+        assert float(score) == pytest.approx(drawn_log_likelihood(model, prompt, codes), abs=1e-3)
+
+
+def test_drawing_log_likelihoods_of_different_images_equal_a_forward_each(pipe):
+    model = pipe.model
+    codes = torch.randint(0, model.config.image_vocab_size, (3, 4, 4), generator=torch.Generator().manual_seed(2))
+    prompts = [pipe.tokenizer.encode(t) for t in ("a red circle", "一个蓝色的正方形在左边", "")]
+    got = drawing_log_likelihoods(model, prompts, codes)
+    for score, prompt, c in zip(got, prompts, codes):
+        assert float(score) == pytest.approx(drawn_log_likelihood(model, prompt, c), abs=1e-3)
+    with pytest.raises(ValueError, match="2 prompts for 3 images"):
+        drawing_log_likelihoods(model, prompts[:2], codes)
 
 
 def test_caption_rerank_keeps_the_candidate_that_best_explains_the_image(pipe):

@@ -58,6 +58,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, seed_help: str) -> None:
     p.add_argument("--rerank", type=int, default=1, metavar="N",
                    help="best of N candidates per image by the model's own caption likelihood of the prompt "
                         "(mars.rerank; N times the work; default 1 = off)")
+    p.add_argument("--rerank-drawing-weight", type=float, default=None, metavar="W",
+                   help="with --rerank: add W times the log-likelihood of a candidate's codes after the prompt to "
+                        "its score (0 = reading alone; default: the model's)")
     p.add_argument("--shard", default=None, metavar="R/W",
                    help="make only images i with i %% W == R (default: torchrun's RANK/WORLD_SIZE, else all)")
 
@@ -74,15 +77,20 @@ def _load_pipeline(args: argparse.Namespace):
 def _generator(args: argparse.Namespace):
     """(GenerateFn, settings recorded next to the images) from the sampling arguments."""
     from mars.eval.runner import pipeline_generate_fn
+    from mars.generate import RerankConfig
 
     if args.rerank < 1:  # before the model loads or the output folder is made
         raise MarsError(f"--rerank must be >= 1, got {args.rerank}")
+    if args.rerank_drawing_weight is not None:
+        RerankConfig(drawing_weight=args.rerank_drawing_weight)  # its rule, before the model loads
     pipe, model_path = _load_pipeline(args)
     sampling = pipe.sampling_settings(args.cfg_scale, args.top_k, args.top_p, args.temperature)
+    judging = pipe.rerank_settings(args.rerank_drawing_weight)
     settings = {"model": model_path, **sampling, "seed": args.seed}
     if args.rerank > 1:  # absent when off, so earlier runs' settings.json still match
-        settings["rerank"] = args.rerank
-    return pipeline_generate_fn(pipe, **sampling, rerank=args.rerank), settings
+        settings |= {"rerank": args.rerank, "rerank_drawing_weight": judging.drawing_weight}
+    return pipeline_generate_fn(pipe, **sampling, rerank=args.rerank,
+                                rerank_drawing_weight=judging.drawing_weight), settings
 
 
 def add_commands(subparsers) -> None:

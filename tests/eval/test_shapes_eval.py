@@ -185,9 +185,14 @@ def test_shapes_cli_records_rerank_and_refuses_to_mix_it(tiny_model_dir, tmp_pat
     args = ["eval", "shapes", "--model", str(tiny_model_dir), "--n-per-category", "1", "--lang", "zh",
             "--out-dir", str(out), "--device", "cpu"]
     assert main(args + ["--rerank", "2"]) == 0
-    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["settings"]["rerank"] == 2
+    settings = json.loads((out / "results.json").read_text(encoding="utf-8"))["settings"]
+    assert settings["rerank"] == 2 and settings["rerank_drawing_weight"] == 0.0  # the tiny model's default
     capsys.readouterr()
     assert main(args) == 2  # the same folder without reranking: other settings
     assert "other settings" in capsys.readouterr().err
     assert main(args + ["--rerank", "0", "--out-dir", str(tmp_path / "bad")]) == 2
     assert "--rerank must be >= 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(args + ["--rerank", "2", "--rerank-drawing-weight", "0.5"]) == 2  # another weight: other settings
+    assert "other settings" in capsys.readouterr().err
+    assert main(args + ["--rerank", "2", "--rerank-drawing-weight", "-1", "--out-dir", str(tmp_path / "bad")]) == 2
+    assert "drawing_weight must be" in capsys.readouterr().err and not (tmp_path / "bad").exists()
