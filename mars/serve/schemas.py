@@ -53,7 +53,9 @@ class GenerationRequest(_Strict):
                                                           "in guidance (needs cfg_scale != 1).")
     rerank: int = Field(1, ge=1, description="Best of this many candidates per image: the one kept is the one "
                                              "under which the model, reading it back, finds the prompt the "
-                                             "likeliest caption (costs this many generations; 1 = off).")
+                                             "likeliest caption, with the model's drawing term (the \"rerank\" "
+                                             "entry of its generation_config.json; costs this many generations; "
+                                             "1 = off).")
 
 
 class GeneratedImage(BaseModel):
