@@ -19,8 +19,9 @@ A model may add the drawing direction (`rerank_drawing_weight`, its generation_c
     score(image) += w * log p(codes | prompt <img>)
 
 which prefers, among images the prompt explains equally well, the one it would most likely draw:
-fewer stray codes, so fewer extra objects (the built-in model reads "four" and "five" alike but
-draws five objects as less likely than four; w = 0.1 there, chosen on validation prompts).
+fewer stray codes, so fewer extra objects (the built-in model reads "four red circles" on five
+circles as well as on four, its captions never having said "five"; with the drawing term, w = 0.1
+chosen on validation prompts, it keeps the right count far more often: docs/shapes-demo.md).
 
 Captions are reranked the other way round (`MarsPipeline.caption(..., rerank=N)`): of N candidate
 captions of an image, the one kept is the one under which the model, drawing, finds the image's own
