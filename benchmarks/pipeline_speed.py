@@ -2,6 +2,7 @@
 
     python benchmarks/pipeline_speed.py                         # the built-in model, 1 thread
     python benchmarks/pipeline_speed.py --model DIR --batch 1 8 --threads 2
+    python benchmarks/pipeline_speed.py --rerank 4 --rerank-drawing-weight 0 --no-compile   # best of 4
 
 Uses the model's own sampling settings (its generation_config.json). For each batch size, eager and
 compiled (`compile=True`) runs alternate in one process, so a machine whose speed drifts affects
@@ -36,21 +37,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-compile", action="store_true", help="eager runs only")
+    parser.add_argument("--rerank", type=int, default=1, metavar="N", help="best of N candidates per image")
+    parser.add_argument("--rerank-drawing-weight", type=float, metavar="W",
+                        help="with --rerank: the drawing term's weight (default: the model's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = MarsPipeline.from_pretrained(args.model)
     modes = [False] if args.no_compile else [False, True]
+    judging = f", best of {args.rerank} ({pipe.rerank_settings(args.rerank_drawing_weight)})" if args.rerank > 1 else ""
     print(f"{args.model} on {pipe.device}, {args.threads} thread(s), torch {torch.__version__}, "
-          f"sampling {pipe.sampling_settings()}")
+          f"sampling {pipe.sampling_settings()}{judging}")
+    options = {"rerank": args.rerank, "rerank_drawing_weight": args.rerank_drawing_weight}
     print("| batch | mode | best s / image (wall) | median (wall) | best (CPU) | first call s |")
     print("|---|---|---|---|---|---|")
     for batch in args.batch:
         prompts = [PROMPT] * batch
-        first = {c: timed(lambda c=c: pipe.generate(prompts, seed=0, batch_size=batch, compile=c))[0] for c in modes}
+        first = {c: timed(lambda c=c: pipe.generate(prompts, seed=0, batch_size=batch, compile=c, **options))[0]
+                 for c in modes}
         runs: dict[bool, list[tuple[float, float]]] = {c: [] for c in modes}
         for r in range(args.repeats):
             for c in modes:
-                runs[c].append(timed(lambda c=c: pipe.generate(prompts, seed=r + 1, batch_size=batch, compile=c)))
+                runs[c].append(timed(lambda c=c: pipe.generate(prompts, seed=r + 1, batch_size=batch, compile=c,
+                                                               **options)))
         for c in modes:
             walls = [w / batch for w, _ in runs[c]]
             cpus = [u / batch for _, u in runs[c]]
