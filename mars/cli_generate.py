@@ -44,7 +44,8 @@ def add_commands(subparsers) -> None:
                                                "(needs --cfg-scale != 1)")
     gen.add_argument("--rerank", type=int, default=1, metavar="N",
                      help="draw N candidates per image and keep the one whose prompt the model, reading the image "
-                          "back, finds the likeliest caption (N times the work; default 1 = off)")
+                          "back, finds the likeliest caption, with the drawing term below (N times the work; "
+                          "default 1 = off)")
     gen.add_argument("--rerank-drawing-weight", type=float, metavar="W",
                      help="with --rerank: add W times the log-likelihood of a candidate's codes after the prompt "
                           "to its score (0 = reading alone; default: the model's)")
@@ -192,11 +193,11 @@ def run_generate(args: argparse.Namespace) -> int:
         raise MarsError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.rerank < 1:
         raise MarsError(f"--rerank must be >= 1, got {args.rerank}")
-    if args.rerank_drawing_weight is not None:
-        from mars.generate import RerankConfig
+    from mars.generate import RerankConfig, with_given
 
-        RerankConfig(drawing_weight=args.rerank_drawing_weight)  # its rule, before the model loads
+    with_given(RerankConfig(), drawing_weight=args.rerank_drawing_weight)  # its rule, before the model loads
     pipe = _load_pipeline(args)
+    judging = pipe.rerank_settings(args.rerank_drawing_weight)
     settings = pipe.sampling_settings(args.cfg_scale, args.top_k, args.top_p, args.temperature)
     prompts = list(dict.fromkeys(j.prompt for j in jobs))
     pipe.encode_prompts(prompts, pipe.image_tokens(args.image_size))  # reject bad prompts before any work
@@ -204,7 +205,7 @@ def run_generate(args: argparse.Namespace) -> int:
     record = {**settings, "image_size": args.image_size or pipe.model.config.image_size, "model": str(args.model),
               "rerank": args.rerank}
     if args.rerank > 1:
-        record["rerank_drawing_weight"] = pipe.rerank_settings(args.rerank_drawing_weight).drawing_weight
+        record["rerank_drawing_weight"] = judging.drawing_weight
     if args.negative_prompt is not None:  # checked before any work, like the prompts above
         from mars.generate import SampleConfig
 
@@ -221,7 +222,7 @@ def run_generate(args: argparse.Namespace) -> int:
             made = pipe.generate([j.prompt for j in chunk], seed=chunk[0].seed, batch_size=len(chunk),
                                  image_size=args.image_size, compile=args.compile,
                                  negative_prompt=args.negative_prompt, rerank=args.rerank,
-                                 rerank_drawing_weight=args.rerank_drawing_weight, **settings)
+                                 rerank_drawing_weight=judging.drawing_weight, **settings)
             for job, image in zip(chunk, made):
                 image.save(job.path)
                 if manifest:

@@ -56,8 +56,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, seed_help: str) -> None:
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (default: the model's, else 1)")
     p.add_argument("--rerank", type=int, default=1, metavar="N",
-                   help="best of N candidates per image by the model's own caption likelihood of the prompt "
-                        "(mars.rerank; N times the work; default 1 = off)")
+                   help="best of N candidates per image by the model's own caption likelihood of the prompt, "
+                        "with the drawing term below (mars.rerank; N times the work; default 1 = off)")
     p.add_argument("--rerank-drawing-weight", type=float, default=None, metavar="W",
                    help="with --rerank: add W times the log-likelihood of a candidate's codes after the prompt to "
                         "its score (0 = reading alone; default: the model's)")
@@ -77,12 +77,11 @@ def _load_pipeline(args: argparse.Namespace):
 def _generator(args: argparse.Namespace):
     """(GenerateFn, settings recorded next to the images) from the sampling arguments."""
     from mars.eval.runner import pipeline_generate_fn
-    from mars.generate import RerankConfig
+    from mars.generate import RerankConfig, with_given
 
     if args.rerank < 1:  # before the model loads or the output folder is made
         raise MarsError(f"--rerank must be >= 1, got {args.rerank}")
-    if args.rerank_drawing_weight is not None:
-        RerankConfig(drawing_weight=args.rerank_drawing_weight)  # its rule, before the model loads
+    with_given(RerankConfig(), drawing_weight=args.rerank_drawing_weight)  # its rule, before the model loads
     pipe, model_path = _load_pipeline(args)
     sampling = pipe.sampling_settings(args.cfg_scale, args.top_k, args.top_p, args.temperature)
     judging = pipe.rerank_settings(args.rerank_drawing_weight)

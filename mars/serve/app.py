@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mars.data.images import UnusableImage, load_image
 from mars.errors import MarsError
-from mars.generate import SampleConfig
+from mars.generate import CaptionConfig, SampleConfig
 from mars.rerank import check_fits
 from mars.serve.batcher import Batcher, BatcherStopped, JobResult, QueueFull
 from mars.serve.schemas import (
@@ -136,6 +136,12 @@ async def run_job(batcher: Batcher, request: Request, key: Hashable, rows: list[
     finally:
         disconnect.cancel()
         result.cancel()  # no-op when done; otherwise cancels job.future (see Batcher)
+
+
+def caption_settings(guidance: CaptionConfig, rerank: int = 1) -> CaptionSettings:
+    """The caption settings a response or the model card shows: the caption decoding and best-of."""
+    return CaptionSettings(cfg_scale=guidance.cfg_scale, plausibility=guidance.plausibility, rerank=rerank,
+                           refine=guidance.refine)
 
 
 def timings(result: JobResult, arrived: float) -> Timings:
@@ -334,8 +340,7 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
         guidance = pipeline.caption_settings(cfg_scale, plausibility, refine)
         if guidance.refine > limits.max_refine:
             raise ApiError(422, f"refine: at most {limits.max_refine} rounds of edits, got {guidance.refine}")
-        settings = CaptionSettings(cfg_scale=guidance.cfg_scale, plausibility=guidance.plausibility, rerank=rerank,
-                                   refine=guidance.refine)
+        settings = caption_settings(guidance, rerank)
         data = await image.read(limits.max_upload_bytes + 1)
         picture = await run_in_threadpool(decode_upload, data, limits)
         # one batch per setting
@@ -354,14 +359,11 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
-        guidance = pipeline.caption_settings()
-        caption_defaults = CaptionSettings(cfg_scale=guidance.cfg_scale, plausibility=guidance.plausibility,
-                                           refine=guidance.refine)
         card = ModelCard(id=model_name, image_size=config.image_size, max_prompt_tokens=token_limit,
                          max_prompt_chars=limits.max_prompt_chars, max_images=limits.max_images,
                          max_rerank=limits.max_rerank, max_refine=limits.max_refine,
                          sampling_defaults=GenerationSettings(**pipeline.sampling_settings()),
-                         caption_defaults=caption_defaults,
+                         caption_defaults=caption_settings(pipeline.caption_settings()),
                          caption_languages=list(CAPTION_LANGS), upload_formats=list(limits.upload_formats),
                          max_upload_bytes=limits.max_upload_bytes)
         return ModelList(data=[card])
