@@ -81,6 +81,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+def blend_rope(line: tuple[torch.Tensor, torch.Tensor], grid: tuple[torch.Tensor, torch.Tensor],
+               blend: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables `blend` of the way from 1-D positions' (`line`) to 2-D positions' (`grid`).
+
+    Rotations, not positions, are mixed: `apply_rope` is linear in (cos, sin), so a query or key is
+    rotated by (1 - blend) R(1-D) + blend R(2-D), and every attention score moves smoothly with
+    `blend` (a position moved even 5 % of the way from k to (k // 16, k % 16) turns the fastest
+    frequencies by radians: the built-in model's held-out T2I loss 0.18 -> 1.28 nats per code).
+    """
+    return tuple((1.0 - blend) * a + blend * b for a, b in zip(line, grid))
+
+
 NO_IMAGE = 2**40  # the image start of a row that holds no <img>: beyond any position
 
 
@@ -305,6 +317,9 @@ class SemVIE(nn.Module):
         self.layers = nn.ModuleList(SemVIEBlock(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else FusionRows(config.text_vocab_size, new_rows, config.hidden_size)
+        # with image_positions 2d: how far the rotations are moved from 1-D to 2-D positions (1 = all
+        # the way; only a trainer ramping a 1-D model into 2-D sets less; not saved: a model is 2-D)
+        self.image_position_blend = 1.0
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -369,11 +384,16 @@ class SemVIE(nn.Module):
             positions = (positions - pad_lengths[:, None]).clamp(min=0)
         if pad_lengths is not None:  # always set with a cache
             attn_mask = self._attention_mask(input_pos, key_slots, pad_lengths)
+        x = self.embed.embed(input_ids)  # (B, T, C)
         if self.config.image_positions == "2d":
             start = self._image_start(input_ids, positions, kv_cache)
-            positions = image_positions_2d(positions, start, self.config.image_grid)  # (B, T, 2)
-        x = self.embed.embed(input_ids)  # (B, T, C)
-        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+            grid_positions = image_positions_2d(positions, start, self.config.image_grid)  # (B, T, 2)
+            rope = rope_cos_sin(grid_positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+            if self.image_position_blend < 1.0:
+                line_rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+                rope = blend_rope(line_rope, rope, self.image_position_blend)
+        else:
+            rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.layers:
             x = block(x, image_mask, rope, attn_mask, kv_cache, input_pos)
         return self.norm(x)

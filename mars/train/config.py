@@ -52,6 +52,9 @@ class TrainConfig:
     model: str | dict[str, Any] | None = None  # preset name or mapping: build from scratch (stage 0, debug)
     # only image_size / max_seq_len (stage 3) and image_positions (2d: codes on a grid; no weights change)
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    # > 0 with model_overrides {image_positions: 2d} on a 1-D model: move its rotations from 1-D to 2-D
+    # positions linearly over the first N steps (mars.model.semvie.blend_rope) instead of at once
+    image_positions_ramp_steps: int = 0
     init_visual: bool = False  # re-copy the visual side from the text side after loading
     tokenizer: str | None = None  # text tokenizer for a scratch model (default: the config's kind)
     vq: str | None = None  # VQ-GAN folder copied into final/vq (default: init_from/vq)
@@ -109,6 +112,12 @@ class TrainConfig:
         if unknown:
             raise MarsError(f"model_overrides may only change image_size, max_seq_len and image_positions, "
                             f"got {sorted(unknown)}")
+        if self.image_positions_ramp_steps < 0 or self.image_positions_ramp_steps > self.max_steps:
+            raise MarsError(f"image_positions_ramp_steps must lie in [0, max_steps={self.max_steps}] (a model saved "
+                            f"mid-ramp would be neither 1-D nor 2-D), got {self.image_positions_ramp_steps}")
+        if self.image_positions_ramp_steps and self.model_overrides.get("image_positions") != "2d":
+            raise MarsError("image_positions_ramp_steps moves a 1-D model into 2-D positions: it needs "
+                            "model_overrides {image_positions: 2d}")
         allowed = ("lm",) if self.stage == "stage0" else ("t2i", "i2t")
         if not self.tasks or any(t not in allowed or w <= 0 for t, w in self.tasks.items()):
             raise MarsError(f"{self.stage} tasks must be positive weights over {', '.join(allowed)}, got {self.tasks}")
@@ -133,6 +142,12 @@ class TrainConfig:
             raise MarsError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.save_every < 0 or self.keep_last < 1:
             raise MarsError("save_every must be >= 0 and keep_last >= 1")
+
+    def image_position_blend(self, step: int) -> float:
+        """How far step `step` rotates by 2-D rather than 1-D image positions (1 = all the way)."""
+        if self.image_positions_ramp_steps == 0:
+            return 1.0
+        return min(1.0, step / self.image_positions_ramp_steps)
 
     def contrast_at(self, step: int) -> bool:
         """Whether the prompt-contrast term runs at `step` (on its T2I batches)."""

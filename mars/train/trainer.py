@@ -250,6 +250,7 @@ class Trainer:
         ce_total, tokens, gap_total, pairs, cf_gap_total, cf_pairs = 0.0, 0, 0.0, 0, 0.0, 0
         cache_dtype = torch.bfloat16 if self.bf16 else torch.float32
         contrast = task == "t2i" and cfg.contrast_at(step)
+        model.image_position_blend = cfg.image_position_blend(step)
         for i, mb in enumerate(micro):
             parallel.set_grad_sync(model, i == len(micro) - 1)
             batch = mb.batch.to(env.device)
@@ -280,6 +281,8 @@ class Trainer:
         loss = float(sums[0]) / num_targets
         metrics = {"step": step + 1, "task": task, "loss": loss, f"loss_{task}": loss, "lr": lr,
                    "grad_norm": grad_norm, "tokens": int(sums[1])}
+        if model.image_position_blend < 1.0:
+            metrics["image_position_blend"] = model.image_position_blend
         if contrast and sums[3] > 0:  # nats per image that another row's prompt costs the image
             metrics["prompt_gap"] = float(sums[2] / sums[3])
         if contrast and sums[5] > 0:  # ... its own caption with words swapped costs it (t2i_contrast_swaps)
@@ -319,6 +322,7 @@ class Trainer:
                 self.save_checkpoint(done)
             if cfg.sample_every and done % cfg.sample_every == 0:
                 self.sample(done, writer)
+        self.model.image_position_blend = cfg.image_position_blend(cfg.max_steps)  # 1: the saved model's
         bar.close()
         if cfg.save_every:
             self.save_checkpoint(cfg.max_steps)

@@ -8,7 +8,7 @@ from mars.config import SemVIEConfig
 from mars.data.sequences import build_t2i, collate_t2i
 from mars.errors import MarsError
 from mars.generate import SampleConfig, generate_image_tokens
-from mars.model.semvie import NO_IMAGE, SemVIE, image_positions_2d, rope_cos_sin
+from mars.model.semvie import NO_IMAGE, SemVIE, apply_rope, blend_rope, image_positions_2d, rope_cos_sin
 from mars.train.losses import t2i_loss
 
 
@@ -52,6 +52,32 @@ def test_text_is_unchanged_and_images_are_not(pair):
         h1, h2 = one.forward_hidden(image, mask), two.forward_hidden(image, mask)
     assert torch.equal(h1[:, :8], h2[:, :8])  # up to <img>: the same positions
     assert not torch.allclose(h1[:, 9:], h2[:, 9:])  # codes after the first: on the grid
+
+
+def test_blended_tables_rotate_by_the_mix_of_the_two_rotations():
+    line = rope_cos_sin(torch.tensor([[4, 9, 30]]), 16, 10000.0)
+    grid = rope_cos_sin(torch.tensor([[[4, 4], [5, 7], [6, 6]]]), 16, 10000.0)
+    x = torch.randn(1, 2, 3, 16)  # (B, H, T, D)
+    mixed = apply_rope(x, *blend_rope(line, grid, 0.3))
+    assert torch.allclose(mixed, 0.7 * apply_rope(x, *line) + 0.3 * apply_rope(x, *grid), atol=1e-6)
+
+
+def test_a_2d_model_blended_to_0_is_the_1d_model_and_moves_smoothly_to_1(pair):
+    one, two = pair
+    vocab = one.vocab
+    image = torch.cat([torch.randint(0, 200, (2, 5)), torch.full((2, 1), vocab.boi_id),
+                       vocab.codes_to_ids(torch.randint(0, 50, (2, 16)))], 1)
+    mask = one.image_mask(image)
+    with torch.no_grad():
+        h_line, h_grid = one.forward_hidden(image, mask), two.forward_hidden(image, mask)
+        distances = []
+        for blend in (0.0, 0.01, 0.1, 1.0):
+            two.image_position_blend = blend
+            distances.append((two.forward_hidden(image, mask) - h_line).abs().max().item())
+    assert distances[0] < 1e-5  # blend 0: the rotations of the 1-D model
+    assert distances[0] < distances[1] < distances[2]  # moving away with the blend, from 0 on
+    assert distances[1] < 0.1 * distances[3]  # 1 % of the way moves far less than all of it
+    assert torch.allclose(two.forward_hidden(image, mask), h_grid, atol=0)  # blend 1: the 2-D model
 
 
 def test_the_training_prefix_cache_gives_the_full_forward_loss(pair):

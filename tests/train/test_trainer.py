@@ -25,6 +25,28 @@ def test_a_1d_model_continues_with_2d_image_positions(model_copy, tmp_path):
     assert load_model_config(final).image_positions == "2d"  # the saved model keeps its positions
 
 
+def test_a_ramp_moves_a_1d_model_into_2d_positions_step_by_step(model_copy, tmp_path):
+    args = ("max_steps=4", "save_every=0", f"init_from={model_copy}")
+    _, line = run_stage("stage2", tmp_path / "1d", *args)
+    final, ramp = run_stage("stage2", tmp_path / "ramp", *args, "model_overrides={image_positions: 2d}",
+                            "image_positions_ramp_steps=2")
+    assert [m.get("image_position_blend") for m in ramp] == [0.0, 0.5, None, None]  # then all the way
+    assert ramp[0]["loss"] == pytest.approx(line[0]["loss"], rel=1e-5)  # step 0 rotates as in 1-D
+    assert ramp[1]["loss"] != pytest.approx(line[1]["loss"], rel=1e-5)
+    assert load_model_config(final).image_positions == "2d"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["image_positions_ramp_steps=5", "model_overrides={image_positions: 2d}"], "must lie in \\[0, max_steps=4\\]"),
+    (["image_positions_ramp_steps=2"], "needs model_overrides"),
+])
+def test_a_ramp_is_refused_without_a_2d_switch_or_past_the_end(model_copy, tmp_path, overrides, message):
+    from mars.errors import MarsError
+
+    with pytest.raises(MarsError, match=message):
+        run_stage("stage2", tmp_path / "run", "max_steps=4", f"init_from={model_copy}", *overrides)
+
+
 @pytest.mark.parametrize("stage", ["stage0", "stage1", "stage2", "stage3"])
 def test_every_stage_trains_a_few_steps(stage, model_copy, tmp_path):
     init = [f"init_from={model_copy}"] if stage in ("stage2", "stage3") else []
