@@ -70,6 +70,9 @@ def resolve_model_config(cfg: TrainConfig):
         base = load_model_config(cfg.init_from)
     else:
         base = model_config_from(cfg.model)
+    if cfg.image_positions_ramp_steps and base.image_positions != "1d":
+        raise MarsError(f"image_positions_ramp_steps moves a 1-D model into 2-D positions; "
+                        f"{cfg.init_from or 'the model'} already has image_positions {base.image_positions}")
     return apply_overrides(base, dict(cfg.model_overrides)) if cfg.model_overrides else base
 
 

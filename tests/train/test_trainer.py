@@ -47,6 +47,16 @@ def test_a_ramp_is_refused_without_a_2d_switch_or_past_the_end(model_copy, tmp_p
         run_stage("stage2", tmp_path / "run", "max_steps=4", f"init_from={model_copy}", *overrides)
 
 
+def test_a_ramp_is_refused_on_a_model_already_2d(model_copy, tmp_path):
+    from mars.errors import MarsError
+
+    final, _ = run_stage("stage2", tmp_path / "2d", "max_steps=1", "save_every=0", f"init_from={model_copy}",
+                         "model_overrides={image_positions: 2d}")
+    with pytest.raises(MarsError, match="already has image_positions 2d"):
+        run_stage("stage2", tmp_path / "run", "max_steps=4", f"init_from={final}",
+                  "model_overrides={image_positions: 2d}", "image_positions_ramp_steps=2")
+
+
 @pytest.mark.parametrize("stage", ["stage0", "stage1", "stage2", "stage3"])
 def test_every_stage_trains_a_few_steps(stage, model_copy, tmp_path):
     init = [f"init_from={model_copy}"] if stage in ("stage2", "stage3") else []
