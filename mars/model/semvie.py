@@ -17,6 +17,7 @@ fusion vocabulary, and the model (PAPER.md §1-2, DESIGN.md "Model rules").
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -385,15 +386,15 @@ class SemVIE(nn.Module):
         if pad_lengths is not None:  # always set with a cache
             attn_mask = self._attention_mask(input_pos, key_slots, pad_lengths)
         x = self.embed.embed(input_ids)  # (B, T, C)
+        rope_of = functools.partial(rope_cos_sin, head_dim=self.config.head_dim, theta=self.config.rope_theta,
+                                    dtype=x.dtype)
         if self.config.image_positions == "2d":
             start = self._image_start(input_ids, positions, kv_cache)
-            grid_positions = image_positions_2d(positions, start, self.config.image_grid)  # (B, T, 2)
-            rope = rope_cos_sin(grid_positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+            rope = rope_of(image_positions_2d(positions, start, self.config.image_grid))  # (B, T, 2) positions
             if self.image_position_blend < 1.0:
-                line_rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-                rope = blend_rope(line_rope, rope, self.image_position_blend)
+                rope = blend_rope(rope_of(positions), rope, self.image_position_blend)
         else:
-            rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+            rope = rope_of(positions)
         for block in self.layers:
             x = block(x, image_mask, rope, attn_mask, kv_cache, input_pos)
         return self.norm(x)

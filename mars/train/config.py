@@ -115,9 +115,6 @@ class TrainConfig:
         if self.image_positions_ramp_steps < 0 or self.image_positions_ramp_steps > self.max_steps:
             raise MarsError(f"image_positions_ramp_steps must lie in [0, max_steps={self.max_steps}] (a model saved "
                             f"mid-ramp would be neither 1-D nor 2-D), got {self.image_positions_ramp_steps}")
-        if self.image_positions_ramp_steps and self.model_overrides.get("image_positions") != "2d":
-            raise MarsError("image_positions_ramp_steps moves a 1-D model into 2-D positions: it needs "
-                            "model_overrides {image_positions: 2d}")
         allowed = ("lm",) if self.stage == "stage0" else ("t2i", "i2t")
         if not self.tasks or any(t not in allowed or w <= 0 for t, w in self.tasks.items()):
             raise MarsError(f"{self.stage} tasks must be positive weights over {', '.join(allowed)}, got {self.tasks}")

@@ -70,10 +70,12 @@ def resolve_model_config(cfg: TrainConfig):
         base = load_model_config(cfg.init_from)
     else:
         base = model_config_from(cfg.model)
-    if cfg.image_positions_ramp_steps and base.image_positions != "1d":
-        raise MarsError(f"image_positions_ramp_steps moves a 1-D model into 2-D positions; "
-                        f"{cfg.init_from or 'the model'} already has image_positions {base.image_positions}")
-    return apply_overrides(base, dict(cfg.model_overrides)) if cfg.model_overrides else base
+    resolved = apply_overrides(base, dict(cfg.model_overrides)) if cfg.model_overrides else base
+    if cfg.image_positions_ramp_steps and (base.image_positions, resolved.image_positions) != ("1d", "2d"):
+        raise MarsError(f"image_positions_ramp_steps moves a 1-D model into 2-D positions: it needs a 1-D model "
+                        f"and model_overrides {{image_positions: 2d}}; {cfg.init_from or 'the model'} has "
+                        f"image_positions {base.image_positions}, the run {resolved.image_positions}")
+    return resolved
 
 
 class Trainer:
@@ -325,7 +327,7 @@ class Trainer:
                 self.save_checkpoint(done)
             if cfg.sample_every and done % cfg.sample_every == 0:
                 self.sample(done, writer)
-        self.model.image_position_blend = cfg.image_position_blend(cfg.max_steps)  # 1: the saved model's
+        self.model.image_position_blend = 1.0  # a ramp ends by max_steps: the saved model rotates by 2-D positions
         bar.close()
         if cfg.save_every:
             self.save_checkpoint(cfg.max_steps)

@@ -38,7 +38,7 @@ def test_a_ramp_moves_a_1d_model_into_2d_positions_step_by_step(model_copy, tmp_
 
 @pytest.mark.parametrize("overrides, message", [
     (["image_positions_ramp_steps=5", "model_overrides={image_positions: 2d}"], "must lie in \\[0, max_steps=4\\]"),
-    (["image_positions_ramp_steps=2"], "needs model_overrides"),
+    (["image_positions_ramp_steps=2"], "needs a 1-D model and model_overrides.*has image_positions 1d, the run 1d"),
 ])
 def test_a_ramp_is_refused_without_a_2d_switch_or_past_the_end(model_copy, tmp_path, overrides, message):
     from mars.errors import MarsError
@@ -52,7 +52,7 @@ def test_a_ramp_is_refused_on_a_model_already_2d(model_copy, tmp_path):
 
     final, _ = run_stage("stage2", tmp_path / "2d", "max_steps=1", "save_every=0", f"init_from={model_copy}",
                          "model_overrides={image_positions: 2d}")
-    with pytest.raises(MarsError, match="already has image_positions 2d"):
+    with pytest.raises(MarsError, match="needs a 1-D model.*has image_positions 2d, the run 2d"):
         run_stage("stage2", tmp_path / "run", "max_steps=4", f"init_from={final}",
                   "model_overrides={image_positions: 2d}", "image_positions_ramp_steps=2")
 
