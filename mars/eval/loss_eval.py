@@ -50,8 +50,8 @@ def heldout_loss(model, text_tokenizer, dataset, n: int, batch_size: int = 16, t
             sequences = [getattr(builder, kind)(dataset[i], np.random.default_rng([seed, i]))  # its language
                          for i in range(start, min(start + batch_size, n))]
             batch = builder.collate(kind, sequences).to(device)
-            ce_sum, count = task_loss(model, batch, vocab="visual" if kind == "t2i" else "full")
-            total, tokens = total + float(ce_sum), tokens + int(count)
+            parts = task_loss(model, batch, vocab="visual" if kind == "t2i" else "full")
+            total, tokens = total + float(parts.ce_sum), tokens + parts.num_tokens
         loss = total / tokens
         results[task] = {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "images": n}
     return results

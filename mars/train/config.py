@@ -85,6 +85,12 @@ class TrainConfig:
     # other prompt is its own caption with one group's words swapped (a hard negative: relations,
     # sizes, which colour goes with which shape), else another row's prompt as above; logs counterfactual_gap
     t2i_contrast_swaps: list[list[str]] = field(default_factory=list)
+    # Knowledge distillation: a MARS model folder (same vocabulary and text tokenizer) whose next-token
+    # distributions the run also matches, distill_weight x KL(teacher || student) per loss token
+    # (mars.train.losses.kl_sum); e.g. the init_from model itself when model_overrides change positions.
+    # The teacher is frozen, held whole on every rank, and costs one forward without autograd per micro-batch.
+    distill_from: str | None = None
+    distill_weight: float = 0.0
 
     # execution
     device: str = "auto"  # auto | cpu | cuda
@@ -131,6 +137,9 @@ class TrainConfig:
         self.t2i_contrast_swaps = check_swap_groups(self.t2i_contrast_swaps)
         if self.t2i_contrast_swaps and self.t2i_contrast_weight == 0:
             raise MarsError("t2i_contrast_swaps makes negatives for the contrast term: set t2i_contrast_weight > 0")
+        if self.distill_weight < 0 or (self.distill_weight > 0) != (self.distill_from is not None):
+            raise MarsError(f"distillation needs both distill_from (a teacher model folder) and distill_weight > 0, "
+                            f"got distill_from={self.distill_from!r}, distill_weight={self.distill_weight}")
         if self.t2i_contrast_steps < 0:
             raise MarsError(f"t2i_contrast_steps must be >= 0 (0 = every step), got {self.t2i_contrast_steps}")
         if self.precision not in ("bf16", "fp32"):

@@ -15,11 +15,18 @@ alignment, Chen et al. 2024): each image is also scored after another row's prom
 pushed to find it `margin` nats less likely there than after its own prompt. Plain likelihood
 training learns to read the prompt only through the few tokens where it matters (an object's first
 codes); this term trains exactly that dependence.
+
+With a `teacher` (another MARS model over the same vocabulary, frozen), the losses also return
+`distill_sum`: the KL divergence KL(teacher || student) of the next-token distributions, summed over
+the same loss positions (knowledge distillation, Hinton et al. 2015). It carries the teacher's whole
+distribution at every position, not one sampled token, so a student whose architecture changed
+(e.g. `image_positions: 2d` on a 1-D model) can be pulled back to what the teacher drew.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,15 +60,21 @@ class PrefixKVCache(KVCache):
         return k_all, v_all
 
 
-def token_ce(model, hidden: torch.Tensor, targets: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-    """Cross-entropy (N,) at the N positions of `hidden` (B, T, C) whose target is set, in row-major order.
-
-    `rows` restricts the softmax to a vocabulary slice (targets must all lie in it)."""
+def target_logits(model, hidden: torch.Tensor, targets: torch.Tensor, rows: slice | None = None):
+    """Logits (N, V) at the N positions of `hidden` (B, T, C) whose target is set, in row-major
+    order, and those targets (N,). `rows` restricts the vocabulary to a slice (targets must all lie
+    in it; they are returned as indices into it)."""
     keep = targets != IGNORE  # (B, T)
     y = targets[keep]  # (N,)
     logits = model.logits(hidden[keep], rows)  # (N, V) or (N, |rows|)
     if rows is not None:
         y = y - rows.start
+    return logits, y
+
+
+def token_ce(model, hidden: torch.Tensor, targets: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """Cross-entropy (N,) at the N positions of `hidden` (B, T, C) whose target is set, in row-major order."""
+    logits, y = target_logits(model, hidden, targets, rows)
     return F.cross_entropy(logits.float(), y, reduction="none")
 
 
@@ -69,6 +82,13 @@ def token_ce_sum(model, hidden: torch.Tensor, targets: torch.Tensor, rows: slice
     """Sum of `token_ce` and the number of its positions."""
     ce = token_ce(model, hidden, targets, rows)
     return ce.sum(), ce.numel()
+
+
+def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of KL(teacher || student) of the two (N, V) logit rows' softmaxes, in nats."""
+    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    return (teacher.exp() * (teacher - student)).sum()
 
 
 def _visual_rows(model, vocab: str) -> slice | None:
@@ -99,23 +119,23 @@ def t2i_loss(model, batch: T2IBatch, prefix_no_grad: bool = True, vocab: str = "
     (all visual) run with autograd. This gives the same loss and gradients as the full forward
     because nothing trainable is on the prefix's path (the caller checks that).
     """
-    rows = _visual_rows(model, vocab)
-    if not prefix_no_grad:
-        hidden = model.forward_hidden(batch.input_ids, model.image_mask(batch.input_ids),
-                                      pad_lengths=batch.pad_lengths)  # (B, T, C)
-        return token_ce_sum(model, hidden, batch.targets, rows)
-    hidden = _t2i_suffix_hidden(model, batch, cache_dtype)
-    return token_ce_sum(model, hidden, batch.targets[:, batch.prefix_len:], rows)
+    hidden, targets = _hidden_and_targets(model, batch, prefix_no_grad, cache_dtype)
+    return token_ce_sum(model, hidden, targets, _visual_rows(model, vocab))
 
 
 def t2i_image_nll(model, batch: T2IBatch, vocab: str = "full", cache_dtype=torch.float32) -> torch.Tensor:
     """(B,) negative log-likelihood of each row's image (codes and `</img>`) after its prompt, in nats."""
+    return _t2i_image_nll_and_logits(model, batch, vocab, cache_dtype)[0]
+
+
+def _t2i_image_nll_and_logits(model, batch: T2IBatch, vocab: str, cache_dtype):
+    """`t2i_image_nll` (B,) and the logits (N, V) it came from, row-major over the loss positions."""
     hidden = _t2i_suffix_hidden(model, batch, cache_dtype)  # (B, T-P, C)
     targets = batch.targets[:, batch.prefix_len:]
-    keep = targets != IGNORE
-    ce = token_ce(model, hidden, targets, _visual_rows(model, vocab))  # (N,) row-major
-    row_of = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
-    return torch.zeros(targets.shape[0], device=ce.device).index_add(0, row_of, ce)
+    logits, y = target_logits(model, hidden, targets, _visual_rows(model, vocab))
+    ce = F.cross_entropy(logits.float(), y, reduction="none")  # (N,) row-major
+    row_of = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[targets != IGNORE]
+    return torch.zeros(targets.shape[0], device=ce.device).index_add(0, row_of, ce), logits
 
 
 def mismatched_prompts(batch: T2IBatch) -> tuple[T2IBatch, torch.Tensor]:
@@ -149,10 +169,11 @@ class ContrastParts:
     gap_sum: float  # sum over pairs of NLL(image | other prompt) - NLL(image | own prompt), nats
     num_counterfactual: int = 0  # pairs whose other prompt is the row's counterfactual prompt
     counterfactual_gap_sum: float = 0.0  # their share of gap_sum
+    distill_sum: torch.Tensor | None = None  # KL(teacher || student) over the true rows' loss tokens (with a teacher)
 
 
 def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full",
-                      cache_dtype=torch.float32) -> ContrastParts:
+                      cache_dtype=torch.float32, teacher=None) -> ContrastParts:
     """T2I loss plus the prompt-contrast term, from one forward over [true rows; mismatched rows].
 
     gap_b = NLL(image_b | other prompt) - NLL(image_b | prompt_b) in nats per image, the other
@@ -163,13 +184,16 @@ def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full"
     negative, valid = mismatched_prompts(batch)
     both = T2IBatch(torch.cat([batch.input_ids, negative.input_ids]), torch.cat([batch.targets, negative.targets]),
                     torch.cat([batch.pad_lengths, negative.pad_lengths]), batch.prefix_len)
-    per_row = t2i_image_nll(model, both, vocab, cache_dtype)  # (2B,)
+    per_row, logits = _t2i_image_nll_and_logits(model, both, vocab, cache_dtype)  # (2B,), (2N, V)
     B = batch.input_ids.shape[0]
     row_gap = per_row[B:] - per_row[:B]  # (B,)
     gap = row_gap[valid]  # (pairs,)
     counterfactual = valid & batch.has_negative_prompt  # (B,)
     num_tokens = int((batch.targets[:, batch.prefix_len:] != IGNORE).sum())
-    return ContrastParts(ce_sum=per_row[:B].sum(), num_tokens=num_tokens,
+    distill = None
+    if teacher is not None:  # the true rows' positions come first (row-major)
+        distill = teacher_kl_sum(teacher, batch, logits[:num_tokens], _visual_rows(model, vocab), cache_dtype)
+    return ContrastParts(ce_sum=per_row[:B].sum(), num_tokens=num_tokens, distill_sum=distill,
                          contrast_sum=F.softplus(margin - gap).sum(), num_pairs=int(valid.sum()),
                          gap_sum=float(gap.detach().sum()), num_counterfactual=int(counterfactual.sum()),
                          counterfactual_gap_sum=float(row_gap[counterfactual].detach().sum()))
@@ -178,23 +202,56 @@ def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full"
 def i2t_loss(model, batch: I2TBatch):
     """`<img> c_1..c_N </img> instruction caption <eos>`, right-padded: one full forward with
     autograd. The loss is on the caption; its gradient reaches the visual expert through attention."""
-    hidden = model.forward_hidden(batch.input_ids, batch.image_mask)  # (B, T, C)
-    return token_ce_sum(model, hidden, batch.targets)
+    return token_ce_sum(model, *_hidden_and_targets(model, batch))
 
 
 def lm_loss(model, batch: LMBatch):
     """Plain next-token loss on text-only sequences (stage 0)."""
-    hidden = model.forward_hidden(batch.input_ids, False)
-    return token_ce_sum(model, hidden, batch.targets)
+    return token_ce_sum(model, *_hidden_and_targets(model, batch))
+
+
+def _hidden_and_targets(model, batch: T2IBatch | I2TBatch | LMBatch, prefix_no_grad: bool = True,
+                        cache_dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states (B, T', C) a task's loss reads and their targets (B, T'): for T2I with
+    `prefix_no_grad` the image columns only (`t2i_loss`), else the whole sequence."""
+    if isinstance(batch, T2IBatch):
+        if prefix_no_grad:
+            return _t2i_suffix_hidden(model, batch, cache_dtype), batch.targets[:, batch.prefix_len:]
+        hidden = model.forward_hidden(batch.input_ids, model.image_mask(batch.input_ids), pad_lengths=batch.pad_lengths)
+        return hidden, batch.targets
+    if isinstance(batch, I2TBatch):
+        return model.forward_hidden(batch.input_ids, batch.image_mask), batch.targets
+    if isinstance(batch, LMBatch):
+        return model.forward_hidden(batch.input_ids, False), batch.targets
+    raise TypeError(f"unknown batch type {type(batch).__name__}")
+
+
+class LossParts(NamedTuple):
+    ce_sum: torch.Tensor  # summed token cross-entropy
+    num_tokens: int  # its loss tokens
+    distill_sum: torch.Tensor | None = None  # summed KL(teacher || student) over the same tokens (with a teacher)
 
 
 def task_loss(model, batch: T2IBatch | I2TBatch | LMBatch, *, prefix_no_grad: bool = True, vocab: str = "full",
-              cache_dtype=torch.float32):
-    """Dispatch on the batch type; returns (ce_sum, n_tokens)."""
-    if isinstance(batch, T2IBatch):
-        return t2i_loss(model, batch, prefix_no_grad, vocab, cache_dtype)
-    if isinstance(batch, I2TBatch):
-        return i2t_loss(model, batch)
-    if isinstance(batch, LMBatch):
-        return lm_loss(model, batch)
-    raise TypeError(f"unknown batch type {type(batch).__name__}")
+              cache_dtype=torch.float32, teacher=None) -> LossParts:
+    """The batch's task loss (dispatch on the batch type); with a `teacher`, also its distillation term."""
+    rows = _visual_rows(model, vocab) if isinstance(batch, T2IBatch) else None
+    hidden, targets = _hidden_and_targets(model, batch, prefix_no_grad, cache_dtype)
+    logits, y = target_logits(model, hidden, targets, rows)
+    ce_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+    if teacher is None:
+        return LossParts(ce_sum, y.numel())
+    return LossParts(ce_sum, y.numel(), teacher_kl_sum(teacher, batch, logits, rows, cache_dtype))
+
+
+@torch.no_grad()
+def _teacher_logits(teacher, batch, rows: slice | None, cache_dtype) -> torch.Tensor:
+    hidden, targets = _hidden_and_targets(teacher, batch, True, cache_dtype)
+    return target_logits(teacher, hidden, targets, rows)[0]
+
+
+def teacher_kl_sum(teacher, batch: T2IBatch | I2TBatch | LMBatch, student_logits: torch.Tensor,
+                   rows: slice | None = None, cache_dtype=torch.float32) -> torch.Tensor:
+    """KL(teacher || student) summed over the batch's loss positions; `student_logits` (N, V) are the
+    student's at those positions (`target_logits`), the teacher runs on the same batch without autograd."""
+    return kl_sum(student_logits, _teacher_logits(teacher, batch, rows, cache_dtype))

@@ -95,6 +95,7 @@ class Trainer:
         self.text_tokenizer = self._text_tokenizer()
         self.bf16 = cfg.precision == "bf16"
         self.model = self._build_model()
+        self.teacher = self._load_teacher()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.data = self._build_data()
         self.optimizer = build_optimizer(self.model, cfg)
@@ -158,6 +159,32 @@ class Trainer:
         parallel.load_full_state(model, state, env)
         model.train()
         return model
+
+    def _load_teacher(self) -> SemVIE | None:
+        """The frozen distillation teacher (`distill_from`), checked to read and write the same ids."""
+        cfg = self.cfg
+        if cfg.distill_from is None:
+            return None
+        teacher_config = load_model_config(cfg.distill_from)
+        mc = self.model_config
+        fields = ("text_vocab_size", "image_vocab_size", "num_special_tokens", "image_tokens")
+        differ = [f"{f} {getattr(teacher_config, f)} (the model trained: {getattr(mc, f)})" for f in fields
+                  if getattr(teacher_config, f) != getattr(mc, f)]
+        if differ:
+            raise MarsError(f"a distillation teacher must share the vocabulary and the image grid: "
+                            f"{cfg.distill_from} has {', '.join(differ)}")
+        tokenizer = load_model_text_tokenizer(cfg.distill_from, teacher_config.text_tokenizer)
+        sample = "a red circle to the left of a blue square 一个红色的圆形在蓝色正方形的左边"
+        if tokenizer.encode(sample) != self.text_tokenizer.encode(sample):
+            raise MarsError(f"distill_from {cfg.distill_from} tokenizes text differently from the model trained: "
+                            "a teacher must share the text tokenizer")
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        teacher = SemVIE.from_pretrained(cfg.distill_from, device=self.env.device, dtype=dtype).eval()
+        teacher.requires_grad_(False)
+        if self.env.is_main:
+            logger.info("distillation: teacher %s (%s image positions), weight %g", cfg.distill_from,
+                        teacher_config.image_positions, cfg.distill_weight)
+        return teacher
 
     def _build_data(self) -> StepData:
         cfg, env = self.cfg, self.env
@@ -252,7 +279,7 @@ class Trainer:
         task, micro = self.data.micro_batches(step)
         local = torch.tensor([float(sum(m.num_tokens for m in micro))], dtype=torch.float64)
         num_targets = float(parallel.all_reduce_sum(local, env).item())  # loss tokens of the global batch
-        ce_total, tokens, gap_total, pairs, cf_gap_total, cf_pairs = 0.0, 0, 0.0, 0, 0.0, 0
+        ce_total, tokens, gap_total, pairs, cf_gap_total, cf_pairs, kl_total = 0.0, 0, 0.0, 0, 0.0, 0, 0.0
         cache_dtype = torch.bfloat16 if self.bf16 else torch.float32
         contrast = task == "t2i" and cfg.contrast_at(step)
         model.image_position_blend = cfg.image_position_blend(step)
@@ -262,15 +289,19 @@ class Trainer:
             with self.autocast():
                 if contrast:
                     parts = t2i_contrast_loss(model, batch, cfg.t2i_contrast_margin, vocab=cfg.t2i_loss_vocab,
-                                              cache_dtype=cache_dtype)
-                    ce_sum, objective = parts.ce_sum, parts.ce_sum + cfg.t2i_contrast_weight * parts.contrast_sum
+                                              cache_dtype=cache_dtype, teacher=self.teacher)
+                    objective = parts.ce_sum + cfg.t2i_contrast_weight * parts.contrast_sum
                     gap_total, pairs = gap_total + parts.gap_sum, pairs + parts.num_pairs
                     cf_gap_total += parts.counterfactual_gap_sum
                     cf_pairs += parts.num_counterfactual
                 else:
-                    ce_sum, _ = task_loss(model, batch, prefix_no_grad=self.prefix_no_grad,
-                                          vocab=cfg.t2i_loss_vocab, cache_dtype=cache_dtype)
-                    objective = ce_sum
+                    parts = task_loss(model, batch, prefix_no_grad=self.prefix_no_grad, vocab=cfg.t2i_loss_vocab,
+                                      cache_dtype=cache_dtype, teacher=self.teacher)
+                    objective = parts.ce_sum
+                ce_sum = parts.ce_sum
+                if parts.distill_sum is not None:
+                    objective = objective + cfg.distill_weight * parts.distill_sum
+                    kl_total += float(parts.distill_sum.detach())
             # Mean over the global batch's loss tokens; x world_size because FSDP averages over ranks.
             (objective * (env.world_size / num_targets)).backward()
             ce_total += float(ce_sum.detach())
@@ -282,10 +313,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         sums = parallel.all_reduce_sum(torch.tensor([ce_total, float(tokens), gap_total, float(pairs), cf_gap_total,
-                                                     float(cf_pairs)], dtype=torch.float64), env).cpu()
+                                                     float(cf_pairs), kl_total], dtype=torch.float64), env).cpu()
         loss = float(sums[0]) / num_targets
         metrics = {"step": step + 1, "task": task, "loss": loss, f"loss_{task}": loss, "lr": lr,
                    "grad_norm": grad_norm, "tokens": int(sums[1])}
+        if self.teacher is not None:  # nats per loss token by which the run's distributions differ from the teacher's
+            metrics["distill_kl"] = float(sums[6]) / num_targets
         if model.image_position_blend < 1.0:
             metrics["image_position_blend"] = model.image_position_blend
         if contrast and sums[3] > 0:  # nats per image that another row's prompt costs the image

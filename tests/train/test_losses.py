@@ -9,7 +9,7 @@ from mars.config import SemVIEConfig
 from mars.data.sequences import IGNORE, build_i2t, build_t2i, collate_i2t, collate_t2i
 from mars.model.semvie import SemVIE
 from mars.train import parallel
-from mars.train.losses import i2t_loss, mismatched_prompts, t2i_contrast_loss, t2i_loss
+from mars.train.losses import i2t_loss, mismatched_prompts, t2i_contrast_loss, t2i_loss, task_loss
 from mars.train.stages import set_trainable, text_path_frozen
 
 
@@ -171,3 +171,48 @@ def test_a_step_on_the_contrast_term_widens_the_prompt_gap():
                 p -= 1e-3 * p.grad
         after = t2i_contrast_loss(model, batch, margin=50.0)
     assert after.gap_sum > before.gap_sum
+
+
+# --- distillation from a teacher ---------------------------------------------------------------
+
+
+def _reference_kl(student, teacher, batch, image_mask, pad_lengths=None, text_cols: int = 0) -> float:
+    """KL(teacher || student) summed over the target positions, from full `model(...)` forwards."""
+    keep = batch.targets != IGNORE
+    with torch.no_grad():
+        s, t = (m(batch.input_ids, image_mask, pad_lengths=pad_lengths)[keep][:, text_cols:].log_softmax(-1)
+                for m in (student, teacher))
+    return float(torch.nn.functional.kl_div(s, t, log_target=True, reduction="sum"))
+
+
+@pytest.mark.parametrize("vocab", ["full", "visual"])
+def test_distill_term_is_the_teachers_kl_computed_by_full_forwards(vocab):
+    student, teacher = _model(7), _model(8)
+    batch = _t2i_batch(student, seed=7)
+    mask = student.image_mask(batch.input_ids)
+    text_cols = student.vocab.text_size if vocab == "visual" else 0
+    reference = _reference_kl(student, teacher, batch, mask, batch.pad_lengths, text_cols)
+    assert reference > 0.1
+    with torch.no_grad():
+        plain = task_loss(student, batch, vocab=vocab)
+        parts = task_loss(student, batch, vocab=vocab, teacher=teacher)
+        contrast = t2i_contrast_loss(student, batch, margin=3.0, vocab=vocab, teacher=teacher)
+    assert plain.distill_sum is None and float(parts.ce_sum) == pytest.approx(float(plain.ce_sum), rel=1e-6)
+    assert float(parts.distill_sum) == pytest.approx(reference, rel=1e-4)
+    assert float(contrast.distill_sum) == pytest.approx(reference, rel=1e-4)  # the true rows only
+    seqs = [build_i2t(student.vocab, torch.arange(16) + 3 * i, [10, 11], [20 + i, 30, 40], 256) for i in range(3)]
+    i2t = collate_i2t(seqs, pad_id=256)
+    with torch.no_grad():
+        parts = task_loss(student, i2t, teacher=teacher)
+    assert float(parts.distill_sum) == pytest.approx(_reference_kl(student, teacher, i2t, i2t.image_mask), rel=1e-4)
+
+
+def test_distill_term_from_the_students_own_weights_is_zero_and_pulls_nothing():
+    import copy
+
+    student = _model(9)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    parts = task_loss(student, _t2i_batch(student, seed=9), teacher=teacher)
+    assert abs(float(parts.distill_sum.detach())) < 1e-4
+    parts.distill_sum.backward()  # d KL / d student logits = p_student - p_teacher = 0
+    assert max(float(p.grad.abs().max()) for p in student.parameters() if p.grad is not None) < 1e-5

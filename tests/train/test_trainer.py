@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +56,68 @@ def test_a_ramp_is_refused_on_a_model_already_2d(model_copy, tmp_path):
     with pytest.raises(MarsError, match="needs a 1-D model.*has image_positions 2d, the run 2d"):
         run_stage("stage2", tmp_path / "run", "max_steps=4", f"init_from={final}",
                   "model_overrides={image_positions: 2d}", "image_positions_ramp_steps=2")
+
+
+def test_distilling_from_the_starting_model_leaves_step_0_alone_then_pulls_back(model_copy, tmp_path):
+    args = ("max_steps=3", "save_every=0", "model=null", f"init_from={model_copy}", "data.cfg_dropout=0", "lr=3e-3")
+    _, plain = run_stage("stage1", tmp_path / "plain", *args)
+    _, distilled = run_stage("stage1", tmp_path / "distilled", *args, f"distill_from={model_copy}",
+                             "distill_weight=1.0")
+    # step 0: the student is its teacher, the KL and its gradient are zero: the same loss and update
+    assert distilled[0]["distill_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert distilled[1]["loss"] == pytest.approx(plain[1]["loss"], rel=1e-5)
+    assert distilled[1]["distill_kl"] > 1e-4 and distilled[2]["distill_kl"] > 1e-4
+    assert not any("distill_kl" in m for m in plain)
+    assert distilled[2]["loss"] != pytest.approx(plain[2]["loss"], rel=1e-5)  # the pull changed the second update
+
+
+def test_distillation_keeps_a_2d_switched_model_closer_to_its_1d_teacher(model_copy, tmp_path):
+    args = ("max_steps=6", "save_every=0", "model=null", f"init_from={model_copy}", "data.cfg_dropout=0", "lr=3e-3",
+            "model_overrides={image_positions: 2d}", "tasks={t2i: 1.0}", f"distill_from={model_copy}")
+    _, measured = run_stage("stage1", tmp_path / "free", *args, "distill_weight=1e-9")  # logs the KL, no pull
+    _, pulled = run_stage("stage1", tmp_path / "pulled", *args, "distill_weight=5.0")
+    # the switch itself moves the model away from its teacher; the same batches, with and without the pull
+    assert measured[0]["distill_kl"] == pytest.approx(pulled[0]["distill_kl"], rel=1e-6) and measured[0]["distill_kl"] > 0
+    assert pulled[-1]["distill_kl"] < 0.5 * measured[-1]["distill_kl"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distill_weight=1.0"], "needs both distill_from .* and distill_weight > 0"),
+    (["distill_from=SELF"], "needs both distill_from .* and distill_weight > 0"),
+    (["distill_from=SELF", "distill_weight=-1"], "needs both"),
+    (["distill_from=NOWHERE", "distill_weight=1"], "no MARS model at .*nowhere"),
+])
+def test_distillation_settings_are_checked(model_copy, tmp_path, overrides, message):
+    from mars.errors import MarsError
+
+    overrides = [o.replace("SELF", str(model_copy)).replace("NOWHERE", str(tmp_path / "nowhere")) for o in overrides]
+    with pytest.raises(MarsError, match=message):
+        run_stage("stage1", tmp_path / "run", "max_steps=1", "model=null", f"init_from={model_copy}", *overrides)
+
+
+def test_a_teacher_with_another_vocabulary_or_tokenizer_is_refused(model_copy, tmp_path):
+    import json
+    import shutil
+
+    from mars.errors import MarsError
+
+    other = Path(shutil.copytree(model_copy, tmp_path / "other"))
+    config = json.loads((other / "config.json").read_text())
+    config["image_vocab_size"] *= 2
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MarsError, match="must share the vocabulary.*has image_vocab_size 512 \\(the model trained: 256\\)$"):
+        run_stage("stage1", tmp_path / "run", "max_steps=1", "model=null", f"init_from={model_copy}",
+                  f"distill_from={other}", "distill_weight=1")
+    from mars.model_dir import TOKENIZER_DIR
+    from mars.text_tokenizer import train_bpe_tokenizer
+
+    shutil.rmtree(other)
+    other = Path(shutil.copytree(model_copy, tmp_path / "other"))  # the same config, a BPE tokenizer
+    shutil.rmtree(other / TOKENIZER_DIR)
+    train_bpe_tokenizer(["a red circle to the left of a blue square"] * 20, vocab_size=300, directory=other / TOKENIZER_DIR)
+    with pytest.raises(MarsError, match="tokenizes text differently.*must share the text tokenizer"):
+        run_stage("stage1", tmp_path / "run", "max_steps=1", "model=null", f"init_from={model_copy}",
+                  f"distill_from={other}", "distill_weight=1")
 
 
 @pytest.mark.parametrize("stage", ["stage0", "stage1", "stage2", "stage3"])
