@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,11 +29,11 @@ from mars.cpu import flush_denormals
 from mars.data.sequences import SequenceBuilder
 from mars.errors import MarsError
 from mars.model.semvie import SemVIE, load_model_config
-from mars.model_dir import TOKENIZER_DIR, VQ_DIR, load_model_text_tokenizer
-from mars.text_tokenizer import load_text_tokenizer
+from mars.model_dir import load_model_text_tokenizer
 from mars.train import checkpoint, parallel
 from mars.train.config import TrainConfig
 from mars.train.data import StepData, TextCorpus, read_text_corpus, synthetic_shards
+from mars.train.export import run_text_tokenizer, run_vq_dir, write_model_folder
 from mars.train.losses import t2i_contrast_loss, task_loss
 from mars.train.parallel import DistEnv
 from mars.train.stages import set_trainable, text_path_frozen
@@ -92,7 +91,7 @@ class Trainer:
             flush_denormals()
         torch.manual_seed(cfg.seed)
         self.model_config = resolve_model_config(cfg)
-        self.text_tokenizer = self._text_tokenizer()
+        self.text_tokenizer = run_text_tokenizer(cfg, self.model_config.text_tokenizer)
         self.bf16 = cfg.precision == "bf16"
         self.model = self._build_model()
         self.teacher = self._load_teacher()
@@ -118,11 +117,6 @@ class Trainer:
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
             log.addHandler(handler)
         log.setLevel(logging.INFO)
-
-    def _text_tokenizer(self):
-        if self.cfg.init_from is not None:
-            return load_model_text_tokenizer(self.cfg.init_from, self.model_config.text_tokenizer)
-        return load_text_tokenizer(self.cfg.tokenizer or self.model_config.text_tokenizer)
 
     def _initial_state(self) -> dict[str, torch.Tensor]:
         """The starting weights, on rank 0's CPU: init_from's, or a seeded fresh init."""
@@ -387,49 +381,24 @@ class Trainer:
         return path
 
     def save_final(self) -> Path:
-        """`out_dir/final`: save_pretrained + tokenizer/ + vq/, loadable by MarsPipeline."""
+        """`out_dir/final`: a model folder (`mars.train.export.write_model_folder`) that MarsPipeline loads."""
         state = parallel.full_state_dict(self.model, self.env)
         final = self.out / "final"
         if self.env.is_main:
             with torch.device("meta"):
                 model = SemVIE(self.model_config)
             model.load_state_dict(state, assign=True)
-            if self.cfg.stage == "stage0":
-                # Stage 0 trained only the text side: start the visual side from the trained one.
-                model.init_visual_side()
-            tmp = self.out / ".tmp-final"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            model.save_pretrained(tmp)
-            self.text_tokenizer.save(tmp / TOKENIZER_DIR)
-            vq = self._vq_dir()
-            if vq is not None:
-                shutil.copytree(vq, tmp / VQ_DIR)
-            else:
-                logger.info("no VQ-GAN (set vq: or init_from with a vq/ folder): %s has no vq/", final)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            write_model_folder(model, final, self.cfg, self.text_tokenizer)
             logger.info("final model: %s", final)
         parallel.barrier(self.env)
         return final
-
-    def _vq_dir(self) -> Path | None:
-        if self.cfg.vq is not None:
-            path = Path(self.cfg.vq)
-            if not (path / "config.json").is_file():
-                raise MarsError(f"vq {path} is not a VQ-GAN folder (no config.json)")
-            return path
-        if self.cfg.init_from is not None and (Path(self.cfg.init_from) / VQ_DIR).is_dir():
-            return Path(self.cfg.init_from) / VQ_DIR
-        return None
 
     def _vq(self):
         """The VQ-GAN (loaded once), or None when the run has none."""
         if not hasattr(self, "_vq_model"):
             from mars.vq.io import load_tokenizer
 
-            path = self._vq_dir()
+            path = run_vq_dir(self.cfg)
             self._vq_model = load_tokenizer(path, device=self.env.device) if path is not None else None
         return self._vq_model
 
