@@ -72,18 +72,19 @@ def error_response(status: int, message: str, type: str, headers: dict[str, str]
 
 
 def run_batch(pipeline, key: Hashable, rows: list[Any], compile: bool = False) -> list[Any]:
-    """One batch on the worker thread: ("generate", cfg, top_k, top_p, temperature, rerank) with rows
+    """One batch on the worker thread: ("generate", cfg, top_k, top_p, temperature, rerank, drawing weight) with rows
     (prompt, seed, negative prompt or "") -> PIL images; ("caption", lang, cfg_scale, plausibility,
     rerank, refine) with rows PIL images -> strings. `compile`: the decode step runs compiled (each new batch
     size compiles once, the first time it occurs)."""
     if key[0] == "generate":
-        _, cfg_scale, top_k, top_p, temperature, rerank = key
+        _, cfg_scale, top_k, top_p, temperature, rerank, drawing_weight = key
         prompts = [prompt for prompt, _, _ in rows]
         seeds = [seed for _, seed, _ in rows]
         negatives = [negative for _, _, negative in rows]
         return pipeline.generate(prompts, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
                                  temperature=temperature, seed=seeds, batch_size=len(prompts), compile=compile,
-                                 negative_prompt=negatives if any(negatives) else None, rerank=rerank)
+                                 negative_prompt=negatives if any(negatives) else None, rerank=rerank,
+                                 rerank_drawing_weight=drawing_weight)
     if key[0] == "caption":
         _, lang, cfg_scale, plausibility, rerank, refine = key
         return pipeline.caption(rows, lang=lang, cfg_scale=cfg_scale, plausibility=plausibility, rerank=rerank,
@@ -306,13 +307,15 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
                 raise ApiError(422, f"rerank: {err}") from None
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - limits.max_images + 2)
         seeds = [seed + i for i in range(body.n)]
-        key = ("generate", chosen["cfg_scale"], chosen["top_k"], chosen["top_p"], chosen["temperature"], body.rerank)
+        drawing_weight = pipeline.rerank_settings(body.rerank_drawing_weight).drawing_weight
+        key = ("generate", chosen["cfg_scale"], chosen["top_k"], chosen["top_p"], chosen["temperature"], body.rerank,
+               drawing_weight)
         negative = body.negative_prompt or ""
         result = await run_job(request.app.state.batcher, request, key, [(body.prompt, s, negative) for s in seeds])
         encoded = await run_in_threadpool(lambda: [png_base64(img) for img in result.outputs])
         data = [GeneratedImage(b64_json=b64, seed=s, width=img.width, height=img.height)
                 for b64, s, img in zip(encoded, seeds, result.outputs)]
-        settings = GenerationSettings(**chosen, rerank=body.rerank)
+        settings = GenerationSettings(**chosen, rerank=body.rerank, rerank_drawing_weight=drawing_weight)
         return GenerationResponse(created=int(time.time()), model=model_name, prompt=body.prompt,
                                   negative_prompt=body.negative_prompt, seeds=seeds,
                                   settings=settings, data=data, timings=timings(result, arrived))
@@ -362,7 +365,8 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
         card = ModelCard(id=model_name, image_size=config.image_size, max_prompt_tokens=token_limit,
                          max_prompt_chars=limits.max_prompt_chars, max_images=limits.max_images,
                          max_rerank=limits.max_rerank, max_refine=limits.max_refine,
-                         sampling_defaults=GenerationSettings(**pipeline.sampling_settings()),
+                         sampling_defaults=GenerationSettings(**pipeline.sampling_settings(),
+                                                              rerank_drawing_weight=pipeline.rerank_settings().drawing_weight),
                          caption_defaults=caption_settings(pipeline.caption_settings()),
                          caption_languages=list(CAPTION_LANGS), upload_formats=list(limits.upload_formats),
                          max_upload_bytes=limits.max_upload_bytes)

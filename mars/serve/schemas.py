@@ -56,6 +56,10 @@ class GenerationRequest(_Strict):
                                              "likeliest caption, with the model's drawing term (the \"rerank\" "
                                              "entry of its generation_config.json; costs this many generations; "
                                              "1 = off).")
+    rerank_drawing_weight: float | None = Field(None, ge=0.0, le=1000.0, allow_inf_nan=False,
+                                                description="With rerank > 1: the weight of the drawing term "
+                                                            "log p(codes | prompt) beside the reading term "
+                                                            "(0 = reading alone); omitted: the model's.")
 
 
 class GeneratedImage(BaseModel):
@@ -78,6 +82,8 @@ class GenerationSettings(BaseModel):
     top_p: float
     temperature: float
     rerank: int = 1
+    rerank_drawing_weight: float = Field(0.0, description="The drawing term's weight in judging candidates "
+                                                          "(used when rerank > 1).")
 
 
 class GenerationResponse(BaseModel):

@@ -68,7 +68,8 @@ def test_generate_returns_the_pipelines_images_with_their_seeds(client, tiny_pip
     out = r.json()
     assert out["seeds"] == [7, 8] and [d["seed"] for d in out["data"]] == [7, 8]
     assert out["prompt"] == "a red circle" and out["model"] == "tiny"
-    assert out["settings"] == {"cfg_scale": 3.0, "top_k": 50, "top_p": 0.9, "temperature": 0.8, "rerank": 1}
+    assert out["settings"] == {"cfg_scale": 3.0, "top_k": 50, "top_p": 0.9, "temperature": 0.8, "rerank": 1,
+                               "rerank_drawing_weight": 0.0}  # the tiny model judges by reading alone
     size = tiny_pipeline.model.config.image_size
     expected = tiny_pipeline.generate(["a red circle"] * 2, cfg_scale=3.0, top_k=50, top_p=0.9, temperature=0.8, seed=7)
     for item, want in zip(out["data"], expected):
@@ -99,7 +100,7 @@ def test_negative_prompt_reaches_the_pipeline_and_batches_beside_plain_requests(
     np.testing.assert_array_equal(pixels(png_image(out["data"][0]["b64_json"])), pixels(want))
     # a batch that mixes requests with and without one: each row keeps its own
     from mars.serve.app import run_batch
-    key = ("generate", 3.0, 0, 1.0, 1.0, 1)
+    key = ("generate", 3.0, 0, 1.0, 1.0, 1, 0.0)
     mixed = run_batch(tiny_pipeline, key, [("a red circle", 3, "a green star"), ("a red circle", 3, "")])
     (plain,) = tiny_pipeline.generate("a red circle", cfg_scale=3.0, top_k=0, top_p=1.0, temperature=1.0, seed=3)
     (away,) = tiny_pipeline.generate("a red circle", cfg_scale=3.0, top_k=0, top_p=1.0, temperature=1.0, seed=3,
@@ -287,8 +288,8 @@ def test_openapi_schema_describes_the_api(client):
     assert {"/v1/images/generations", "/v1/captions", "/health", "/v1/models"} <= set(schema["paths"])
     request = schema["components"]["schemas"]["GenerationRequest"]
     assert request["required"] == ["prompt"]
-    assert {"prompt", "n", "seed", "cfg_scale", "top_k", "top_p", "temperature", "negative_prompt", "rerank"} == set(
-        request["properties"])
+    assert {"prompt", "n", "seed", "cfg_scale", "top_k", "top_p", "temperature", "negative_prompt", "rerank",
+            "rerank_drawing_weight"} == set(request["properties"])
     assert "422" in schema["paths"][GEN]["post"]["responses"]
     assert "multipart/form-data" in schema["paths"][CAP]["post"]["requestBody"]["content"]
 
@@ -324,9 +325,29 @@ def test_rerank_reaches_the_pipeline_and_is_bounded(client, tiny_pipeline):
     assert client.post(GEN, json={**body, "rerank": 0}).status_code == 422
 
 
+def test_a_request_sets_the_drawing_weight_of_rerank(tiny_pipeline, monkeypatch):
+    body = {"prompt": "a red circle", "seed": 4, "top_k": 20, "rerank": 4}
+    (reading,) = tiny_pipeline.generate("a red circle", seed=4, top_k=20, rerank=4, rerank_drawing_weight=0.0)
+    (drawing,) = tiny_pipeline.generate("a red circle", seed=4, top_k=20, rerank=4, rerank_drawing_weight=1000.0)
+    assert not np.array_equal(pixels(reading), pixels(drawing))  # the weight picks another candidate here
+    monkeypatch.setattr(tiny_pipeline, "rerank_config", dataclasses.replace(tiny_pipeline.rerank_config,
+                                                                            drawing_weight=1000.0))
+    with TestClient(create_app(tiny_pipeline, model_name="tiny")) as client:
+        card = client.get("/v1/models").json()["data"][0]
+        default = client.post(GEN, json=body).json()
+        given = client.post(GEN, json={**body, "rerank_drawing_weight": 0}).json()
+        bad = [client.post(GEN, json={**body, "rerank_drawing_weight": w}) for w in (-1, "nan", 1e9)]
+    assert card["sampling_defaults"]["rerank_drawing_weight"] == 1000.0  # the model's, for the page
+    assert default["settings"]["rerank_drawing_weight"] == 1000.0
+    np.testing.assert_array_equal(pixels(png_image(default["data"][0]["b64_json"])), pixels(drawing))
+    assert given["settings"]["rerank_drawing_weight"] == 0.0
+    np.testing.assert_array_equal(pixels(png_image(given["data"][0]["b64_json"])), pixels(reading))
+    assert all(r.status_code == 422 and "rerank_drawing_weight" in r.json()["error"]["message"] for r in bad)
+
+
 def test_model_card_gives_the_sampling_defaults_the_page_starts_from(client, tiny_pipeline):
     card = client.get("/v1/models").json()["data"][0]
-    assert card["sampling_defaults"] == {**tiny_pipeline.sampling_settings(), "rerank": 1}
+    assert card["sampling_defaults"] == {**tiny_pipeline.sampling_settings(), "rerank": 1, "rerank_drawing_weight": 0.0}
     assert card["max_rerank"] == 8 and card["max_refine"] == 4
 
 
