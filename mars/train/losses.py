@@ -1,6 +1,7 @@
 """Per-task training losses: T2I (with the no-autograd text prefix), I2T and text LM.
 
-Each function returns `(sum of token cross-entropies, number of loss tokens)`, so the trainer can
+Each function returns the sum of token cross-entropies and the number of loss tokens first
+(`task_loss`: a `LossParts`; `t2i_contrast_loss`: a `ContrastParts`), so the trainer can
 normalise by the token count of the whole global batch (all micro-batches, all ranks) and get the
 same loss and gradients however the batch is split.
 
