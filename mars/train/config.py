@@ -85,7 +85,7 @@ class TrainConfig:
     # other prompt is its own caption with one group's words swapped (a hard negative: relations,
     # sizes, which colour goes with which shape), else another row's prompt as above; logs counterfactual_gap
     t2i_contrast_swaps: list[list[str]] = field(default_factory=list)
-    # Knowledge distillation: a MARS model folder (same vocabulary and text tokenizer) whose next-token
+    # Knowledge distillation: a MARS model folder (same vocabulary, image grid, text tokenizer) whose next-token
     # distributions the run also matches, distill_weight x KL(teacher || student) per loss token
     # (mars.train.losses.kl_sum); e.g. the init_from model itself when model_overrides change positions.
     # The teacher is frozen, held whole on every rank, and costs one forward without autograd per micro-batch.

@@ -61,8 +61,10 @@ def write_model_folder(model, out: str | Path, cfg: TrainConfig, text_tokenizer:
         logger.info("no VQ-GAN (set vq: or init_from with a vq/ folder): %s has no vq/", out)
     if cfg.init_from is not None and (Path(cfg.init_from) / GENERATION_CONFIG).is_file():
         shutil.copy(Path(cfg.init_from) / GENERATION_CONFIG, tmp / GENERATION_CONFIG)
-    if out.exists():
+    if out.is_dir():
         shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
     tmp.rename(out)
     return out
 
@@ -82,7 +84,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool =
         raise MarsError(f"{checkpoint} is at step {step} of a {cfg.image_positions_ramp_steps}-step ramp into 2-D "
                         "image positions: its rotations are a mix that no saved model expresses; export a "
                         f"checkpoint from step {cfg.image_positions_ramp_steps} on")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MarsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise MarsError(f"{out} exists and is not an empty folder; choose another --out or pass --overwrite")
     model = load_checkpoint_model(checkpoint)
     return write_model_folder(model, out, cfg, run_text_tokenizer(cfg, model.config.text_tokenizer))

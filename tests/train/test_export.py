@@ -59,8 +59,11 @@ def test_export_refuses_to_overwrite_and_names_what_is_not_a_checkpoint(run, tmp
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(MarsError, match="exists and is not empty.*--overwrite"):
+    with pytest.raises(MarsError, match="exists and is not an empty folder.*--overwrite"):
         export_checkpoint(run / "checkpoints" / "step_00000002", out)
+    assert (out / "notes.txt").read_text() == "keep me"
+    with pytest.raises(MarsError, match="exists and is not an empty folder"):
+        export_checkpoint(run / "checkpoints" / "step_00000002", out / "notes.txt")
     assert (out / "notes.txt").read_text() == "keep me"
     export_checkpoint(run / "checkpoints" / "step_00000002", out, overwrite=True)
     assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
