@@ -34,6 +34,10 @@ class TextTokenizer(ABC):
     @abstractmethod
     def decode(self, ids: list[int]) -> str: ...
 
+    def identity(self) -> dict:
+        """What tells this tokenizer's ids apart from another's: recorded in code shards, compared on use."""
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+
     def save(self, directory: str | Path) -> None:
         """Write what `load_text_tokenizer(directory)` needs to rebuild this tokenizer."""
         directory = Path(directory)

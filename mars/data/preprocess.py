@@ -93,8 +93,7 @@ def _settings(vq, text_tokenizer: TextTokenizer, data: str, resolution: int, sha
         "num_shards": math.ceil(num_records / shard_size),
         "codebook_size": vq.config.codebook_size, "vq_hash": vq.identity_hash(),
         "vq_codes_hash": vq.codes_hash(),
-        "text_tokenizer": {"kind": text_tokenizer.kind, "vocab_size": text_tokenizer.vocab_size,
-                           "eos_id": text_tokenizer.eos_id},
+        "text_tokenizer": text_tokenizer.identity(),
     }
 
 

@@ -190,8 +190,7 @@ def open_shards(directory: str | Path, expect_vq_hash: str | None = None,
                         f"tokenizer is {expect_vq_hash}; rerun `mars preprocess` with this tokenizer")
     if expect_text_tokenizer is not None:
         made = dataset.text_tokenizer
-        now = {"kind": expect_text_tokenizer.kind, "vocab_size": expect_text_tokenizer.vocab_size,
-               "eos_id": expect_text_tokenizer.eos_id}
+        now = expect_text_tokenizer.identity()
         if made != now:
             raise MarsError(f"{directory} was tokenized with text tokenizer {made}, but the model uses {now}")
     return dataset

@@ -73,18 +73,6 @@ def target_logits(model, hidden: torch.Tensor, targets: torch.Tensor, rows: slic
     return logits, y
 
 
-def token_ce(model, hidden: torch.Tensor, targets: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-    """Cross-entropy (N,) at the N positions of `hidden` (B, T, C) whose target is set, in row-major order."""
-    logits, y = target_logits(model, hidden, targets, rows)
-    return F.cross_entropy(logits.float(), y, reduction="none")
-
-
-def token_ce_sum(model, hidden: torch.Tensor, targets: torch.Tensor, rows: slice | None = None):
-    """Sum of `token_ce` and the number of its positions."""
-    ce = token_ce(model, hidden, targets, rows)
-    return ce.sum(), ce.numel()
-
-
 def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Sum over positions of KL(teacher || student) of the two (N, V) logit rows' softmaxes, in nats."""
     teacher = F.log_softmax(teacher_logits.float(), dim=-1)
@@ -120,8 +108,7 @@ def t2i_loss(model, batch: T2IBatch, prefix_no_grad: bool = True, vocab: str = "
     (all visual) run with autograd. This gives the same loss and gradients as the full forward
     because nothing trainable is on the prefix's path (the caller checks that).
     """
-    hidden, targets = _hidden_and_targets(model, batch, prefix_no_grad, cache_dtype)
-    return token_ce_sum(model, hidden, targets, _visual_rows(model, vocab))
+    return task_loss(model, batch, prefix_no_grad=prefix_no_grad, vocab=vocab, cache_dtype=cache_dtype)[:2]
 
 
 def t2i_image_nll(model, batch: T2IBatch, vocab: str = "full", cache_dtype=torch.float32) -> torch.Tensor:
@@ -203,12 +190,12 @@ def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full"
 def i2t_loss(model, batch: I2TBatch):
     """`<img> c_1..c_N </img> instruction caption <eos>`, right-padded: one full forward with
     autograd. The loss is on the caption; its gradient reaches the visual expert through attention."""
-    return token_ce_sum(model, *_hidden_and_targets(model, batch))
+    return task_loss(model, batch)[:2]
 
 
 def lm_loss(model, batch: LMBatch):
     """Plain next-token loss on text-only sequences (stage 0)."""
-    return token_ce_sum(model, *_hidden_and_targets(model, batch))
+    return task_loss(model, batch)[:2]
 
 
 def _hidden_and_targets(model, batch: T2IBatch | I2TBatch | LMBatch, prefix_no_grad: bool = True,

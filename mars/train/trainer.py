@@ -168,8 +168,9 @@ class Trainer:
             raise MarsError(f"a distillation teacher must share the vocabulary and the image grid: "
                             f"{cfg.distill_from} has {', '.join(differ)}")
         tokenizer = load_model_text_tokenizer(cfg.distill_from, teacher_config.text_tokenizer)
-        sample = "a red circle to the left of a blue square 一个红色的圆形在蓝色正方形的左边"
-        if tokenizer.encode(sample) != self.text_tokenizer.encode(sample):
+        sample = "a red circle to the left of a blue square 一个红色的圆形在蓝色正方形的左边"  # same size, other merges
+        if (tokenizer.identity(), tokenizer.encode(sample)) != (self.text_tokenizer.identity(),
+                                                                self.text_tokenizer.encode(sample)):
             raise MarsError(f"distill_from {cfg.distill_from} tokenizes text differently from the model trained: "
                             "a teacher must share the text tokenizer")
         dtype = torch.bfloat16 if self.bf16 else torch.float32
@@ -292,13 +293,12 @@ class Trainer:
                     parts = task_loss(model, batch, prefix_no_grad=self.prefix_no_grad, vocab=cfg.t2i_loss_vocab,
                                       cache_dtype=cache_dtype, teacher=self.teacher)
                     objective = parts.ce_sum
-                ce_sum = parts.ce_sum
                 if parts.distill_sum is not None:
                     objective = objective + cfg.distill_weight * parts.distill_sum
                     kl_total += float(parts.distill_sum.detach())
             # Mean over the global batch's loss tokens; x world_size because FSDP averages over ranks.
             (objective * (env.world_size / num_targets)).backward()
-            ce_total += float(ce_sum.detach())
+            ce_total += float(parts.ce_sum.detach())
             tokens += batch.input_ids.numel()
         grad_norm = parallel.clip_grad_norm(self.trainable, cfg.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
