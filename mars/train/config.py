@@ -87,10 +87,14 @@ class TrainConfig:
     t2i_contrast_swaps: list[list[str]] = field(default_factory=list)
     # Knowledge distillation: a MARS model folder (same vocabulary, image grid, text tokenizer) whose next-token
     # distributions the run also matches, distill_weight x KL(teacher || student) per loss token
-    # (mars.train.losses.kl_sum); e.g. the init_from model itself when model_overrides change positions.
+    # (mars.train.losses.kl_per_position); e.g. the init_from model itself when model_overrides change positions.
     # The teacher is frozen, held whole on every rank, and costs one forward without autograd per micro-batch.
     distill_from: str | None = None
     distill_weight: float = 0.0
+    # true: rows whose prompt carries a counterfactual (t2i_contrast_swaps, on contrast steps) are left out of
+    # the distillation term, so the contrast term can teach them what the teacher does not know (e.g. a
+    # relation the teacher draws at chance, whose KL would hold the student there); every other row is pulled
+    distill_skip_counterfactual: bool = False
 
     # execution
     device: str = "auto"  # auto | cpu | cuda
@@ -140,6 +144,9 @@ class TrainConfig:
         if self.distill_weight < 0 or (self.distill_weight > 0) != (self.distill_from is not None):
             raise MarsError(f"distillation needs both distill_from (a teacher model folder) and distill_weight > 0, "
                             f"got distill_from={self.distill_from!r}, distill_weight={self.distill_weight}")
+        if self.distill_skip_counterfactual and not (self.distill_from and self.t2i_contrast_swaps):
+            raise MarsError("distill_skip_counterfactual leaves rows with a counterfactual prompt out of the "
+                            "distillation term: it needs distill_from and t2i_contrast_swaps")
         if self.t2i_contrast_steps < 0:
             raise MarsError(f"t2i_contrast_steps must be >= 0 (0 = every step), got {self.t2i_contrast_steps}")
         if self.precision not in ("bf16", "fp32"):

@@ -73,11 +73,11 @@ def target_logits(model, hidden: torch.Tensor, targets: torch.Tensor, rows: slic
     return logits, y
 
 
-def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Sum over positions of KL(teacher || student) of the two (N, V) logit rows' softmaxes, in nats."""
+def kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """(N,) KL(teacher || student) of the two (N, V) logit rows' softmaxes, in nats."""
     teacher = F.log_softmax(teacher_logits.float(), dim=-1)
     student = F.log_softmax(student_logits.float(), dim=-1)
-    return (teacher.exp() * (teacher - student)).sum()
+    return (teacher.exp() * (teacher - student)).sum(dim=-1)
 
 
 def _visual_rows(model, vocab: str) -> slice | None:
@@ -161,13 +161,16 @@ class ContrastParts:
 
 
 def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full",
-                      cache_dtype=torch.float32, teacher=None) -> ContrastParts:
+                      cache_dtype=torch.float32, teacher=None,
+                      skip_counterfactual_distill: bool = False) -> ContrastParts:
     """T2I loss plus the prompt-contrast term, from one forward over [true rows; mismatched rows].
 
     gap_b = NLL(image_b | other prompt) - NLL(image_b | prompt_b) in nats per image, the other
     prompt being row b's counterfactual prompt or else row b-1's (see `mismatched_prompts`); the
     term is softplus(margin - gap_b), summed over the pairing rows, so it pushes until the other
-    prompt makes the image `margin` nats less likely, then fades.
+    prompt makes the image `margin` nats less likely, then fades. With a `teacher` the true rows are
+    also distilled; `skip_counterfactual_distill` leaves the rows with a counterfactual prompt out of
+    that term (the contrast term teaches them what the teacher may not know).
     """
     negative, valid = mismatched_prompts(batch)
     both = T2IBatch(torch.cat([batch.input_ids, negative.input_ids]), torch.cat([batch.targets, negative.targets]),
@@ -180,7 +183,9 @@ def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full"
     num_tokens = int((batch.targets[:, batch.prefix_len:] != IGNORE).sum())
     distill = None
     if teacher is not None:  # the true rows' positions come first (row-major)
-        distill = teacher_kl_sum(teacher, batch, logits[:num_tokens], _visual_rows(model, vocab), cache_dtype)
+        distill_rows = ~counterfactual if skip_counterfactual_distill else None
+        distill = teacher_kl_sum(teacher, batch, logits[:num_tokens], _visual_rows(model, vocab), cache_dtype,
+                                 distill_rows)
     return ContrastParts(ce_sum=per_row[:B].sum(), num_tokens=num_tokens, distill_sum=distill,
                          contrast_sum=F.softplus(margin - gap).sum(), num_pairs=int(valid.sum()),
                          gap_sum=float(gap.detach().sum()), num_counterfactual=int(counterfactual.sum()),
@@ -239,7 +244,13 @@ def _teacher_logits(teacher, batch, rows: slice | None, cache_dtype) -> torch.Te
 
 
 def teacher_kl_sum(teacher, batch: T2IBatch | I2TBatch | LMBatch, student_logits: torch.Tensor,
-                   rows: slice | None = None, cache_dtype=torch.float32) -> torch.Tensor:
+                   rows: slice | None = None, cache_dtype=torch.float32,
+                   batch_rows: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher || student) summed over the batch's loss positions; `student_logits` (N, V) are the
-    student's at those positions (`target_logits`), the teacher runs on the same batch without autograd."""
-    return kl_sum(student_logits, _teacher_logits(teacher, batch, rows, cache_dtype))
+    student's at those positions (`target_logits`), the teacher runs on the same batch without autograd.
+    `batch_rows` (B,) bool keeps only those rows' positions."""
+    kl = kl_per_position(student_logits, _teacher_logits(teacher, batch, rows, cache_dtype))  # (N,)
+    if batch_rows is None:
+        return kl.sum()
+    row_of = torch.nonzero(batch.targets != IGNORE)[:, 0]  # (N,) row-major, like the logits
+    return kl[batch_rows[row_of]].sum()

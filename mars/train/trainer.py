@@ -284,7 +284,8 @@ class Trainer:
             with self.autocast():
                 if contrast:
                     parts = t2i_contrast_loss(model, batch, cfg.t2i_contrast_margin, vocab=cfg.t2i_loss_vocab,
-                                              cache_dtype=cache_dtype, teacher=self.teacher)
+                                              cache_dtype=cache_dtype, teacher=self.teacher,
+                                              skip_counterfactual_distill=cfg.distill_skip_counterfactual)
                     objective = parts.ce_sum + cfg.t2i_contrast_weight * parts.contrast_sum
                     gap_total, pairs = gap_total + parts.gap_sum, pairs + parts.num_pairs
                     cf_gap_total += parts.counterfactual_gap_sum

@@ -44,6 +44,8 @@ def test_stage_templates_build_their_models():
     (["t2i_contrast_steps=-1"], "t2i_contrast_steps must be >= 0"),
     (["t2i_contrast_swaps=[[left, right]]"], "set t2i_contrast_weight > 0"),
     (["t2i_contrast_weight=1", "t2i_contrast_swaps=[[left]]"], "swap group must be a list of at least 2"),
+    (["distill_skip_counterfactual=true"], "needs distill_from and t2i_contrast_swaps"),
+    (["distill_from=x", "distill_weight=1", "distill_skip_counterfactual=true"], "needs distill_from and t2i_contrast_swaps"),
 ])
 def test_config_errors_are_one_line(override, message):
     with pytest.raises(MarsError, match=message) as err:

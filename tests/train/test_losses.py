@@ -207,6 +207,24 @@ def test_distill_term_is_the_teachers_kl_computed_by_full_forwards(vocab):
     assert float(parts.distill_sum) == pytest.approx(_reference_kl(student, teacher, i2t, i2t.image_mask), rel=1e-4)
 
 
+def test_distill_term_can_skip_the_rows_with_a_counterfactual_prompt():
+    student, teacher = _model(5), _model(6)
+    g = torch.Generator().manual_seed(5)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    negatives = [[1, 2, 30], None, [6, 7, 8, 10]]  # rows 0 and 2 have a counterfactual
+    seqs = [build_t2i(student.vocab, p, torch.randint(0, 256, (16,), generator=g), n) for p, n in zip(prompts, negatives)]
+    batch = collate_t2i(seqs, pad_id=256)
+    alone = collate_t2i([seqs[1]], pad_id=256)  # row 1 by itself
+    row_1 = _reference_kl(student, teacher, alone, student.image_mask(alone.input_ids), alone.pad_lengths)
+    everything = _reference_kl(student, teacher, batch, student.image_mask(batch.input_ids), batch.pad_lengths)
+    with torch.no_grad():
+        pulled = t2i_contrast_loss(student, batch, margin=3.0, teacher=teacher)
+        skipped = t2i_contrast_loss(student, batch, margin=3.0, teacher=teacher, skip_counterfactual_distill=True)
+    assert float(pulled.distill_sum) == pytest.approx(everything, rel=1e-4)
+    assert float(skipped.distill_sum) == pytest.approx(row_1, rel=1e-4) and 0 < row_1 < everything
+    assert float(skipped.ce_sum) == pytest.approx(float(pulled.ce_sum), rel=1e-6)  # the rest is unchanged
+
+
 def test_distill_term_from_the_students_own_weights_is_zero_and_pulls_nothing():
     import copy
 

@@ -81,6 +81,23 @@ def test_distillation_keeps_a_2d_switched_model_closer_to_its_1d_teacher(model_c
     assert pulled[-1]["distill_kl"] < 0.5 * measured[-1]["distill_kl"]
 
 
+def test_distillation_can_leave_the_rows_with_a_counterfactual_to_the_contrast_term(model_copy, tmp_path):
+    colours = "[red, blue, green, yellow, orange, purple, black]"
+    args = ("max_steps=1", "save_every=0", "model=null", f"init_from={model_copy}", "data.synthetic=8",
+            "data.cfg_dropout=0", "tasks={t2i: 1.0}", "model_overrides={image_positions: 2d}",
+            f"distill_from={model_copy}", "distill_weight=1", "t2i_contrast_weight=2")
+    english = f"t2i_contrast_swaps=[{colours}]"
+    both = f"t2i_contrast_swaps=[{colours}, [红色, 蓝色, 绿色, 黄色, 橙色, 紫色, 黑色]]"
+    # the 2-D switch moves the student from its 1-D teacher: every row has a KL to give
+    _, pulled = run_stage("stage1", tmp_path / "pulled", *args, english)
+    _, english_only = run_stage("stage1", tmp_path / "english", *args, english, "distill_skip_counterfactual=true")
+    _, none_left = run_stage("stage1", tmp_path / "both", *args, both, "distill_skip_counterfactual=true")
+    assert 0.0 < english_only[0]["counterfactual_share"] < 1.0 and none_left[0]["counterfactual_share"] == 1.0
+    assert english_only[0]["loss"] == pytest.approx(pulled[0]["loss"], rel=1e-6)  # the same batch
+    assert 0.0 < english_only[0]["distill_kl"] < pulled[0]["distill_kl"]  # the Chinese rows only
+    assert none_left[0]["distill_kl"] == 0.0  # every caption names a colour: no row is pulled
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["distill_weight=1.0"], "needs both distill_from .* and distill_weight > 0"),
     (["distill_from=SELF"], "needs both distill_from .* and distill_weight > 0"),
