@@ -73,6 +73,11 @@ def target_logits(model, hidden: torch.Tensor, targets: torch.Tensor, rows: slic
     return logits, y
 
 
+def loss_rows(targets: torch.Tensor) -> torch.Tensor:
+    """(N,) the row of each of `target_logits`' N positions, for targets (B, T)."""
+    return torch.nonzero(targets != IGNORE)[:, 0]
+
+
 def kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """(N,) KL(teacher || student) of the two (N, V) logit rows' softmaxes, in nats."""
     teacher = F.log_softmax(teacher_logits.float(), dim=-1)
@@ -122,8 +127,7 @@ def _t2i_image_nll_and_logits(model, batch: T2IBatch, vocab: str, cache_dtype):
     targets = batch.targets[:, batch.prefix_len:]
     logits, y = target_logits(model, hidden, targets, _visual_rows(model, vocab))
     ce = F.cross_entropy(logits.float(), y, reduction="none")  # (N,) row-major
-    row_of = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[targets != IGNORE]
-    return torch.zeros(targets.shape[0], device=ce.device).index_add(0, row_of, ce), logits
+    return torch.zeros(targets.shape[0], device=ce.device).index_add(0, loss_rows(targets), ce), logits
 
 
 def mismatched_prompts(batch: T2IBatch) -> tuple[T2IBatch, torch.Tensor]:
@@ -252,5 +256,4 @@ def teacher_kl_sum(teacher, batch: T2IBatch | I2TBatch | LMBatch, student_logits
     kl = kl_per_position(student_logits, _teacher_logits(teacher, batch, rows, cache_dtype))  # (N,)
     if batch_rows is None:
         return kl.sum()
-    row_of = torch.nonzero(batch.targets != IGNORE)[:, 0]  # (N,) row-major, like the logits
-    return kl[batch_rows[row_of]].sum()
+    return kl[batch_rows[loss_rows(batch.targets)]].sum()
