@@ -70,3 +70,23 @@ def swap_words(text: str, groups: list[list[str]], rng: np.random.Generator) -> 
         others = [w for w in group if w != found[0]]
         mapping = {found[0]: others[int(rng.integers(len(others)))]}
     return _pattern(mapping).sub(lambda m: mapping[m.group()], text)
+
+
+def matches_any(text: str | None, groups: list[list[str]]) -> bool:
+    """Whether a swap group applies to `text` (`swap_words` would return a counterfactual)."""
+    return bool(text) and _pattern([w for group in groups for w in group]).search(text) is not None
+
+
+def oversampled_epoch(captions, groups: list[list[str]], repeat: int) -> np.ndarray:
+    """The dataset indices one epoch covers when samples with a swappable caption count `repeat` times.
+
+    `captions[i]` is sample i's (English, Chinese) caption pair (either may be None); a sample is
+    swappable when a group applies to either. Returns every index once, then each swappable index
+    `repeat - 1` times more, in index order (the sampler permutes it per epoch).
+    """
+    if repeat < 1:
+        raise MarsError(f"repeat must be >= 1, got {repeat}")
+    swappable = [i for i, pair in enumerate(captions) if any(matches_any(t, groups) for t in pair)]
+    extra = np.repeat(np.asarray(swappable, dtype=np.int64), repeat - 1)
+    return np.concatenate([np.arange(len(captions), dtype=np.int64), extra])
+

@@ -219,14 +219,17 @@ class SequenceBuilder:
     with `null_prompt_prob`, Chinese caption with `zh_prob` when there is one) come from a
     generator seeded by (seed, g). With `contrast_swaps` (word groups, `mars.data.negatives`) each
     T2I row with a prompt also carries a counterfactual prompt made from its caption's text, at the
-    steps where `counterfactual_at(step)` is true (default: every step).
+    steps where `counterfactual_at(step)` is true (default: every step). `epoch_pool`, dataset
+    indices with some listed more than once, replaces the dataset in the epoch permutation: it
+    oversamples (`mars.data.negatives.oversampled_epoch`).
     """
 
     def __init__(self, vocab: MultimodalVocab, text_tokenizer: TextTokenizer, *, t2i_weight: float = 1.0,
                  i2t_weight: float = 0.0, lm_weight: float = 0.0, null_prompt_prob: float = 0.1,
                  zh_prob: float = 0.5, seed: int = 0, max_text_len: int | None = None,
                  contrast_swaps: list[list[str]] | None = None,
-                 counterfactual_at: Callable[[int], bool] | None = None):
+                 counterfactual_at: Callable[[int], bool] | None = None,
+                 epoch_pool: np.ndarray | None = None):
         weights = np.array([t2i_weight, i2t_weight, lm_weight], dtype=np.float64)
         if (weights < 0).any() or weights.sum() <= 0:
             raise MarsError(f"task weights must be >= 0 with a positive sum, got t2i={t2i_weight} "
@@ -243,6 +246,7 @@ class SequenceBuilder:
         self.seed, self.max_text_len = seed, max_text_len
         self.contrast_swaps = check_swap_groups(contrast_swaps) if contrast_swaps else None
         self.counterfactual_at = counterfactual_at
+        self.epoch_pool = epoch_pool  # dataset indices one epoch covers (mars.data.negatives.oversampled_epoch)
         self.instruction_ids = {"en": text_tokenizer.encode(INSTRUCTION_EN),
                                 "zh": text_tokenizer.encode(INSTRUCTION_ZH)}
         self._perm: tuple[int, int, np.ndarray] | None = None  # (epoch, n, permutation) cache
@@ -293,14 +297,17 @@ class SequenceBuilder:
         return TASKS[int(rng.choice(len(TASKS), p=self.task_probs))]
 
     def indices(self, step: int, batch_size: int, n: int, rank: int = 0, world_size: int = 1) -> list[int]:
-        """Dataset indices of this rank's rows at `step`: every epoch is a permutation of all n samples."""
+        """Dataset indices of this rank's rows at `step`: every epoch is a permutation of all n samples,
+        or of `epoch_pool` when given (a sample listed k times in it is drawn k times per epoch)."""
+        pool = len(self.epoch_pool) if self.epoch_pool is not None else n
         first = (step * world_size + rank) * batch_size
         result = []
         for g in range(first, first + batch_size):
-            epoch, pos = divmod(g, n)
-            if self._perm is None or self._perm[:2] != (epoch, n):
-                self._perm = (epoch, n, np.random.default_rng([self.seed, epoch, 1]).permutation(n))
-            result.append(int(self._perm[2][pos]))
+            epoch, pos = divmod(g, pool)
+            if self._perm is None or self._perm[:2] != (epoch, pool):
+                self._perm = (epoch, pool, np.random.default_rng([self.seed, epoch, 1]).permutation(pool))
+            slot = int(self._perm[2][pos])
+            result.append(int(self.epoch_pool[slot]) if self.epoch_pool is not None else slot)
         return result
 
     def batch(self, dataset, step: int, batch_size: int, rank: int = 0,

@@ -85,6 +85,10 @@ class TrainConfig:
     # other prompt is its own caption with one group's words swapped (a hard negative: relations,
     # sizes, which colour goes with which shape), else another row's prompt as above; logs counterfactual_gap
     t2i_contrast_swaps: list[list[str]] = field(default_factory=list)
+    # > 1: samples whose English or Chinese caption a swap group matches are drawn this many times per epoch
+    # (mars.data.negatives.oversampled_epoch), so more rows per step carry a counterfactual; every task
+    # sees the oversampled order
+    t2i_contrast_repeat: int = 1
     # Knowledge distillation: a MARS model folder (same vocabulary, image grid, text tokenizer) whose next-token
     # distributions the run also matches, distill_weight x KL(teacher || student) per loss token
     # (mars.train.losses.kl_per_position); e.g. the init_from model itself when model_overrides change positions.
@@ -147,6 +151,11 @@ class TrainConfig:
         if self.distill_skip_counterfactual and not (self.distill_from and self.t2i_contrast_swaps):
             raise MarsError("distill_skip_counterfactual leaves rows with a counterfactual prompt out of the "
                             "distillation term: it needs distill_from and t2i_contrast_swaps")
+        if self.t2i_contrast_repeat < 1:
+            raise MarsError(f"t2i_contrast_repeat must be >= 1 (1 = no oversampling), got {self.t2i_contrast_repeat}")
+        if self.t2i_contrast_repeat > 1 and not self.t2i_contrast_swaps:
+            raise MarsError("t2i_contrast_repeat oversamples the captions that t2i_contrast_swaps matches: "
+                            "set t2i_contrast_swaps")
         if self.t2i_contrast_steps < 0:
             raise MarsError(f"t2i_contrast_steps must be >= 0 (0 = every step), got {self.t2i_contrast_steps}")
         if self.precision not in ("bf16", "fp32"):

@@ -21,11 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from mars.config import apply_overrides, model_config_from, to_dict
 from mars.cpu import flush_denormals
+from mars.data.negatives import oversampled_epoch
 from mars.data.sequences import SequenceBuilder
 from mars.errors import MarsError
 from mars.model.semvie import SemVIE, load_model_config
@@ -194,7 +196,8 @@ class Trainer:
             t2i_weight=cfg.tasks.get("t2i", 0.0), i2t_weight=cfg.tasks.get("i2t", 0.0),
             lm_weight=cfg.tasks.get("lm", 0.0), null_prompt_prob=cfg.data.cfg_dropout, zh_prob=cfg.data.zh_fraction,
             seed=cfg.data.seed, max_text_len=cfg.data.seq_len if lm else cfg.data.max_text_len,
-            contrast_swaps=cfg.t2i_contrast_swaps, counterfactual_at=cfg.contrast_at)
+            contrast_swaps=cfg.t2i_contrast_swaps, counterfactual_at=cfg.contrast_at,
+            epoch_pool=self._epoch_pool(dataset))
         if env.is_main:
             logger.info("data: %d samples from %s; tasks %s; %d sequences per step = %d rank(s) x %d x %d micro-batch",
                         len(dataset), cfg.data.text or cfg.data.shards or "synthetic shards", cfg.tasks, cfg.batch_size, env.world_size,
@@ -207,6 +210,19 @@ class Trainer:
             raise MarsError(f"sequences of up to {worst} tokens exceed max_seq_len {mc.max_seq_len}; "
                             "lower data.max_text_len / data.seq_len")
         return StepData(dataset, builder, cfg.batch_size, cfg.micro_batch_size, env.rank, env.world_size)
+
+    def _epoch_pool(self, dataset) -> np.ndarray | None:
+        """With t2i_contrast_repeat > 1, the oversampled epoch (mars.data.negatives.oversampled_epoch)."""
+        cfg = self.cfg
+        if cfg.t2i_contrast_repeat == 1:
+            return None
+        captions = [(s.get("text"), s.get("text_zh")) for s in (dataset[i] for i in range(len(dataset)))]
+        pool = oversampled_epoch(captions, cfg.t2i_contrast_swaps, cfg.t2i_contrast_repeat)
+        if self.env.is_main:
+            logger.info("t2i_contrast_repeat %d: %d of %d samples have a swappable caption; an epoch is %d rows",
+                        cfg.t2i_contrast_repeat, (len(pool) - len(dataset)) // (cfg.t2i_contrast_repeat - 1),
+                        len(dataset), len(pool))
+        return pool
 
     def _code_shards(self):
         """The preprocessed code shards (written first for `data.synthetic`), checked against the model."""

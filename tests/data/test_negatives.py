@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mars.data.negatives import check_swap_groups, swap_words
+from mars.data.negatives import check_swap_groups, matches_any, oversampled_epoch, swap_words
 from mars.errors import MarsError
 
 GROUPS = [["left", "right"], ["small", "large", "big"], ["circle", "square", "triangle", "star"],
@@ -63,3 +63,23 @@ def test_the_shapes_swap_groups_load_and_every_word_occurs_in_training_captions(
     captions = " ".join(" ".join(shapes_example(0, i, "train")[1:]) for i in range(3000))
     missing = [w for g in groups for w in g if w not in captions]
     assert not missing, f"swap words that no MARS-Shapes caption uses: {missing}"
+
+
+def test_matches_any_agrees_with_swap_words():
+    groups = [["left", "right"], ["左边", "右边"]]
+    rng = np.random.default_rng(0)
+    for text in ("a red circle to the left of a star", "红色圆形在星形的右边", "two stars", "", None):
+        assert matches_any(text, groups) == (bool(text) and swap_words(text, groups, rng) is not None)
+
+
+def test_an_oversampled_epoch_lists_swappable_samples_repeat_times_in_either_language():
+    captions = [("a star to the left of a circle", "星形在圆形的左边"),  # both languages match
+                ("two stars", "两个星形"),  # neither
+                ("a star and a circle", "星形在圆形的右边"),  # only the Chinese caption
+                ("a star to the right of a circle", None)]  # only English, no Chinese caption
+    pool = oversampled_epoch(captions, [["left", "right"], ["左边", "右边"]], repeat=3)
+    assert np.bincount(pool, minlength=4).tolist() == [3, 1, 3, 3]
+    assert oversampled_epoch(captions, [["above", "below"]], repeat=3).tolist() == [0, 1, 2, 3]
+    with pytest.raises(MarsError, match="repeat must be >= 1"):
+        oversampled_epoch(captions, [["left", "right"]], repeat=0)
+

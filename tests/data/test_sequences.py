@@ -207,6 +207,19 @@ def test_batches_are_a_function_of_seed_step_rank():
         assert task == want_task and torch.equal(batch.input_ids, want.input_ids)
 
 
+def test_an_epoch_pool_is_walked_like_the_dataset_with_repeats():
+    data = [sample(i) for i in range(6)]
+    pool = np.array([0, 1, 2, 3, 4, 5, 2, 2, 5])  # samples 2 and 5 oversampled
+    builder = SequenceBuilder(VOCAB, ByteTokenizer(), epoch_pool=pool)
+    # 3 steps x 3 rows = one epoch of the pool: each slot once, so sample 2 three times, 5 twice
+    epoch = [i for step in range(3) for i in builder.indices(step, 3, len(data))]
+    assert sorted(epoch) == sorted(pool.tolist())
+    second = [i for step in range(3, 6) for i in builder.indices(step, 3, len(data))]
+    assert sorted(second) == sorted(pool.tolist()) and second != epoch
+    plain = SequenceBuilder(VOCAB, ByteTokenizer())
+    assert sorted(i for step in range(2) for i in plain.indices(step, 3, len(data))) == list(range(6))
+
+
 def test_builder_rejects_bad_settings():
     with pytest.raises(MarsError, match="task weights"):
         SequenceBuilder(VOCAB, ByteTokenizer(), t2i_weight=0.0)

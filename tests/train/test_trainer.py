@@ -224,6 +224,19 @@ def test_prompt_contrast_logs_the_prompt_gap_and_keeps_the_plain_loss(tmp_path):
     assert not any("prompt_gap" in m for m in plain)
 
 
+def test_oversampling_the_swappable_captions_puts_more_counterfactuals_in_each_step(tmp_path):
+    relations = "t2i_contrast_swaps=[[left, right], [above, below], [左边, 右边], [左侧, 右侧], [上方, 下方], [上面, 下面]]"
+    common = ("data.synthetic=32", "tasks={t2i: 1.0}", "max_steps=4", "save_every=0", "data.cfg_dropout=0",
+              "t2i_contrast_weight=2", "micro_batch_size=16", "batch_size=16", relations)
+    _, plain = run_stage("stage1", tmp_path / "plain", *common)
+    _, oversampled = run_stage("stage1", tmp_path / "oversampled", *common, "t2i_contrast_repeat=8")
+
+    def share(metrics):
+        return sum(m["counterfactual_share"] for m in metrics) / len(metrics)
+
+    assert 0.0 < 2 * share(plain) < share(oversampled)
+
+
 def test_prompt_contrast_can_stop_after_its_first_steps(tmp_path):
     common = ("data.synthetic=8", "tasks={t2i: 1.0}", "max_steps=3", "save_every=0", "data.cfg_dropout=0")
     _, plain = run_stage("stage1", tmp_path / "plain", *common)
