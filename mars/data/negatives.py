@@ -89,4 +89,3 @@ def oversampled_epoch(captions, groups: list[list[str]], repeat: int) -> np.ndar
     swappable = [i for i, pair in enumerate(captions) if any(matches_any(t, groups) for t in pair)]
     extra = np.repeat(np.asarray(swappable, dtype=np.int64), repeat - 1)
     return np.concatenate([np.arange(len(captions), dtype=np.int64), extra])
-

@@ -249,7 +249,7 @@ class SequenceBuilder:
         self.epoch_pool = epoch_pool  # dataset indices one epoch covers (mars.data.negatives.oversampled_epoch)
         self.instruction_ids = {"en": text_tokenizer.encode(INSTRUCTION_EN),
                                 "zh": text_tokenizer.encode(INSTRUCTION_ZH)}
-        self._perm: tuple[int, int, np.ndarray] | None = None  # (epoch, n, permutation) cache
+        self._perm: tuple[int, int, np.ndarray] | None = None  # (epoch, epoch length, permutation) cache
 
     @property
     def pad_id(self) -> int:
