@@ -82,4 +82,3 @@ def test_an_oversampled_epoch_lists_swappable_samples_repeat_times_in_either_lan
     assert oversampled_epoch(captions, [["above", "below"]], repeat=3).tolist() == [0, 1, 2, 3]
     with pytest.raises(MarsError, match="repeat must be >= 1"):
         oversampled_epoch(captions, [["left", "right"]], repeat=0)
-
