@@ -55,6 +55,7 @@ class Sequence:
     visual: torch.Tensor
     prefix_len: int = 0
     negative_prompt: torch.Tensor | None = None  # T2I: a counterfactual prompt's ids (mars.data.negatives)
+    chinese: bool = False  # T2I: the prompt is the sample's Chinese caption
 
 
 @dataclass
@@ -67,6 +68,7 @@ class T2IBatch:
     # padding; a row without one is all padding (pad length P). None when no row has one.
     negative_prompts: torch.Tensor | None = None
     negative_pad_lengths: torch.Tensor | None = None
+    chinese_rows: torch.Tensor | None = None  # (B,) bool: rows whose prompt is a Chinese caption
 
     @property
     def image_mask(self) -> torch.Tensor:
@@ -85,8 +87,9 @@ class T2IBatch:
     def to(self, device) -> T2IBatch:
         negatives = (None, None) if self.negative_prompts is None else (
             self.negative_prompts.to(device), self.negative_pad_lengths.to(device))
+        chinese = None if self.chinese_rows is None else self.chinese_rows.to(device)
         return T2IBatch(self.input_ids.to(device), self.targets.to(device), self.pad_lengths.to(device),
-                        self.prefix_len, *negatives)
+                        self.prefix_len, *negatives, chinese)
 
 
 @dataclass
@@ -117,15 +120,17 @@ def _image_part(vocab: MultimodalVocab, codes: torch.Tensor) -> torch.Tensor:
 
 
 def build_t2i(vocab: MultimodalVocab, prompt_ids: list[int], codes: torch.Tensor,
-              negative_prompt_ids: list[int] | None = None) -> Sequence:
+              negative_prompt_ids: list[int] | None = None, chinese: bool = False) -> Sequence:
     """`prompt_ids <img> codes </img>`, loss on codes and `</img>`. Empty prompt = null prompt.
-    `negative_prompt_ids`: a counterfactual prompt for the contrast term, carried beside."""
+    `negative_prompt_ids`: a counterfactual prompt for the contrast term, carried beside;
+    `chinese`: the prompt is a Chinese caption (kept for per-language metrics)."""
     image = _image_part(vocab, codes)
     ids = torch.cat([torch.tensor(prompt_ids, dtype=torch.long), image])
     loss = torch.zeros(len(ids), dtype=torch.bool)
     loss[len(prompt_ids) + 1:] = True  # codes and </img>; not the prompt, not <img>
     negative = None if negative_prompt_ids is None else torch.tensor(negative_prompt_ids, dtype=torch.long)
-    return Sequence(ids, loss, vocab.is_visual(ids), prefix_len=len(prompt_ids), negative_prompt=negative)
+    return Sequence(ids, loss, vocab.is_visual(ids), prefix_len=len(prompt_ids), negative_prompt=negative,
+                    chinese=chinese)
 
 
 def build_i2t(vocab: MultimodalVocab, codes: torch.Tensor, instruction_ids: list[int], caption_ids: list[int],
@@ -172,15 +177,16 @@ def collate_t2i(samples: list[Sequence], pad_id: int) -> T2IBatch:
     for b, (s, pad) in enumerate(zip(samples, pad_lengths.tolist())):
         input_ids[b, pad:] = s.ids
         targets[b, pad:] = _targets(s)
+    chinese = torch.tensor([s.chinese for s in samples], dtype=torch.bool)
     if all(n is None for n in negatives):
-        return T2IBatch(input_ids, targets, pad_lengths, P)
+        return T2IBatch(input_ids, targets, pad_lengths, P, chinese_rows=chinese)
     negative_prompts = torch.full((len(samples), P), pad_id, dtype=torch.long)
     negative_pad = torch.full((len(samples),), P, dtype=torch.long)
     for b, n in enumerate(negatives):
         if n is not None:
             negative_pad[b] = P - len(n)
             negative_prompts[b, P - len(n):] = n
-    return T2IBatch(input_ids, targets, pad_lengths, P, negative_prompts, negative_pad)
+    return T2IBatch(input_ids, targets, pad_lengths, P, negative_prompts, negative_pad, chinese)
 
 
 def _right_pad(samples: list[Sequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -274,7 +280,7 @@ class SequenceBuilder:
             text = sample.get("text_zh" if lang == "zh" else "text")
             swapped = swap_words(text, self.contrast_swaps, rng) if text else None
             negative = None if swapped is None else self._clip(self.tok.encode(swapped))
-        return build_t2i(self.vocab, prompt, sample["codes"], negative)
+        return build_t2i(self.vocab, prompt, sample["codes"], negative, chinese=lang == "zh" and not null)
 
     def i2t(self, sample: dict, rng: np.random.Generator) -> Sequence:
         lang = self._language(sample, rng)

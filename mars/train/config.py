@@ -84,6 +84,7 @@ class TrainConfig:
     # Word groups ([[left, right], [small, large, big], ...]; mars.data.negatives): when set, an image's
     # other prompt is its own caption with one group's words swapped (a hard negative: relations,
     # sizes, which colour goes with which shape), else another row's prompt as above; logs counterfactual_gap
+    # (and counterfactual_gap_en / _zh by the caption's language)
     t2i_contrast_swaps: list[list[str]] = field(default_factory=list)
     # > 1: samples whose English or Chinese caption a swap group matches are drawn this many times per epoch
     # (mars.data.negatives.oversampled_epoch), so more rows per step carry a counterfactual; every task

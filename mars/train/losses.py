@@ -161,6 +161,8 @@ class ContrastParts:
     gap_sum: float  # sum over pairs of NLL(image | other prompt) - NLL(image | own prompt), nats
     num_counterfactual: int = 0  # pairs whose other prompt is the row's counterfactual prompt
     counterfactual_gap_sum: float = 0.0  # their share of gap_sum
+    num_counterfactual_zh: int = 0  # ... of them, rows whose prompt is a Chinese caption
+    counterfactual_gap_sum_zh: float = 0.0  # their share of counterfactual_gap_sum
     distill_sum: torch.Tensor | None = None  # KL(teacher || student) over the true rows' loss tokens (with a teacher)
 
 
@@ -190,10 +192,14 @@ def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full"
         distill_rows = ~counterfactual if skip_counterfactual_distill else None
         distill = teacher_kl_sum(teacher, batch, logits[:num_tokens], _visual_rows(model, vocab), cache_dtype,
                                  distill_rows)
+    chinese = (torch.zeros_like(counterfactual) if batch.chinese_rows is None
+               else counterfactual & batch.chinese_rows)  # (B,) Chinese rows with a counterfactual
     return ContrastParts(ce_sum=per_row[:B].sum(), num_tokens=num_tokens, distill_sum=distill,
                          contrast_sum=F.softplus(margin - gap).sum(), num_pairs=int(valid.sum()),
                          gap_sum=float(gap.detach().sum()), num_counterfactual=int(counterfactual.sum()),
-                         counterfactual_gap_sum=float(row_gap[counterfactual].detach().sum()))
+                         counterfactual_gap_sum=float(row_gap[counterfactual].detach().sum()),
+                         num_counterfactual_zh=int(chinese.sum()),
+                         counterfactual_gap_sum_zh=float(row_gap[chinese].detach().sum()))
 
 
 def i2t_loss(model, batch: I2TBatch):

@@ -291,6 +291,7 @@ class Trainer:
         local = torch.tensor([float(sum(m.num_tokens for m in micro))], dtype=torch.float64)
         num_targets = float(parallel.all_reduce_sum(local, env).item())  # loss tokens of the global batch
         ce_total, tokens, gap_total, pairs, cf_gap_total, cf_pairs, kl_total = 0.0, 0, 0.0, 0, 0.0, 0, 0.0
+        cf_gap_zh, cf_pairs_zh = 0.0, 0
         cache_dtype = torch.bfloat16 if self.bf16 else torch.float32
         contrast = task == "t2i" and cfg.contrast_at(step)
         model.image_position_blend = cfg.image_position_blend(step)
@@ -306,6 +307,8 @@ class Trainer:
                     gap_total, pairs = gap_total + parts.gap_sum, pairs + parts.num_pairs
                     cf_gap_total += parts.counterfactual_gap_sum
                     cf_pairs += parts.num_counterfactual
+                    cf_gap_zh += parts.counterfactual_gap_sum_zh
+                    cf_pairs_zh += parts.num_counterfactual_zh
                 else:
                     parts = task_loss(model, batch, prefix_no_grad=self.prefix_no_grad, vocab=cfg.t2i_loss_vocab,
                                       cache_dtype=cache_dtype, teacher=self.teacher)
@@ -324,7 +327,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         sums = parallel.all_reduce_sum(torch.tensor([ce_total, float(tokens), gap_total, float(pairs), cf_gap_total,
-                                                     float(cf_pairs), kl_total], dtype=torch.float64), env).cpu()
+                                                     float(cf_pairs), kl_total, cf_gap_zh, float(cf_pairs_zh)],
+                                                    dtype=torch.float64), env).cpu()
         loss = float(sums[0]) / num_targets
         metrics = {"step": step + 1, "task": task, "loss": loss, f"loss_{task}": loss, "lr": lr,
                    "grad_norm": grad_norm, "tokens": int(sums[1])}
@@ -336,6 +340,9 @@ class Trainer:
             metrics["prompt_gap"] = float(sums[2] / sums[3])
         if contrast and sums[5] > 0:  # ... its own caption with words swapped costs it (t2i_contrast_swaps)
             metrics["counterfactual_gap"] = float(sums[4] / sums[5])
+            for lang, gap_sum, num in (("en", sums[4] - sums[7], sums[5] - sums[8]), ("zh", sums[7], sums[8])):
+                if num > 0:  # the same, by the language of the row's caption
+                    metrics[f"counterfactual_gap_{lang}"] = float(gap_sum / num)
         if contrast and cfg.t2i_contrast_swaps and sums[3] > 0:  # pairs whose caption a swap group matched
             metrics["counterfactual_share"] = float(sums[5] / sums[3])
         return metrics

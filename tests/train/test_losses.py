@@ -116,9 +116,12 @@ def test_counterfactual_prompts_replace_the_borrowed_prompt_where_a_row_has_one(
     g = torch.Generator().manual_seed(4)
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
     negatives = [[1, 2, 30], None, [6, 7, 8, 9, 10, 11]]  # row 1 has none; row 2's is the longest
-    seqs = [build_t2i(model.vocab, p, torch.randint(0, 256, (16,), generator=g), n) for p, n in zip(prompts, negatives)]
+    chinese = [False, False, True]
+    seqs = [build_t2i(model.vocab, p, torch.randint(0, 256, (16,), generator=g), n, chinese=zh)
+            for p, n, zh in zip(prompts, negatives, chinese)]
     batch = collate_t2i(seqs, pad_id=256)
     P = batch.prefix_len
+    assert batch.chinese_rows.tolist() == chinese
     assert P == 6 and batch.pad_lengths.tolist() == [3, 4, 2] and batch.negative_pad_lengths.tolist() == [3, 6, 0]
     other, valid = mismatched_prompts(batch)
     assert other.input_ids[0, 3:P].tolist() == [1, 2, 30] and other.input_ids[2, :P].tolist() == [6, 7, 8, 9, 10, 11]
@@ -134,6 +137,8 @@ def test_counterfactual_prompts_replace_the_borrowed_prompt_where_a_row_has_one(
     # rows 0 and 2 used their counterfactual prompts, row 1 the borrowed one
     assert parts.num_counterfactual == 2
     assert parts.counterfactual_gap_sum == pytest.approx(gaps[0] + gaps[2], rel=1e-4, abs=1e-4)
+    assert parts.num_counterfactual_zh == 1  # row 2's caption is Chinese
+    assert parts.counterfactual_gap_sum_zh == pytest.approx(gaps[2], rel=1e-4, abs=1e-4)
 
 
 def _row_nll(model, prompt: list[int], codes: torch.Tensor) -> float:

@@ -259,9 +259,14 @@ def test_prompt_contrast_with_word_swaps_trains_on_counterfactual_prompts(tmp_pa
     assert swapped[0]["prompt_gap"] != pytest.approx(borrowed[0]["prompt_gap"], rel=1e-3)  # other prompts
     assert all(math.isfinite(m["counterfactual_gap"]) for m in swapped)
     assert all(m["counterfactual_share"] == 1.0 for m in swapped)  # every caption names a colour
+    for m in swapped:  # both languages' rows, and the overall gap is their weighted mean
+        low, high = sorted([m["counterfactual_gap_en"], m["counterfactual_gap_zh"]])
+        assert low - 1e-6 <= m["counterfactual_gap"] <= high + 1e-6
     _, english = run_stage("stage1", tmp_path / "english", *common,
                            "t2i_contrast_swaps=[[red, blue, green, yellow, orange, purple, black]]")
     assert all(0.0 < m["counterfactual_share"] < 1.0 for m in english)  # Chinese rows borrow a prompt
+    assert all(m["counterfactual_gap_en"] == m["counterfactual_gap"] and "counterfactual_gap_zh" not in m
+               for m in english)
     assert not any("counterfactual_gap" in m or "counterfactual_share" in m for m in borrowed)
     _, unmatched = run_stage("stage1", tmp_path / "unmatched", *common, "t2i_contrast_swaps=[[zebra, giraffe]]")
     assert all(m["counterfactual_share"] == 0.0 and "counterfactual_gap" not in m for m in unmatched)
