@@ -150,6 +150,12 @@ class CodeShardDataset(Dataset):
             self._shards[shard] = _Shard(self.directory / self.index["shards"][shard]["name"])
         return self._shards[shard]
 
+    def captions(self) -> list[tuple[str, str | None]]:
+        """(English, Chinese or None) caption of every sample, in sample order, from the shards'
+        metadata alone (no codes read)."""
+        return [pair for k in range(len(self.index["shards"]))
+                for pair in zip(self._shard(k).meta["texts"], self._shard(k).meta["texts_zh"])]
+
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")

@@ -154,9 +154,9 @@ class TrainConfig:
                             "distillation term: it needs distill_from and t2i_contrast_swaps")
         if self.t2i_contrast_repeat < 1:
             raise MarsError(f"t2i_contrast_repeat must be >= 1 (1 = no oversampling), got {self.t2i_contrast_repeat}")
-        if self.t2i_contrast_repeat > 1 and not self.t2i_contrast_swaps:
+        if self.t2i_contrast_repeat > 1 and not (self.t2i_contrast_swaps and "t2i" in self.tasks):
             raise MarsError("t2i_contrast_repeat oversamples the captions that t2i_contrast_swaps matches: "
-                            "set t2i_contrast_swaps")
+                            "set t2i_contrast_swaps, in a stage with a t2i task")
         if self.t2i_contrast_steps < 0:
             raise MarsError(f"t2i_contrast_steps must be >= 0 (0 = every step), got {self.t2i_contrast_steps}")
         if self.precision not in ("bf16", "fp32"):

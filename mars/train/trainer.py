@@ -216,8 +216,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.t2i_contrast_repeat == 1:
             return None
-        captions = [(s.get("text"), s.get("text_zh")) for s in (dataset[i] for i in range(len(dataset)))]
-        pool = oversampled_epoch(captions, cfg.t2i_contrast_swaps, cfg.t2i_contrast_repeat)
+        pool = oversampled_epoch(dataset.captions(), cfg.t2i_contrast_swaps, cfg.t2i_contrast_repeat)
         if self.env.is_main:
             logger.info("t2i_contrast_repeat %d: %d of %d samples have a swappable caption; an epoch is %d rows",
                         cfg.t2i_contrast_repeat, (len(pool) - len(dataset)) // (cfg.t2i_contrast_repeat - 1),

@@ -113,6 +113,7 @@ def test_shards_hold_the_codes_and_captions(vq, reference):
         assert tok.decode(item["text_ids"]) == s["text"]
         assert tok.decode(item["text_zh_ids"]) == s["text_zh"]
     assert torch.equal(ds[-1]["codes"], ds[9]["codes"])
+    assert ds.captions() == [(s["text"], s["text_zh"]) for s in source]  # across the 4 shards, in order
     with pytest.raises(IndexError):
         ds[10]
     index = json.loads((reference / "index.json").read_text())

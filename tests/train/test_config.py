@@ -48,6 +48,8 @@ def test_stage_templates_build_their_models():
     (["distill_from=x", "distill_weight=1", "distill_skip_counterfactual=true"], "needs distill_from and t2i_contrast_swaps"),
     (["t2i_contrast_repeat=0"], "t2i_contrast_repeat must be >= 1"),
     (["t2i_contrast_repeat=4"], "oversamples the captions that t2i_contrast_swaps matches"),
+    (["tasks={i2t: 1.0}", "t2i_contrast_weight=1", "t2i_contrast_swaps=[[left, right]]", "t2i_contrast_repeat=4"],
+     "in a stage with a t2i task"),
 ])
 def test_config_errors_are_one_line(override, message):
     with pytest.raises(MarsError, match=message) as err:
