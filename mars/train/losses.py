@@ -258,8 +258,13 @@ def teacher_kl_sum(teacher, batch: T2IBatch | I2TBatch | LMBatch, student_logits
                    batch_rows: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher || student) summed over the batch's loss positions; `student_logits` (N, V) are the
     student's at those positions (`target_logits`), the teacher runs on the same batch without autograd.
-    `batch_rows` (B,) bool keeps only those rows' positions."""
-    kl = kl_per_position(student_logits, _teacher_logits(teacher, batch, rows, cache_dtype))  # (N,)
+    `batch_rows` (B,) bool (T2I batches) keeps only those rows' positions: the teacher runs on those
+    rows alone."""
     if batch_rows is None:
-        return kl.sum()
-    return kl[batch_rows[loss_rows(batch.targets)]].sum()
+        return kl_per_position(student_logits, _teacher_logits(teacher, batch, rows, cache_dtype)).sum()
+    if not batch_rows.any():
+        return student_logits.new_zeros((), dtype=torch.float32)
+    kept = batch_rows[loss_rows(batch.targets)]  # (N,) row-major, as the kept rows' own positions
+    subset = T2IBatch(batch.input_ids[batch_rows], batch.targets[batch_rows], batch.pad_lengths[batch_rows],
+                      batch.prefix_len)
+    return kl_per_position(student_logits[kept], _teacher_logits(teacher, subset, rows, cache_dtype)).sum()

@@ -222,12 +222,23 @@ def test_distill_term_can_skip_the_rows_with_a_counterfactual_prompt():
     alone = collate_t2i([seqs[1]], pad_id=256)  # row 1 by itself
     row_1 = _reference_kl(student, teacher, alone, student.image_mask(alone.input_ids), alone.pad_lengths)
     everything = _reference_kl(student, teacher, batch, student.image_mask(batch.input_ids), batch.pad_lengths)
+    teacher_rows = []  # rows of each teacher forward
+    forward_hidden = teacher.forward_hidden
+    teacher.forward_hidden = lambda ids, *args, **kwargs: (teacher_rows.append(ids.shape[0]),
+                                                           forward_hidden(ids, *args, **kwargs))[1]
     with torch.no_grad():
         pulled = t2i_contrast_loss(student, batch, margin=3.0, teacher=teacher)
         skipped = t2i_contrast_loss(student, batch, margin=3.0, teacher=teacher, skip_counterfactual_distill=True)
     assert float(pulled.distill_sum) == pytest.approx(everything, rel=1e-4)
     assert float(skipped.distill_sum) == pytest.approx(row_1, rel=1e-4) and 0 < row_1 < everything
     assert float(skipped.ce_sum) == pytest.approx(float(pulled.ce_sum), rel=1e-6)  # the rest is unchanged
+    assert set(teacher_rows) == {3, 1}  # the skipped rows are not run through the teacher
+    all_skipped = collate_t2i([seqs[0], seqs[2]], pad_id=256)
+    teacher_rows.clear()
+    with torch.no_grad():
+        none_left = t2i_contrast_loss(student, all_skipped, margin=3.0, teacher=teacher,
+                                      skip_counterfactual_distill=True)
+    assert float(none_left.distill_sum) == 0.0 and teacher_rows == []
 
 
 def test_distill_term_from_the_students_own_weights_is_zero_and_pulls_nothing():
