@@ -305,13 +305,13 @@ class SequenceBuilder:
     def indices(self, step: int, batch_size: int, n: int, rank: int = 0, world_size: int = 1) -> list[int]:
         """Dataset indices of this rank's rows at `step`: every epoch is a permutation of all n samples,
         or of `epoch_pool` when given (a sample listed k times in it is drawn k times per epoch)."""
-        pool = len(self.epoch_pool) if self.epoch_pool is not None else n
+        epoch_len = len(self.epoch_pool) if self.epoch_pool is not None else n
         first = (step * world_size + rank) * batch_size
         result = []
         for g in range(first, first + batch_size):
-            epoch, pos = divmod(g, pool)
-            if self._perm is None or self._perm[:2] != (epoch, pool):
-                self._perm = (epoch, pool, np.random.default_rng([self.seed, epoch, 1]).permutation(pool))
+            epoch, pos = divmod(g, epoch_len)
+            if self._perm is None or self._perm[:2] != (epoch, epoch_len):
+                self._perm = (epoch, epoch_len, np.random.default_rng([self.seed, epoch, 1]).permutation(epoch_len))
             slot = int(self._perm[2][pos])
             result.append(int(self.epoch_pool[slot]) if self.epoch_pool is not None else slot)
         return result

@@ -289,8 +289,10 @@ class Trainer:
         task, micro = self.data.micro_batches(step)
         local = torch.tensor([float(sum(m.num_tokens for m in micro))], dtype=torch.float64)
         num_targets = float(parallel.all_reduce_sum(local, env).item())  # loss tokens of the global batch
-        ce_total, tokens, gap_total, pairs, cf_gap_total, cf_pairs, kl_total = 0.0, 0, 0.0, 0, 0.0, 0, 0.0
-        cf_gap_zh, cf_pairs_zh = 0.0, 0
+        # this rank's sums, all-reduced after the step: cross-entropy, tokens, prompt gaps over their pairs,
+        # counterfactual gaps over theirs (all rows, then Chinese-caption rows), distillation KL
+        totals = dict.fromkeys(("ce", "tokens", "gap", "pairs", "cf_gap", "cf_pairs", "cf_gap_zh", "cf_pairs_zh",
+                                "kl"), 0.0)
         cache_dtype = torch.bfloat16 if self.bf16 else torch.float32
         contrast = task == "t2i" and cfg.contrast_at(step)
         model.image_position_blend = cfg.image_position_blend(step)
@@ -303,47 +305,48 @@ class Trainer:
                                               cache_dtype=cache_dtype, teacher=self.teacher,
                                               skip_counterfactual_distill=cfg.distill_skip_counterfactual)
                     objective = parts.ce_sum + cfg.t2i_contrast_weight * parts.contrast_sum
-                    gap_total, pairs = gap_total + parts.gap_sum, pairs + parts.num_pairs
-                    cf_gap_total += parts.counterfactual_gap_sum
-                    cf_pairs += parts.num_counterfactual
-                    cf_gap_zh += parts.counterfactual_gap_sum_zh
-                    cf_pairs_zh += parts.num_counterfactual_zh
+                    totals["gap"] += parts.gap_sum
+                    totals["pairs"] += parts.num_pairs
+                    totals["cf_gap"] += parts.counterfactual_gap_sum
+                    totals["cf_pairs"] += parts.num_counterfactual
+                    totals["cf_gap_zh"] += parts.counterfactual_gap_sum_zh
+                    totals["cf_pairs_zh"] += parts.num_counterfactual_zh
                 else:
                     parts = task_loss(model, batch, prefix_no_grad=self.prefix_no_grad, vocab=cfg.t2i_loss_vocab,
                                       cache_dtype=cache_dtype, teacher=self.teacher)
                     objective = parts.ce_sum
                 if parts.distill_sum is not None:
                     objective = objective + cfg.distill_weight * parts.distill_sum
-                    kl_total += float(parts.distill_sum.detach())
+                    totals["kl"] += float(parts.distill_sum.detach())
             # Mean over the global batch's loss tokens; x world_size because FSDP averages over ranks.
             (objective * (env.world_size / num_targets)).backward()
-            ce_total += float(parts.ce_sum.detach())
-            tokens += batch.input_ids.numel()
+            totals["ce"] += float(parts.ce_sum.detach())
+            totals["tokens"] += batch.input_ids.numel()
         grad_norm = parallel.clip_grad_norm(self.trainable, cfg.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        sums = parallel.all_reduce_sum(torch.tensor([ce_total, float(tokens), gap_total, float(pairs), cf_gap_total,
-                                                     float(cf_pairs), kl_total, cf_gap_zh, float(cf_pairs_zh)],
-                                                    dtype=torch.float64), env).cpu()
-        loss = float(sums[0]) / num_targets
+        reduced = parallel.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64), env).tolist()
+        sums = dict(zip(totals, reduced))
+        loss = sums["ce"] / num_targets
         metrics = {"step": step + 1, "task": task, "loss": loss, f"loss_{task}": loss, "lr": lr,
-                   "grad_norm": grad_norm, "tokens": int(sums[1])}
+                   "grad_norm": grad_norm, "tokens": int(sums["tokens"])}
         if self.teacher is not None:  # nats per loss token by which the run's distributions differ from the teacher's
-            metrics["distill_kl"] = float(sums[6]) / num_targets
+            metrics["distill_kl"] = sums["kl"] / num_targets
         if model.image_position_blend < 1.0:
             metrics["image_position_blend"] = model.image_position_blend
-        if contrast and sums[3] > 0:  # nats per image that another row's prompt costs the image
-            metrics["prompt_gap"] = float(sums[2] / sums[3])
-        if contrast and sums[5] > 0:  # ... its own caption with words swapped costs it (t2i_contrast_swaps)
-            metrics["counterfactual_gap"] = float(sums[4] / sums[5])
-            for lang, gap_sum, num in (("en", sums[4] - sums[7], sums[5] - sums[8]), ("zh", sums[7], sums[8])):
+        if contrast and sums["pairs"] > 0:  # nats per image that another row's prompt costs the image
+            metrics["prompt_gap"] = sums["gap"] / sums["pairs"]
+        if contrast and sums["cf_pairs"] > 0:  # ... its own caption with words swapped costs it (t2i_contrast_swaps)
+            metrics["counterfactual_gap"] = sums["cf_gap"] / sums["cf_pairs"]
+            english = (sums["cf_gap"] - sums["cf_gap_zh"], sums["cf_pairs"] - sums["cf_pairs_zh"])
+            for lang, (gap_sum, num) in (("en", english), ("zh", (sums["cf_gap_zh"], sums["cf_pairs_zh"]))):
                 if num > 0:  # the same, by the language of the row's caption
-                    metrics[f"counterfactual_gap_{lang}"] = float(gap_sum / num)
-        if contrast and cfg.t2i_contrast_swaps and sums[3] > 0:  # pairs whose caption a swap group matched
-            metrics["counterfactual_share"] = float(sums[5] / sums[3])
+                    metrics[f"counterfactual_gap_{lang}"] = gap_sum / num
+        if contrast and cfg.t2i_contrast_swaps and sums["pairs"] > 0:  # pairs whose caption a swap group matched
+            metrics["counterfactual_share"] = sums["cf_pairs"] / sums["pairs"]
         return metrics
 
     def run(self) -> Path:
