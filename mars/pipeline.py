@@ -209,10 +209,33 @@ class MarsPipeline:
         if negative_prompt is not None:
             negative_ids = self.encode_negative_prompts(negative_prompt, len(prompt_list), grid * grid)
             negatives = [n for n in negative_ids for _ in range(num_images_per_prompt)]
-        # every image's candidates, one after the other (just the images when rerank == 1)
-        candidates = [job for job in jobs for _ in range(rerank)]
-        seeds = [s + k * RERANK_SEED_STRIDE for s in _image_seeds(seed, len(jobs)) for k in range(rerank)]
-        candidate_negatives = [n for n in negatives for _ in range(rerank)] if negatives else None
+        kept = self._draw_codes(jobs, rerank, _image_seeds(seed, len(jobs)), sampling, grid, batch_size, progress,
+                                compile, negatives)  # (len(jobs) * rerank, h, w)
+        if rerank > 1:
+            kept = best_candidates(self.model, self.tokenizer, texts, kept, rerank, judging.drawing_weight)
+        return [image for start in range(0, len(kept), batch_size)
+                for image in self.decode_codes(kept[start : start + batch_size])]
+
+    def draw_candidates(self, prompts: Sequence[str], per_prompt: int, seed: int = 0, batch_size: int = 8,
+                        progress: bool = False) -> torch.Tensor:
+        """The image codes (len(prompts) * per_prompt, h, w) that `generate(prompts, rerank=per_prompt,
+        seed=seed)` chooses among, each prompt's candidates one after the other, with the model's
+        sampling settings (`mars.train.preferences` judges them to make preference pairs)."""
+        _check_count("per_prompt", per_prompt)
+        _check_count("batch_size", batch_size)
+        grid = self._grid(None)
+        ids = self.encode_prompts(list(prompts), grid * grid)
+        sampling = SampleConfig(**self.sampling_settings())
+        return self._draw_codes(ids, per_prompt, _image_seeds(seed, len(ids)), sampling, grid, batch_size, progress)
+
+    def _draw_codes(self, jobs: list[list[int]], per_job: int, job_seeds: list[int], sampling: SampleConfig,
+                    grid: int, batch_size: int, progress: bool, compile: bool = False,
+                    negatives: list[list[int]] | None = None) -> torch.Tensor:
+        """Codes (len(jobs) * per_job, h, w) of `per_job` candidates per prompt (text ids), one job's
+        after the other; candidate k of the job with seed s uses seed `s + k * RERANK_SEED_STRIDE`."""
+        candidates = [job for job in jobs for _ in range(per_job)]
+        seeds = [s + k * RERANK_SEED_STRIDE for s in job_seeds for k in range(per_job)]
+        candidate_negatives = [n for n in negatives for _ in range(per_job)] if negatives else None
         codes = []
         with tqdm(total=len(candidates), desc="images", disable=not progress) as bar:
             for start in range(0, len(candidates), batch_size):
@@ -223,11 +246,7 @@ class MarsPipeline:
                                              cuda_graph=True, progress=progress, negative_prompts=chunk_negatives)
                 codes.append(made.view(-1, grid, grid))
                 bar.update(len(chunk))
-        kept = torch.cat(codes)  # (len(candidates), h, w)
-        if rerank > 1:
-            kept = best_candidates(self.model, self.tokenizer, texts, kept, rerank, judging.drawing_weight)
-        return [image for start in range(0, len(kept), batch_size)
-                for image in self.decode_codes(kept[start : start + batch_size])]
+        return torch.cat(codes)
 
     def generate_with_text(
         self,

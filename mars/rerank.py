@@ -112,15 +112,16 @@ def caption_log_likelihood(model: SemVIE, codes: torch.Tensor, instruction: list
     return caption_log_likelihoods(model, codes, [(instruction, caption)] * len(codes))
 
 
-def best_candidates(model: SemVIE, tokenizer: TextTokenizer, prompts: list[str], codes: torch.Tensor,
-                    per_image: int, drawing_weight: float = 0.0) -> torch.Tensor:
-    """Keep, for each prompt, the candidate with the highest score: its caption likelihood of the
-    prompt, plus `drawing_weight` times its codes' likelihood after the prompt.
+def candidate_scores(model: SemVIE, tokenizer: TextTokenizer, prompts: list[str], codes: torch.Tensor,
+                     per_image: int, drawing_weight: float = 0.0) -> torch.Tensor:
+    """(len(prompts), per_image) scores of each prompt's candidates: the caption likelihood of the
+    prompt, plus `drawing_weight` times the codes' likelihood after the prompt, in nats.
 
-    `codes` (len(prompts) * per_image, h, w) holds each prompt's candidates one after the other;
-    returns (len(prompts), h, w).
+    `codes` (len(prompts) * per_image, h, w) holds each prompt's candidates one after the other.
     """
-    kept = []
+    if len(codes) != len(prompts) * per_image:
+        raise ValueError(f"{len(codes)} candidates for {len(prompts)} prompts x {per_image}")
+    rows = []
     for i, prompt in enumerate(prompts):
         candidates = codes[i * per_image : (i + 1) * per_image]
         instruction, caption = caption_ids(tokenizer, prompt)
@@ -128,8 +129,20 @@ def best_candidates(model: SemVIE, tokenizer: TextTokenizer, prompts: list[str],
         if drawing_weight:
             scores = scores + drawing_weight * drawing_log_likelihoods(model, [tokenizer.encode(prompt)] * per_image,
                                                                       candidates)
-        kept.append(candidates[int(scores.argmax())])
-    return torch.stack(kept)
+        rows.append(scores)
+    return torch.stack(rows)
+
+
+def best_candidates(model: SemVIE, tokenizer: TextTokenizer, prompts: list[str], codes: torch.Tensor,
+                    per_image: int, drawing_weight: float = 0.0) -> torch.Tensor:
+    """Keep, for each prompt, the candidate with the highest `candidate_scores`.
+
+    `codes` (len(prompts) * per_image, h, w) holds each prompt's candidates one after the other;
+    returns (len(prompts), h, w).
+    """
+    best = candidate_scores(model, tokenizer, prompts, codes, per_image, drawing_weight).argmax(dim=1)  # (P,)
+    return codes.view(len(prompts), per_image, *codes.shape[1:])[torch.arange(len(prompts), device=codes.device),
+                                                                  best.to(codes.device)]
 
 
 @torch.inference_mode()

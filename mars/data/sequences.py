@@ -214,6 +214,25 @@ def collate_lm(samples: list[Sequence], pad_id: int) -> LMBatch:
 
 # --------------------------------------------------------------------------- the mixer
 
+class EpochOrder:
+    """Row g of a run's sample stream -> a slot in [0, epoch_len): epoch g // epoch_len walks a
+    permutation seeded by (seed, epoch), a fresh one every epoch."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._perm: tuple[int, int, np.ndarray] | None = None  # (epoch, epoch length, permutation) cache
+
+    def slots(self, first: int, count: int, epoch_len: int) -> list[int]:
+        """The slots of rows [first, first + count)."""
+        result = []
+        for g in range(first, first + count):
+            epoch, pos = divmod(g, epoch_len)
+            if self._perm is None or self._perm[:2] != (epoch, epoch_len):
+                self._perm = (epoch, epoch_len, np.random.default_rng([self.seed, epoch, 1]).permutation(epoch_len))
+            result.append(int(self._perm[2][pos]))
+        return result
+
+
 class SequenceBuilder:
     """Turns code-shard samples into batches of one task per step, as a pure function of
     (seed, step, rank, world_size): a resumed run (same seed, restarted at its step) sees the
@@ -255,7 +274,7 @@ class SequenceBuilder:
         self.epoch_pool = epoch_pool  # dataset indices one epoch covers (mars.data.negatives.oversampled_epoch)
         self.instruction_ids = {"en": text_tokenizer.encode(INSTRUCTION_EN),
                                 "zh": text_tokenizer.encode(INSTRUCTION_ZH)}
-        self._perm: tuple[int, int, np.ndarray] | None = None  # (epoch, epoch length, permutation) cache
+        self._order = EpochOrder(seed)
 
     @property
     def pad_id(self) -> int:
@@ -306,15 +325,8 @@ class SequenceBuilder:
         """Dataset indices of this rank's rows at `step`: every epoch is a permutation of all n samples,
         or of `epoch_pool` when given (a sample listed k times in it is drawn k times per epoch)."""
         epoch_len = len(self.epoch_pool) if self.epoch_pool is not None else n
-        first = (step * world_size + rank) * batch_size
-        result = []
-        for g in range(first, first + batch_size):
-            epoch, pos = divmod(g, epoch_len)
-            if self._perm is None or self._perm[:2] != (epoch, epoch_len):
-                self._perm = (epoch, epoch_len, np.random.default_rng([self.seed, epoch, 1]).permutation(epoch_len))
-            slot = int(self._perm[2][pos])
-            result.append(int(self.epoch_pool[slot]) if self.epoch_pool is not None else slot)
-        return result
+        slots = self._order.slots((step * world_size + rank) * batch_size, batch_size, epoch_len)
+        return [int(self.epoch_pool[slot]) for slot in slots] if self.epoch_pool is not None else slots
 
     def batch(self, dataset, step: int, batch_size: int, rank: int = 0,
               world_size: int = 1) -> tuple[str, T2IBatch | I2TBatch | LMBatch]:

@@ -1,13 +1,16 @@
 """`mars train CONFIG.yaml [key=value ...]`: one stage of MARS training (also under torchrun);
-`mars export CHECKPOINT --out DIR`: a training checkpoint as a model folder."""
+`mars export CHECKPOINT --out DIR`: a training checkpoint as a model folder;
+`mars preferences --model M --data shapes:N:SEED --out DIR`: preference pairs for a DPO stage."""
 
 from __future__ import annotations
 
 import argparse
 
+from mars.errors import MarsError
+
 
 def add_commands(subparsers) -> None:
-    """Register `mars train` and `mars export`."""
+    """Register `mars train`, `mars export` and `mars preferences`."""
     train = subparsers.add_parser(
         "train", help="train one stage (stage0 text LM, stage1 T2I+I2T, stage2 T2I, stage3 512 px)",
         description="Train one stage from a YAML config (configs/stages/*.yaml, configs/debug/*.yaml). "
@@ -27,6 +30,26 @@ def add_commands(subparsers) -> None:
     export.add_argument("--out", required=True, help="the model folder to write")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.set_defaults(func=run_export)
+    prefs = subparsers.add_parser(
+        "preferences", help="preference pairs for a DPO stage: each prompt's best and worst of N of the model's images",
+        description="Draw N candidate images per prompt with the model's sampling settings, score them as "
+                    "`generate --rerank N` does (the model reading each back), and keep the best and the worst "
+                    "as a preference pair (mars.train.preferences). Train on them with a stage whose tasks are "
+                    "{dpo: 1} and data.preferences DIR. Rerunning the same command resumes.")
+    prefs.add_argument("--model", default="shapes-demo", help="model folder or built-in name (default shapes-demo)")
+    source = prefs.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", help="text file, one prompt per line")
+    source.add_argument("--data", help="shapes:N:SEED: the captions of N training scenes (English and Chinese "
+                                       "alternately); use a seed other than the training data's")
+    prefs.add_argument("--out", required=True, help="folder for the pairs (resumed when it exists)")
+    prefs.add_argument("--candidates", type=int, default=8, help="images per prompt (default 8)")
+    prefs.add_argument("--seed", type=int, default=0, help="prompt i draws with seed SEED + i (default 0)")
+    prefs.add_argument("--part-size", type=int, default=64, help="prompts per saved part (default 64)")
+    prefs.add_argument("--batch-size", type=int, default=32, help="images drawn at once (default 32)")
+    prefs.add_argument("--drawing-weight", type=float,
+                       help="weight of the drawing likelihood in the score (default: the model's rerank setting)")
+    prefs.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    prefs.set_defaults(func=run_preferences)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -47,4 +70,18 @@ def run_export(args: argparse.Namespace) -> int:
     from mars.train.export import export_checkpoint
 
     print(export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite))
+    return 0
+
+
+def run_preferences(args: argparse.Namespace) -> int:
+    from mars.pipeline import MarsPipeline
+    from mars.train.preferences import make_preferences, read_prompts, shapes_prompts
+
+    if args.data is not None and not args.data.startswith("shapes:"):
+        raise MarsError(f"--data takes shapes:N:SEED, got {args.data!r}; pass other prompts with --prompts FILE")
+    prompts = read_prompts(args.prompts) if args.prompts else shapes_prompts(args.data)
+    pipeline = MarsPipeline.from_pretrained(args.model, device=args.device)
+    out = make_preferences(pipeline, prompts, args.out, candidates=args.candidates, seed=args.seed,
+                           part_size=args.part_size, batch_size=args.batch_size, drawing_weight=args.drawing_weight)
+    print(out)
     return 0

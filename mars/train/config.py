@@ -16,7 +16,7 @@ from mars.data.negatives import check_swap_groups
 from mars.errors import MarsError
 
 STAGES = ("stage0", "stage1", "stage2", "stage3")
-TASKS = ("lm", "t2i", "i2t")
+TASKS = ("lm", "t2i", "i2t", "dpo")
 
 
 @dataclass
@@ -26,6 +26,7 @@ class DataConfig:
     shards: str | None = None  # folder of preprocessed code shards (`mars preprocess` output)
     synthetic: int = 0  # > 0: N MARS-Shapes scenes tokenized by a fixed colour-palette quantizer (debug)
     text: str | None = None  # stage 0 corpus: .txt (one document per line) or .jsonl {"text": ...}
+    preferences: str | None = None  # task dpo: a `mars preferences` folder of preference pairs
     seed: int = 0  # data order and per-sample choices are a function of (seed, step) only
     cfg_dropout: float = 0.1  # T2I: fraction of prompts replaced by the null (empty) prompt
     zh_fraction: float = 0.5  # T2I/I2T: fraction of samples using the Chinese caption when present
@@ -33,8 +34,9 @@ class DataConfig:
     seq_len: int = 256  # stage 0: tokens kept per LM document
 
     def __post_init__(self) -> None:
-        if self.shards and self.synthetic:
-            raise MarsError("data: set only one of data.shards (a folder) or data.synthetic (N > 0)")
+        if sum(map(bool, (self.shards, self.synthetic, self.preferences))) > 1:
+            raise MarsError("data: set only one of data.shards (a folder), data.synthetic (N > 0) or "
+                            "data.preferences (a folder of preference pairs)")
         for key in ("cfg_dropout", "zh_fraction"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise MarsError(f"data.{key} must lie in [0, 1], got {getattr(self, key)}")
@@ -100,6 +102,12 @@ class TrainConfig:
     # the distillation term, so the contrast term can teach them what the teacher does not know (e.g. a
     # relation the teacher draws at chance, whose KL would hold the student there); every other row is pulled
     distill_skip_counterfactual: bool = False
+    # Preference optimisation (task dpo, alone in its stage; mars.train.losses.dpo_loss): pairs of the model's own
+    # images, the better one by its own judgement first (`mars preferences`, data.preferences), trained against a
+    # frozen reference model (default: init_from) with this beta (nats of log-ratio per unit of margin)
+    dpo_beta: float = 0.1
+    dpo_reference: str | None = None
+    dpo_min_score_gap: float = 0.0  # leave out pairs whose best and worst candidate score closer than this (nats)
 
     # execution
     device: str = "auto"  # auto | cpu | cuda
@@ -130,10 +138,12 @@ class TrainConfig:
         if self.image_positions_ramp_steps < 0 or self.image_positions_ramp_steps > self.max_steps:
             raise MarsError(f"image_positions_ramp_steps must lie in [0, max_steps={self.max_steps}] (a model saved "
                             f"mid-ramp would be neither 1-D nor 2-D), got {self.image_positions_ramp_steps}")
-        allowed = ("lm",) if self.stage == "stage0" else ("t2i", "i2t")
+        allowed = ("lm",) if self.stage == "stage0" else ("t2i", "i2t", "dpo")
         if not self.tasks or any(t not in allowed or w <= 0 for t, w in self.tasks.items()):
             raise MarsError(f"{self.stage} tasks must be positive weights over {', '.join(allowed)}, got {self.tasks}")
-        if not (self.data.shards or self.data.synthetic or (self.stage == "stage0" and self.data.text)):
+        self._check_preferences()
+        if not (self.data.shards or self.data.synthetic or self.data.preferences
+                or (self.stage == "stage0" and self.data.text)):
             raise MarsError("no training data: set data.shards (or data.synthetic; data.text for stage0)")
         if self.micro_batch_size <= 0 or self.batch_size <= 0 or self.max_steps <= 0:
             raise MarsError("batch_size, micro_batch_size and max_steps must be positive")
@@ -165,6 +175,25 @@ class TrainConfig:
             raise MarsError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.save_every < 0 or self.keep_last < 1:
             raise MarsError("save_every must be >= 0 and keep_last >= 1")
+
+    def _check_preferences(self) -> None:
+        """Task dpo runs alone, on data.preferences, with nothing that only other tasks would use."""
+        if "dpo" not in self.tasks:
+            if self.data.preferences:
+                raise MarsError("data.preferences holds preference pairs for task dpo: set tasks {dpo: 1}")
+            return
+        if len(self.tasks) > 1:
+            raise MarsError(f"task dpo trains on preference pairs alone: run it as its own stage, got tasks {self.tasks}")
+        if not self.data.preferences:
+            raise MarsError("task dpo needs data.preferences (a `mars preferences` folder)")
+        if self.dpo_beta <= 0 or self.dpo_min_score_gap < 0:
+            raise MarsError(f"dpo_beta must be > 0 and dpo_min_score_gap >= 0, got {self.dpo_beta} and "
+                            f"{self.dpo_min_score_gap}")
+        unused = [key for key, off in (("distill_from", None), ("t2i_contrast_weight", 0.0),
+                                       ("image_positions_ramp_steps", 0)) if getattr(self, key) != off]
+        if unused:
+            raise MarsError(f"task dpo does not use {', '.join(unused)}: the reference model (dpo_reference) holds "
+                            "the run near where it started")
 
     def image_position_blend(self, step: int) -> float:
         """How far step `step` rotates by 2-D rather than 1-D image positions (1 = all the way)."""

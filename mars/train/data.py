@@ -17,8 +17,10 @@ from types import SimpleNamespace
 
 import torch
 
-from mars.data.sequences import IGNORE, I2TBatch, LMBatch, SequenceBuilder, T2IBatch
+from mars.data.sequences import IGNORE, EpochOrder, I2TBatch, LMBatch, SequenceBuilder, T2IBatch, build_t2i, collate_t2i
 from mars.errors import MarsError
+from mars.rerank import prompt_language
+from mars.train.losses import PreferenceBatch
 
 # ---------------------------------------------------------------------------------------------
 # Debug data: MARS-Shapes scenes tokenized by a fixed colour palette (no VQ-GAN needed)
@@ -75,8 +77,8 @@ def synthetic_shards(out: Path, n: int, seed: int, model_config, text_tokenizer)
 
 @dataclass
 class MicroBatch:
-    batch: T2IBatch | I2TBatch | LMBatch  # tensors on the CPU
-    num_tokens: int  # loss tokens in it
+    batch: T2IBatch | I2TBatch | LMBatch | PreferenceBatch  # tensors on the CPU
+    num_tokens: int  # loss tokens in it (a PreferenceBatch: its pairs, the unit its loss is summed over)
 
 
 class StepData:
@@ -107,6 +109,41 @@ class StepData:
             assert task_a == task
             out.append(MicroBatch(batch, int((batch.targets != IGNORE).sum())))
         return task, out
+
+
+class PreferenceStepData:
+    """This rank's micro-batches of preference pairs at a step (task "dpo"), as `StepData` does for
+    the other tasks: a pure function of (seed, step), every epoch a fresh permutation of the pairs,
+    micro-batch a of rank r taken as virtual rank r * A + a of world_size * A."""
+
+    def __init__(self, pairs, vocab, text_tokenizer, batch_size: int, micro_batch_size: int, seed: int,
+                 max_text_len: int, rank: int = 0, world_size: int = 1):
+        if batch_size % (world_size * micro_batch_size):
+            raise MarsError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro_batch_size} "
+                            f"x {world_size} rank(s)")
+        self.pairs, self.vocab, self.pad_id = pairs, vocab, text_tokenizer.eos_id
+        self.prompt_ids = [text_tokenizer.encode(pair.prompt) for pair in pairs]
+        longest = max(range(len(pairs)), key=lambda i: len(self.prompt_ids[i]))
+        if len(self.prompt_ids[longest]) > max_text_len:
+            raise MarsError(f"preference prompt {pairs[longest].prompt!r} is {len(self.prompt_ids[longest])} tokens, "
+                            f"more than data.max_text_len {max_text_len} (the pair was judged on the whole prompt)")
+        self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
+        self.accumulation = batch_size // (world_size * micro_batch_size)
+        self.order = EpochOrder(seed)
+
+    def micro_batches(self, step: int) -> tuple[str, list[MicroBatch]]:
+        """("dpo", this rank's micro-batches); step is 0-based."""
+        A, W, size, out = self.accumulation, self.world_size * self.accumulation, self.micro_batch_size, []
+        for a in range(A):
+            first = (step * W + self.rank * A + a) * size
+            chosen, rejected = [], []
+            for i in self.order.slots(first, size, len(self.pairs)):
+                pair, prompt = self.pairs[i], self.prompt_ids[i]
+                chinese = prompt_language(pair.prompt) == "zh"
+                chosen.append(build_t2i(self.vocab, prompt, pair.chosen, chinese=chinese))
+                rejected.append(build_t2i(self.vocab, prompt, pair.rejected, chinese=chinese))
+            out.append(MicroBatch(PreferenceBatch(collate_t2i(chosen + rejected, self.pad_id)), size))
+        return "dpo", out
 
 
 class TextCorpus:

@@ -1,9 +1,11 @@
-"""Per-task training losses: T2I (with the no-autograd text prefix), I2T and text LM.
+"""Per-task training losses: T2I (with the no-autograd text prefix), I2T, text LM, and DPO on
+preference pairs.
 
 Each function returns the sum of token cross-entropies and the number of loss tokens first
 (`task_loss`: a `LossParts`; `t2i_contrast_loss`: a `ContrastParts`), so the trainer can
 normalise by the token count of the whole global batch (all micro-batches, all ranks) and get the
-same loss and gradients however the batch is split.
+same loss and gradients however the batch is split. `dpo_loss` (a `PreferenceParts`) sums over
+pairs instead, and the trainer normalises by the global batch's pairs.
 
 Logits are computed only at positions that carry a target (`targets != -100`). The softmax runs
 over the full multimodal vocabulary by default: that is the faithful objective (the model must
@@ -200,6 +202,58 @@ def t2i_contrast_loss(model, batch: T2IBatch, margin: float, vocab: str = "full"
                          counterfactual_gap_sum=float(row_gap[counterfactual].detach().sum()),
                          num_counterfactual_zh=int(chinese.sum()),
                          counterfactual_gap_sum_zh=float(row_gap[chinese].detach().sum()))
+
+
+@dataclass
+class PreferenceBatch:
+    """Preference pairs as T2I rows: `pairs` holds the B chosen images, then the B rejected ones,
+    each after its own prompt (row b and row B + b share a prompt)."""
+
+    pairs: T2IBatch  # (2B, T)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.pairs.input_ids.shape[0] // 2
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.pairs.input_ids
+
+    def to(self, device) -> PreferenceBatch:
+        return PreferenceBatch(self.pairs.to(device))
+
+
+class PreferenceParts(NamedTuple):
+    loss_sum: torch.Tensor  # sum over pairs of -log sigmoid(margin)
+    num_pairs: int
+    accuracy_sum: float  # pairs whose margin is > 0 (the model prefers the chosen image more than the reference)
+    margin_sum: float  # sum of beta x (chosen log-ratio - rejected log-ratio)
+    chosen_logratio_sum: float  # sum of log pi(chosen) - log pi_ref(chosen), nats per image
+    rejected_logratio_sum: float
+
+
+def dpo_loss(model, reference, batch: PreferenceBatch, beta: float, vocab: str = "full",
+             cache_dtype=torch.float32) -> PreferenceParts:
+    """Direct preference optimisation (Rafailov et al. 2023) on whole images:
+
+        margin_b = beta * ((log pi(w_b) - log pi_ref(w_b)) - (log pi(l_b) - log pi_ref(l_b)))
+        loss     = sum_b -log sigmoid(margin_b)
+
+    with w_b / l_b the chosen / rejected codes of pair b after its prompt, log pi their
+    log-likelihood (codes and `</img>`, `t2i_image_nll`) under the model trained and log pi_ref under
+    the frozen `reference`. The pair's prompt runs once per row without autograd, as in T2I training.
+    """
+    nll = t2i_image_nll(model, batch.pairs, vocab, cache_dtype)  # (2B,)
+    with torch.no_grad():
+        reference_nll = t2i_image_nll(reference, batch.pairs, vocab, cache_dtype)
+    logratio = reference_nll - nll  # (2B,) log pi - log pi_ref
+    B = batch.num_pairs
+    margin = beta * (logratio[:B] - logratio[B:])  # (B,)
+    detached = logratio.detach()
+    return PreferenceParts(loss_sum=F.softplus(-margin).sum(), num_pairs=B,
+                           accuracy_sum=float((margin.detach() > 0).sum()), margin_sum=float(margin.detach().sum()),
+                           chosen_logratio_sum=float(detached[:B].sum()),
+                           rejected_logratio_sum=float(detached[B:].sum()))
 
 
 def i2t_loss(model, batch: I2TBatch):

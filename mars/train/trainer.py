@@ -34,10 +34,11 @@ from mars.model.semvie import SemVIE, load_model_config
 from mars.model_dir import load_model_text_tokenizer
 from mars.train import checkpoint, parallel
 from mars.train.config import TrainConfig
-from mars.train.data import StepData, TextCorpus, read_text_corpus, synthetic_shards
+from mars.train.data import PreferenceStepData, StepData, TextCorpus, read_text_corpus, synthetic_shards
 from mars.train.export import run_text_tokenizer, run_vq_dir, write_model_folder
-from mars.train.losses import t2i_contrast_loss, task_loss
+from mars.train.losses import dpo_loss, t2i_contrast_loss, task_loss
 from mars.train.parallel import DistEnv
+from mars.train.preferences import PreferencePairs
 from mars.train.stages import set_trainable, text_path_frozen
 from mars.vocab import MultimodalVocab
 
@@ -96,7 +97,8 @@ class Trainer:
         self.text_tokenizer = run_text_tokenizer(cfg, self.model_config.text_tokenizer)
         self.bf16 = cfg.precision == "bf16"
         self.model = self._build_model()
-        self.teacher = self._load_teacher()
+        self.teacher = self._load_frozen(cfg.distill_from, "distillation teacher") if cfg.distill_from else None
+        self.reference = self._load_reference()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.data = self._build_data()
         self.optimizer = build_optimizer(self.model, cfg)
@@ -142,8 +144,9 @@ class Trainer:
         self.prefix_no_grad = cfg.prefix_no_grad and text_path_frozen(model)
         if cfg.prefix_no_grad and not self.prefix_no_grad and "t2i" in cfg.tasks:
             raise MarsError("prefix_no_grad needs a frozen text side; set prefix_no_grad=false for this stage")
-        if cfg.t2i_contrast_weight > 0 and not self.prefix_no_grad:
-            raise MarsError("t2i_contrast_weight needs the frozen-text T2I path (prefix_no_grad with a frozen text side)")
+        if (cfg.t2i_contrast_weight > 0 or "dpo" in cfg.tasks) and not self.prefix_no_grad:
+            raise MarsError("t2i_contrast_weight and task dpo need the frozen-text T2I path (prefix_no_grad with a "
+                            "frozen text side)")
         if cfg.activation_checkpointing:
             parallel.apply_activation_checkpointing(model)
         if cfg.compile:
@@ -156,36 +159,45 @@ class Trainer:
         model.train()
         return model
 
-    def _load_teacher(self) -> SemVIE | None:
-        """The frozen distillation teacher (`distill_from`), checked to read and write the same ids."""
+    def _load_reference(self) -> SemVIE | None:
+        """Task dpo's frozen reference model: `dpo_reference`, else the starting model."""
         cfg = self.cfg
-        if cfg.distill_from is None:
+        if "dpo" not in cfg.tasks:
             return None
-        teacher_config = load_model_config(cfg.distill_from)
+        path = cfg.dpo_reference or cfg.init_from
+        if path is None:
+            raise MarsError("task dpo compares the model with a reference: set init_from or dpo_reference")
+        return self._load_frozen(path, "dpo reference")
+
+    def _load_frozen(self, path: str, role: str) -> SemVIE:
+        """A frozen model (distillation teacher, dpo reference), checked to read and write the same ids."""
+        cfg = self.cfg
+        teacher_config = load_model_config(path)
         mc = self.model_config
         fields = ("text_vocab_size", "image_vocab_size", "num_special_tokens", "image_tokens")
         differ = [f"{f} {getattr(teacher_config, f)} (the model trained: {getattr(mc, f)})" for f in fields
                   if getattr(teacher_config, f) != getattr(mc, f)]
         if differ:
-            raise MarsError(f"a distillation teacher must share the vocabulary and the image grid: "
-                            f"{cfg.distill_from} has {', '.join(differ)}")
-        tokenizer = load_model_text_tokenizer(cfg.distill_from, teacher_config.text_tokenizer)
+            raise MarsError(f"a {role} must share the vocabulary and the image grid: "
+                            f"{path} has {', '.join(differ)}")
+        tokenizer = load_model_text_tokenizer(path, teacher_config.text_tokenizer)
         sample = "a red circle to the left of a blue square 一个红色的圆形在蓝色正方形的左边"  # same size, other merges
         if (tokenizer.identity(), tokenizer.encode(sample)) != (self.text_tokenizer.identity(),
                                                                 self.text_tokenizer.encode(sample)):
-            raise MarsError(f"distill_from {cfg.distill_from} tokenizes text differently from the model trained: "
-                            "a teacher must share the text tokenizer")
+            raise MarsError(f"the {role} {path} tokenizes text differently from the model trained: "
+                            f"a {role} must share the text tokenizer")
         dtype = torch.bfloat16 if self.bf16 else torch.float32
-        teacher = SemVIE.from_pretrained(cfg.distill_from, device=self.env.device, dtype=dtype).eval()
+        teacher = SemVIE.from_pretrained(path, device=self.env.device, dtype=dtype).eval()
         teacher.requires_grad_(False)
         if self.env.is_main:
-            logger.info("distillation: teacher %s (%s image positions), weight %g", cfg.distill_from,
-                        teacher_config.image_positions, cfg.distill_weight)
+            logger.info("%s: %s (%s image positions)", role, path, teacher_config.image_positions)
         return teacher
 
-    def _build_data(self) -> StepData:
+    def _build_data(self) -> StepData | PreferenceStepData:
         cfg, env = self.cfg, self.env
         mc = self.model_config
+        if "dpo" in cfg.tasks:
+            return self._preference_data()
         if cfg.data.text:
             dataset = TextCorpus(read_text_corpus(cfg.data.text, self.text_tokenizer))
         else:
@@ -210,6 +222,26 @@ class Trainer:
             raise MarsError(f"sequences of up to {worst} tokens exceed max_seq_len {mc.max_seq_len}; "
                             "lower data.max_text_len / data.seq_len")
         return StepData(dataset, builder, cfg.batch_size, cfg.micro_batch_size, env.rank, env.world_size)
+
+    def _preference_data(self) -> PreferenceStepData:
+        """Task dpo's pairs (`data.preferences`), checked to be codes of this model's VQ-GAN and grid."""
+        cfg, env, mc = self.cfg, self.env, self.model_config
+        pairs = PreferencePairs(cfg.data.preferences, cfg.dpo_min_score_gap)
+        vq = self._vq()
+        made = pairs.settings
+        if vq is not None and made["vq_codes_hash"] != vq.codes_hash():
+            raise MarsError(f"the preference pairs in {cfg.data.preferences} are codes of another VQ-GAN than this "
+                            f"run's ({run_vq_dir(cfg)})")
+        if made["image_grid"] != mc.image_grid:
+            raise MarsError(f"the preference pairs in {cfg.data.preferences} are {made['image_grid']} x "
+                            f"{made['image_grid']} codes, the model draws {mc.image_grid} x {mc.image_grid}")
+        if cfg.data.max_text_len + mc.image_tokens + 2 > mc.max_seq_len:
+            raise MarsError(f"data.max_text_len {cfg.data.max_text_len} + an image exceeds max_seq_len {mc.max_seq_len}")
+        if env.is_main:
+            logger.info("data: %d preference pairs from %s (%d left out: score gap < %g nats); %d pairs per step",
+                        len(pairs), cfg.data.preferences, pairs.dropped, cfg.dpo_min_score_gap, cfg.batch_size)
+        return PreferenceStepData(pairs.pairs, MultimodalVocab.from_config(mc), self.text_tokenizer, cfg.batch_size,
+                                  cfg.micro_batch_size, cfg.data.seed, cfg.data.max_text_len, env.rank, env.world_size)
 
     def _epoch_pool(self, dataset) -> np.ndarray | None:
         """With t2i_contrast_repeat > 1, the oversampled epoch (mars.data.negatives.oversampled_epoch)."""
@@ -292,7 +324,7 @@ class Trainer:
         # this rank's sums, all-reduced after the step: cross-entropy, tokens, prompt gaps over their pairs,
         # counterfactual gaps over theirs (all rows, then Chinese-caption rows), distillation KL
         totals = dict.fromkeys(("ce", "tokens", "gap", "pairs", "cf_gap", "cf_pairs", "cf_gap_zh", "cf_pairs_zh",
-                                "kl"), 0.0)
+                                "kl", "dpo_right", "dpo_margin", "dpo_chosen", "dpo_rejected"), 0.0)
         cache_dtype = torch.bfloat16 if self.bf16 else torch.float32
         contrast = task == "t2i" and cfg.contrast_at(step)
         model.image_position_blend = cfg.image_position_blend(step)
@@ -300,7 +332,15 @@ class Trainer:
             parallel.set_grad_sync(model, i == len(micro) - 1)
             batch = mb.batch.to(env.device)
             with self.autocast():
-                if contrast:
+                if task == "dpo":  # ce: the summed DPO loss; num_targets counts pairs
+                    parts = dpo_loss(model, self.reference, batch, cfg.dpo_beta, vocab=cfg.t2i_loss_vocab,
+                                     cache_dtype=cache_dtype)
+                    objective = parts.loss_sum
+                    totals["dpo_right"] += parts.accuracy_sum
+                    totals["dpo_margin"] += parts.margin_sum
+                    totals["dpo_chosen"] += parts.chosen_logratio_sum
+                    totals["dpo_rejected"] += parts.rejected_logratio_sum
+                elif contrast:
                     parts = t2i_contrast_loss(model, batch, cfg.t2i_contrast_margin, vocab=cfg.t2i_loss_vocab,
                                               cache_dtype=cache_dtype, teacher=self.teacher,
                                               skip_counterfactual_distill=cfg.distill_skip_counterfactual)
@@ -315,12 +355,13 @@ class Trainer:
                     parts = task_loss(model, batch, prefix_no_grad=self.prefix_no_grad, vocab=cfg.t2i_loss_vocab,
                                       cache_dtype=cache_dtype, teacher=self.teacher)
                     objective = parts.ce_sum
-                if parts.distill_sum is not None:
-                    objective = objective + cfg.distill_weight * parts.distill_sum
-                    totals["kl"] += float(parts.distill_sum.detach())
+                distill = None if task == "dpo" else parts.distill_sum  # task dpo has no teacher (config)
+                if distill is not None:
+                    objective = objective + cfg.distill_weight * distill
+                    totals["kl"] += float(distill.detach())
             # Mean over the global batch's loss tokens; x world_size because FSDP averages over ranks.
             (objective * (env.world_size / num_targets)).backward()
-            totals["ce"] += float(parts.ce_sum.detach())
+            totals["ce"] += float(objective.detach() if task == "dpo" else parts.ce_sum.detach())
             totals["tokens"] += batch.input_ids.numel()
         grad_norm = parallel.clip_grad_norm(self.trainable, cfg.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
@@ -333,6 +374,11 @@ class Trainer:
         loss = sums["ce"] / num_targets
         metrics = {"step": step + 1, "task": task, "loss": loss, f"loss_{task}": loss, "lr": lr,
                    "grad_norm": grad_norm, "tokens": int(sums["tokens"])}
+        if task == "dpo":  # per pair: how often and by how much the run prefers the chosen image more than the
+            # reference does, and how far each image's log-likelihood moved from the reference's (nats)
+            metrics.update(dpo_accuracy=sums["dpo_right"] / num_targets, dpo_margin=sums["dpo_margin"] / num_targets,
+                           dpo_chosen_logratio=sums["dpo_chosen"] / num_targets,
+                           dpo_rejected_logratio=sums["dpo_rejected"] / num_targets)
         if self.teacher is not None:  # nats per loss token by which the run's distributions differ from the teacher's
             metrics["distill_kl"] = sums["kl"] / num_targets
         if model.image_position_blend < 1.0:

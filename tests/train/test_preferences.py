@@ -1,0 +1,200 @@
+"""Preference pairs by self-judging (`mars preferences`) and the DPO stage that trains on them."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mars import MarsPipeline
+from mars.cli import main
+from mars.data.sequences import build_t2i, collate_t2i
+from mars.errors import MarsError
+from mars.model.semvie import SemVIE
+from mars.rerank import best_candidates, candidate_scores
+from mars.train.data import PreferenceStepData
+from mars.train.losses import PreferenceBatch, dpo_loss
+from mars.train.preferences import PART_PATTERN, PreferencePairs, make_preferences, shapes_prompts
+from mars.vocab import MultimodalVocab
+
+from .conftest import run_stage
+
+PROMPTS = ["a red circle", "two blue squares", "一个绿色的三角形", "a star", "a black square"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return MarsPipeline.from_pretrained(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def prefs(pipe, tmp_path_factory) -> Path:
+    """Pairs of PROMPTS, 4 candidates each, in parts of 2 prompts (3 parts)."""
+    return make_preferences(pipe, PROMPTS, tmp_path_factory.mktemp("prefs"), candidates=4, seed=5, part_size=2,
+                            batch_size=8, drawing_weight=0.1, progress=False)
+
+
+def test_each_pair_is_the_best_and_the_worst_candidate_by_the_models_own_judgement(pipe, prefs):
+    pairs = PreferencePairs(prefs)
+    codes = pipe.draw_candidates(PROMPTS, 4, seed=5, batch_size=8)  # (5 * 4, h, w)
+    scores = candidate_scores(pipe.model, pipe.tokenizer, PROMPTS, codes, 4, drawing_weight=0.1)  # (5, 4)
+    assert [p.prompt for p in pairs] == PROMPTS and pairs.dropped == 0
+    by_prompt = codes.view(5, 4, *codes.shape[1:])
+    for i, pair in enumerate(pairs):
+        assert torch.equal(pair.chosen, by_prompt[i, scores[i].argmax()])
+        assert torch.equal(pair.rejected, by_prompt[i, scores[i].argmin()])
+        assert pair.score_gap == pytest.approx(float(scores[i].max() - scores[i].min()), abs=1e-5)
+    # the chosen image is the one `generate(rerank=4)` keeps
+    kept = best_candidates(pipe.model, pipe.tokenizer, PROMPTS, codes, 4, drawing_weight=0.1)
+    assert all(torch.equal(pair.chosen, k) for pair, k in zip(pairs, kept))
+
+
+def test_the_candidates_are_what_generate_with_rerank_chooses_among(pipe):
+    codes = pipe.draw_candidates(["a red circle"], 3, seed=11)  # candidate 0 is the image rerank=1 makes
+    image = pipe.generate("a red circle", seed=11)[0]
+    assert pipe.decode_codes(codes[:1])[0].tobytes() == image.tobytes()
+
+
+def test_an_interrupted_run_resumes_and_other_settings_are_refused(pipe, prefs, tmp_path):
+    folder = Path(shutil.copytree(prefs, tmp_path / "prefs"))
+    before = (folder / PART_PATTERN.format(1)).read_bytes()
+    (folder / PART_PATTERN.format(1)).unlink()
+    with pytest.raises(MarsError, match="incomplete: 1 of 3 parts missing.*rerun the same"):
+        PreferencePairs(folder)
+    make_preferences(pipe, PROMPTS, folder, candidates=4, seed=5, part_size=2, batch_size=8, drawing_weight=0.1,
+                     progress=False)
+    assert (folder / PART_PATTERN.format(1)).read_bytes() == before  # made again, the same pairs
+    with pytest.raises(MarsError, match="made with other settings \\(candidates, seed differ\\)"):
+        make_preferences(pipe, PROMPTS, folder, candidates=3, seed=6, part_size=2, drawing_weight=0.1, progress=False)
+    with pytest.raises(MarsError, match="not a preference folder"):
+        PreferencePairs(tmp_path)
+
+
+def test_pairs_with_a_small_score_gap_are_left_out_and_counted(prefs):
+    gaps = sorted(p.score_gap for p in PreferencePairs(prefs))
+    kept = PreferencePairs(prefs, min_score_gap=gaps[2])
+    assert len(kept) == 3 and kept.dropped == 2
+    with pytest.raises(MarsError, match="no preference pair .* score gap of at least .* \\(5 dropped\\)"):
+        PreferencePairs(prefs, min_score_gap=gaps[-1] + 1)
+
+
+def test_shapes_prompts_alternate_english_and_chinese_captions():
+    prompts = shapes_prompts("shapes:4:7")
+    assert len(prompts) == 4 and prompts != shapes_prompts("shapes:4:8")
+    assert [any("\u4e00" <= ch <= "\u9fff" for ch in p) for p in prompts] == [False, True, False, True]
+
+
+def test_the_cli_makes_pairs_from_a_prompts_file(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue star\n")
+    out = tmp_path / "cli"
+    assert main(["preferences", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--candidates", "2",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert [p.prompt for p in PreferencePairs(out)] == ["a red circle", "a blue star"]
+    assert main(["preferences", "--model", str(tiny_model_dir), "--data", "cc3m.tar", "--out", str(out)]) == 2
+    assert "--data takes shapes:N:SEED" in capsys.readouterr().err
+
+
+def image_log_likelihood_by_hand(model: SemVIE, prompt: list[int], codes: torch.Tensor) -> float:
+    """log p(codes, </img> | prompt <img>) by one unpadded forward, over the image ids and specials."""
+    vocab = model.vocab
+    ids = torch.tensor([[*prompt, vocab.boi_id, *vocab.codes_to_ids(codes.flatten()).tolist(), vocab.eoi_id]])
+    with torch.no_grad():
+        logits = model(ids[:, :-1], model.image_mask(ids[:, :-1]))[0, len(prompt):]  # predicts codes, </img>
+    rows = slice(vocab.text_size, vocab.size)
+    log_probs = F.log_softmax(logits[:, rows].double(), dim=-1)
+    targets = ids[0, len(prompt) + 1:] - vocab.text_size
+    return float(log_probs.gather(-1, targets[:, None]).sum())
+
+
+def test_dpo_loss_is_the_log_sigmoid_of_the_log_ratio_margin(pipe, prefs, tiny_builders):
+    reference = pipe.model
+    policy = tiny_builders.model(seed=3)  # another random model over the same vocabulary
+    pairs = PreferencePairs(prefs).pairs[:3]
+    vocab = MultimodalVocab.from_config(reference.config)
+    rows = [build_t2i(vocab, pipe.tokenizer.encode(p.prompt), p.chosen) for p in pairs] + \
+           [build_t2i(vocab, pipe.tokenizer.encode(p.prompt), p.rejected) for p in pairs]
+    batch = PreferenceBatch(collate_t2i(rows, pipe.tokenizer.eos_id))
+    parts = dpo_loss(policy, reference, batch, beta=0.3, vocab="visual")
+    expected_loss, margins = 0.0, []
+    for p in pairs:
+        prompt = pipe.tokenizer.encode(p.prompt)
+        ratio = {k: image_log_likelihood_by_hand(policy, prompt, getattr(p, k))
+                 - image_log_likelihood_by_hand(reference, prompt, getattr(p, k)) for k in ("chosen", "rejected")}
+        margins.append(0.3 * (ratio["chosen"] - ratio["rejected"]))
+        expected_loss -= math.log(1 / (1 + math.exp(-margins[-1])))
+    assert parts.num_pairs == 3
+    assert float(parts.loss_sum.detach()) == pytest.approx(expected_loss, rel=1e-4)
+    assert parts.margin_sum == pytest.approx(sum(margins), rel=1e-4, abs=1e-4)
+    assert parts.accuracy_sum == sum(m > 0 for m in margins)
+    same = dpo_loss(reference, reference, batch, beta=0.3, vocab="visual")  # the policy is its reference
+    assert float(same.loss_sum.detach()) == pytest.approx(3 * math.log(2), rel=1e-6) and same.margin_sum == 0.0
+
+
+def test_step_data_gives_the_same_pairs_however_the_batch_is_split(pipe, prefs):
+    pairs = PreferencePairs(prefs).pairs
+    vocab = MultimodalVocab.from_config(pipe.model.config)
+
+    def rows(micro_batch_size, rank=0, world_size=1):
+        data = PreferenceStepData(pairs, vocab, pipe.tokenizer, 4, micro_batch_size, seed=1, max_text_len=40,
+                                  rank=rank, world_size=world_size)
+        task, micro = data.micro_batches(3)
+        assert task == "dpo" and all(m.num_tokens == micro_batch_size for m in micro)
+        out = []
+        for m in micro:
+            ids, pad, B = m.batch.input_ids, m.batch.pairs.pad_lengths, m.batch.num_pairs
+            assert torch.equal(ids[:B, :m.batch.pairs.prefix_len], ids[B:, :m.batch.pairs.prefix_len])  # shared prompts
+            out += [(tuple(ids[b, pad[b]:].tolist()), tuple(ids[B + b, pad[B + b]:].tolist())) for b in range(B)]
+        return out
+
+    whole = rows(4)
+    assert rows(2) == whole and rows(1) == whole
+    assert rows(2, 0, 2) + rows(2, 1, 2) == whole  # two ranks hold the one-process batch
+    with pytest.raises(MarsError, match="more than data.max_text_len 3"):
+        PreferenceStepData(pairs, vocab, pipe.tokenizer, 4, 4, seed=1, max_text_len=3)
+
+
+DPO = ("data.synthetic=0", "tasks={dpo: 1.0}", "t2i_loss_vocab=visual", "batch_size=4", "micro_batch_size=2",
+       "save_every=0", "data.cfg_dropout=0")
+
+
+def test_a_dpo_stage_starts_at_log_2_and_learns_the_preferences_with_frozen_text_weights(model_copy, prefs, tmp_path):
+    before = SemVIE.from_pretrained(model_copy)
+    final, metrics = run_stage("stage2", tmp_path / "run", *DPO, f"init_from={model_copy}",
+                               f"data.preferences={prefs}", "max_steps=8", "lr=3e-3", "dpo_beta=0.5")
+    assert [m["task"] for m in metrics] == ["dpo"] * 8
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), rel=1e-6) and metrics[0]["dpo_margin"] == 0.0
+    assert metrics[-1]["loss"] < 0.5 * math.log(2) and metrics[-1]["dpo_accuracy"] == 1.0
+    assert metrics[-1]["dpo_chosen_logratio"] > metrics[-1]["dpo_rejected_logratio"]
+    after = SemVIE.from_pretrained(final)
+    groups_before, groups_after = before.parameter_groups(), after.parameter_groups()
+    assert all(torch.equal(p, groups_after["text_expert"][k]) for k, p in groups_before["text_expert"].items())
+    assert not all(torch.equal(p, groups_after["visual_expert"][k]) for k, p in groups_before["visual_expert"].items())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tasks={dpo: 1.0, t2i: 1.0}"], "trains on preference pairs alone"),
+    (["data.preferences=null"], "task dpo needs data.preferences"),
+    (["tasks={t2i: 1.0}"], "data.preferences holds preference pairs for task dpo"),
+    (["dpo_beta=0"], "dpo_beta must be > 0"),
+    (["distill_from=SELF", "distill_weight=1"], "task dpo does not use distill_from"),
+    (["t2i_contrast_weight=1"], "task dpo does not use t2i_contrast_weight"),
+    (["data.synthetic=16"], "set only one of"),
+])
+def test_dpo_settings_are_checked(model_copy, prefs, tmp_path, overrides, message):
+    overrides = [o.replace("SELF", str(model_copy)) for o in overrides]
+    with pytest.raises(MarsError, match=message):
+        run_stage("stage2", tmp_path / "run", *DPO, f"init_from={model_copy}", f"data.preferences={prefs}",
+                  "max_steps=1", *overrides)
+
+
+def test_pairs_from_another_vq_gan_are_refused(model_copy, prefs, tmp_path, tiny_builders):
+    shutil.rmtree(model_copy / "vq")
+    tiny_builders.vq(seed=9).save_pretrained(model_copy / "vq")
+    with pytest.raises(MarsError, match="codes of another VQ-GAN"):
+        run_stage("stage2", tmp_path / "run", *DPO, f"init_from={model_copy}", f"data.preferences={prefs}",
+                  "max_steps=1")
