@@ -171,27 +171,26 @@ class Trainer:
 
     def _load_frozen(self, path: str, role: str) -> SemVIE:
         """A frozen model (distillation teacher, dpo reference), checked to read and write the same ids."""
-        cfg = self.cfg
-        teacher_config = load_model_config(path)
+        frozen_config = load_model_config(path)
         mc = self.model_config
         fields = ("text_vocab_size", "image_vocab_size", "num_special_tokens", "image_tokens")
-        differ = [f"{f} {getattr(teacher_config, f)} (the model trained: {getattr(mc, f)})" for f in fields
-                  if getattr(teacher_config, f) != getattr(mc, f)]
+        differ = [f"{f} {getattr(frozen_config, f)} (the model trained: {getattr(mc, f)})" for f in fields
+                  if getattr(frozen_config, f) != getattr(mc, f)]
         if differ:
             raise MarsError(f"a {role} must share the vocabulary and the image grid: "
                             f"{path} has {', '.join(differ)}")
-        tokenizer = load_model_text_tokenizer(path, teacher_config.text_tokenizer)
+        tokenizer = load_model_text_tokenizer(path, frozen_config.text_tokenizer)
         sample = "a red circle to the left of a blue square 一个红色的圆形在蓝色正方形的左边"  # same size, other merges
         if (tokenizer.identity(), tokenizer.encode(sample)) != (self.text_tokenizer.identity(),
                                                                 self.text_tokenizer.encode(sample)):
             raise MarsError(f"the {role} {path} tokenizes text differently from the model trained: "
                             f"a {role} must share the text tokenizer")
         dtype = torch.bfloat16 if self.bf16 else torch.float32
-        teacher = SemVIE.from_pretrained(path, device=self.env.device, dtype=dtype).eval()
-        teacher.requires_grad_(False)
+        frozen = SemVIE.from_pretrained(path, device=self.env.device, dtype=dtype).eval()
+        frozen.requires_grad_(False)
         if self.env.is_main:
-            logger.info("%s: %s (%s image positions)", role, path, teacher_config.image_positions)
-        return teacher
+            logger.info("%s: %s (%s image positions)", role, path, frozen_config.image_positions)
+        return frozen
 
     def _build_data(self) -> StepData | PreferenceStepData:
         cfg, env = self.cfg, self.env
