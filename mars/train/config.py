@@ -108,6 +108,7 @@ class TrainConfig:
     dpo_beta: float = 0.1
     dpo_reference: str | None = None
     dpo_min_score_gap: float = 0.0  # leave out pairs whose best and worst candidate score closer than this (nats)
+    dpo_chosen_nll_weight: float = 0.0  # > 0: also this weight x the chosen image's NLL per token (holds it up)
 
     # execution
     device: str = "auto"  # auto | cpu | cuda
@@ -186,9 +187,9 @@ class TrainConfig:
             raise MarsError(f"task dpo trains on preference pairs alone: run it as its own stage, got tasks {self.tasks}")
         if not self.data.preferences:
             raise MarsError("task dpo needs data.preferences (a `mars preferences` folder)")
-        if self.dpo_beta <= 0 or self.dpo_min_score_gap < 0:
-            raise MarsError(f"dpo_beta must be > 0 and dpo_min_score_gap >= 0, got {self.dpo_beta} and "
-                            f"{self.dpo_min_score_gap}")
+        if self.dpo_beta <= 0 or self.dpo_min_score_gap < 0 or self.dpo_chosen_nll_weight < 0:
+            raise MarsError(f"dpo_beta must be > 0, dpo_min_score_gap and dpo_chosen_nll_weight >= 0, got "
+                            f"{self.dpo_beta}, {self.dpo_min_score_gap} and {self.dpo_chosen_nll_weight}")
         unused = [key for key, off in (("distill_from", None), ("t2i_contrast_weight", 0.0),
                                        ("image_positions_ramp_steps", 0)) if getattr(self, key) != off]
         if unused:

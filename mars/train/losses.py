@@ -224,16 +224,17 @@ class PreferenceBatch:
 
 
 class PreferenceParts(NamedTuple):
-    loss_sum: torch.Tensor  # sum over pairs of -log sigmoid(margin)
+    loss_sum: torch.Tensor  # sum over pairs of -log sigmoid(margin) (+ the chosen images' NLL term)
     num_pairs: int
     accuracy_sum: float  # pairs whose margin is > 0 (the model prefers the chosen image more than the reference)
     margin_sum: float  # sum of beta x (chosen log-ratio - rejected log-ratio)
     chosen_logratio_sum: float  # sum of log pi(chosen) - log pi_ref(chosen), nats per image
     rejected_logratio_sum: float
+    chosen_nll_sum: float  # sum over pairs of the chosen image's NLL per token (codes and </img>), nats
 
 
 def dpo_loss(model, reference, batch: PreferenceBatch, beta: float, vocab: str = "full",
-             cache_dtype=torch.float32) -> PreferenceParts:
+             cache_dtype=torch.float32, chosen_nll_weight: float = 0.0) -> PreferenceParts:
     """Direct preference optimisation (Rafailov et al. 2023) on whole images:
 
         margin_b = beta * ((log pi(w_b) - log pi_ref(w_b)) - (log pi(l_b) - log pi_ref(l_b)))
@@ -242,6 +243,9 @@ def dpo_loss(model, reference, batch: PreferenceBatch, beta: float, vocab: str =
     with w_b / l_b the chosen / rejected codes of pair b after its prompt, log pi their
     log-likelihood (codes and `</img>`, `t2i_image_nll`) under the model trained and log pi_ref under
     the frozen `reference`. The pair's prompt runs once per row without autograd, as in T2I training.
+    `chosen_nll_weight` adds that weight times the chosen image's NLL per token to each pair's loss
+    (as in RPO, Pang et al. 2024): DPO alone can lower both images' likelihood as long as the rejected
+    one falls faster; this term holds the chosen one up.
     """
     nll = t2i_image_nll(model, batch.pairs, vocab, cache_dtype)  # (2B,)
     with torch.no_grad():
@@ -249,8 +253,11 @@ def dpo_loss(model, reference, batch: PreferenceBatch, beta: float, vocab: str =
     logratio = reference_nll - nll  # (2B,) log pi - log pi_ref
     B = batch.num_pairs
     margin = beta * (logratio[:B] - logratio[B:])  # (B,)
+    tokens = (batch.pairs.targets[:B] != IGNORE).sum(dim=1)  # (B,) codes and </img> of each chosen image
+    chosen_nll = nll[:B] / tokens  # (B,) nats per token
+    loss = F.softplus(-margin).sum() + (chosen_nll_weight * chosen_nll.sum() if chosen_nll_weight else 0.0)
     detached = logratio.detach()
-    return PreferenceParts(loss_sum=F.softplus(-margin).sum(), num_pairs=B,
+    return PreferenceParts(loss_sum=loss, num_pairs=B, chosen_nll_sum=float(chosen_nll.detach().sum()),
                            accuracy_sum=float((margin.detach() > 0).sum()), margin_sum=float(margin.detach().sum()),
                            chosen_logratio_sum=float(detached[:B].sum()),
                            rejected_logratio_sum=float(detached[B:].sum()))

@@ -323,7 +323,7 @@ class Trainer:
         # this rank's sums, all-reduced after the step: cross-entropy, tokens, prompt gaps over their pairs,
         # counterfactual gaps over theirs (all rows, then Chinese-caption rows), distillation KL
         totals = dict.fromkeys(("ce", "tokens", "gap", "pairs", "cf_gap", "cf_pairs", "cf_gap_zh", "cf_pairs_zh",
-                                "kl", "dpo_right", "dpo_margin", "dpo_chosen", "dpo_rejected"), 0.0)
+                                "kl", "dpo_right", "dpo_margin", "dpo_chosen", "dpo_rejected", "dpo_chosen_nll"), 0.0)
         cache_dtype = torch.bfloat16 if self.bf16 else torch.float32
         contrast = task == "t2i" and cfg.contrast_at(step)
         model.image_position_blend = cfg.image_position_blend(step)
@@ -333,12 +333,13 @@ class Trainer:
             with self.autocast():
                 if task == "dpo":  # ce: the summed DPO loss; num_targets counts pairs
                     parts = dpo_loss(model, self.reference, batch, cfg.dpo_beta, vocab=cfg.t2i_loss_vocab,
-                                     cache_dtype=cache_dtype)
+                                     cache_dtype=cache_dtype, chosen_nll_weight=cfg.dpo_chosen_nll_weight)
                     objective = parts.loss_sum
                     totals["dpo_right"] += parts.accuracy_sum
                     totals["dpo_margin"] += parts.margin_sum
                     totals["dpo_chosen"] += parts.chosen_logratio_sum
                     totals["dpo_rejected"] += parts.rejected_logratio_sum
+                    totals["dpo_chosen_nll"] += parts.chosen_nll_sum
                 elif contrast:
                     parts = t2i_contrast_loss(model, batch, cfg.t2i_contrast_margin, vocab=cfg.t2i_loss_vocab,
                                               cache_dtype=cache_dtype, teacher=self.teacher,
@@ -377,7 +378,8 @@ class Trainer:
             # reference does, and how far each image's log-likelihood moved from the reference's (nats)
             metrics.update(dpo_accuracy=sums["dpo_right"] / num_targets, dpo_margin=sums["dpo_margin"] / num_targets,
                            dpo_chosen_logratio=sums["dpo_chosen"] / num_targets,
-                           dpo_rejected_logratio=sums["dpo_rejected"] / num_targets)
+                           dpo_rejected_logratio=sums["dpo_rejected"] / num_targets,
+                           dpo_chosen_nll=sums["dpo_chosen_nll"] / num_targets)
         if self.teacher is not None:  # nats per loss token by which the run's distributions differ from the teacher's
             metrics["distill_kl"] = sums["kl"] / num_targets
         if model.image_position_blend < 1.0:

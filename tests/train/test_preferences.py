@@ -131,6 +131,12 @@ def test_dpo_loss_is_the_log_sigmoid_of_the_log_ratio_margin(pipe, prefs, tiny_b
     assert float(parts.loss_sum.detach()) == pytest.approx(expected_loss, rel=1e-4)
     assert parts.margin_sum == pytest.approx(sum(margins), rel=1e-4, abs=1e-4)
     assert parts.accuracy_sum == sum(m > 0 for m in margins)
+    # the RPO term: the weight x each chosen image's NLL per token (its codes and </img>)
+    held = dpo_loss(policy, reference, batch, beta=0.3, vocab="visual", chosen_nll_weight=0.5)
+    per_token = [-image_log_likelihood_by_hand(policy, pipe.tokenizer.encode(p.prompt), p.chosen) / (p.chosen.numel() + 1)
+                 for p in pairs]
+    assert held.chosen_nll_sum == pytest.approx(sum(per_token), rel=1e-4)
+    assert float(held.loss_sum.detach()) == pytest.approx(expected_loss + 0.5 * sum(per_token), rel=1e-4)
     same = dpo_loss(reference, reference, batch, beta=0.3, vocab="visual")  # the policy is its reference
     assert float(same.loss_sum.detach()) == pytest.approx(3 * math.log(2), rel=1e-6) and same.margin_sum == 0.0
 
@@ -181,6 +187,7 @@ def test_a_dpo_stage_starts_at_log_2_and_learns_the_preferences_with_frozen_text
     (["data.preferences=null"], "task dpo needs data.preferences"),
     (["tasks={t2i: 1.0}"], "data.preferences holds preference pairs for task dpo"),
     (["dpo_beta=0"], "dpo_beta must be > 0"),
+    (["dpo_chosen_nll_weight=-1"], "dpo_chosen_nll_weight >= 0"),
     (["distill_from=SELF", "distill_weight=1"], "task dpo does not use distill_from"),
     (["t2i_contrast_weight=1"], "task dpo does not use t2i_contrast_weight"),
     (["data.synthetic=16"], "set only one of"),
