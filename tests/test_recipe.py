@@ -274,6 +274,18 @@ def test_gpu_configs_train_the_shipped_architecture():
     assert built == shipped
 
 
+def test_the_preference_stage_of_the_built_in_model_parses():
+    """configs/shapes-demo/dpo.yaml (the built-in model's last stage) is a DPO stage on preference pairs,
+    from the GPU preset's averaged model, with the shipped model's T2I vocabulary setting."""
+    from mars.train.config import load_train_config
+
+    gpu = load_train_config(REPO_CONFIGS / "gpu" / "swaps.yaml", [])
+    cfg = load_train_config(REPO_CONFIGS / "dpo.yaml", [])
+    assert cfg.tasks == {"dpo": 1.0} and cfg.data.preferences and cfg.dpo_chosen_nll_weight > 0
+    assert str(cfg.init_from) == str(Path(gpu.out_dir).parent / "average") and cfg.dpo_reference is None
+    assert cfg.t2i_loss_vocab == gpu.t2i_loss_vocab == "visual"
+
+
 def test_recipe_rejects_bad_arguments(tmp_path):
     with pytest.raises(MarsError, match="not of the form"):
         parse_settings(["max_steps=3"])
