@@ -193,8 +193,8 @@ class TrainConfig:
         unused = [key for key, off in (("distill_from", None), ("t2i_contrast_weight", 0.0),
                                        ("image_positions_ramp_steps", 0)) if getattr(self, key) != off]
         if unused:
-            raise MarsError(f"task dpo does not use {', '.join(unused)}: the reference model (dpo_reference) holds "
-                            "the run near where it started")
+            raise MarsError(f"task dpo does not use {', '.join(unused)} (settings of t2i / i2t steps); its frozen "
+                            "reference model (dpo_reference) is what holds the run near where it started")
 
     def image_position_blend(self, step: int) -> float:
         """How far step `step` rotates by 2-D rather than 1-D image positions (1 = all the way)."""
