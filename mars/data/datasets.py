@@ -357,7 +357,8 @@ class ShapesSource(ImageTextSource):
         return f"shapes sample {record}"
 
 
-def _parse_shapes_spec(spec: str) -> tuple[int, int]:
+def parse_shapes_spec(spec: str) -> tuple[int, int]:
+    """(N, SEED) of a `shapes:N[:SEED]` spec (SEED defaults to 0)."""
     parts = spec.split(":")[1:]
     try:
         n, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
@@ -380,7 +381,7 @@ def open_source(spec: str, resolution: int, *, rank: int = 0, world_size: int = 
     """
     options = dict(rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, min_side=min_side)
     if spec.startswith("shapes:"):
-        n, data_seed = _parse_shapes_spec(spec)
+        n, data_seed = parse_shapes_spec(spec)
         return ShapesSource(n, data_seed, resolution, **options)
     if os.path.isdir(spec):
         manifest = os.path.join(spec, "captions.jsonl")

@@ -38,7 +38,7 @@ def add_commands(subparsers) -> None:
                     "{dpo: 1} and data.preferences DIR. Rerunning the same command resumes.")
     prefs.add_argument("--model", default="shapes-demo", help="model folder or built-in name (default shapes-demo)")
     source = prefs.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts", help="text file, one prompt per line")
+    source.add_argument("--prompts", help="text file with one prompt per line, or .jsonl with a 'prompt' key")
     source.add_argument("--data", help="shapes:N:SEED: the captions of N training scenes (English and Chinese "
                                        "alternately); use a seed other than the training data's")
     prefs.add_argument("--out", required=True, help="folder for the pairs (resumed when it exists)")
@@ -74,8 +74,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_preferences(args: argparse.Namespace) -> int:
+    from mars.cli_generate import read_prompts
     from mars.pipeline import MarsPipeline
-    from mars.train.preferences import make_preferences, read_prompts, shapes_prompts
+    from mars.train.preferences import make_preferences, shapes_prompts
 
     if args.data is not None and not args.data.startswith("shapes:"):
         raise MarsError(f"--data takes shapes:N:SEED, got {args.data!r}; pass other prompts with --prompts FILE")

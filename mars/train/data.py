@@ -123,6 +123,7 @@ class PreferenceStepData:
                             f"x {world_size} rank(s)")
         self.pairs, self.vocab, self.pad_id = pairs, vocab, text_tokenizer.eos_id
         self.prompt_ids = [text_tokenizer.encode(pair.prompt) for pair in pairs]
+        self.chinese = [prompt_language(pair.prompt) == "zh" for pair in pairs]
         longest = max(range(len(pairs)), key=lambda i: len(self.prompt_ids[i]))
         if len(self.prompt_ids[longest]) > max_text_len:
             raise MarsError(f"preference prompt {pairs[longest].prompt!r} is {len(self.prompt_ids[longest])} tokens, "
@@ -138,8 +139,7 @@ class PreferenceStepData:
             first = (step * W + self.rank * A + a) * size
             chosen, rejected = [], []
             for i in self.order.slots(first, size, len(self.pairs)):
-                pair, prompt = self.pairs[i], self.prompt_ids[i]
-                chinese = prompt_language(pair.prompt) == "zh"
+                pair, prompt, chinese = self.pairs[i], self.prompt_ids[i], self.chinese[i]
                 chosen.append(build_t2i(self.vocab, prompt, pair.chosen, chinese=chinese))
                 rejected.append(build_t2i(self.vocab, prompt, pair.rejected, chinese=chinese))
             out.append(MicroBatch(PreferenceBatch(collate_t2i(chosen + rejected, self.pad_id)), size))

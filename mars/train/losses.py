@@ -255,7 +255,7 @@ def dpo_loss(model, reference, batch: PreferenceBatch, beta: float, vocab: str =
     margin = beta * (logratio[:B] - logratio[B:])  # (B,)
     tokens = (batch.pairs.targets[:B] != IGNORE).sum(dim=1)  # (B,) codes and </img> of each chosen image
     chosen_nll = nll[:B] / tokens  # (B,) nats per token
-    loss = F.softplus(-margin).sum() + (chosen_nll_weight * chosen_nll.sum() if chosen_nll_weight else 0.0)
+    loss = F.softplus(-margin).sum() + chosen_nll_weight * chosen_nll.sum()
     detached = logratio.detach()
     return PreferenceParts(loss_sum=loss, num_pairs=B, chosen_nll_sum=float(chosen_nll.detach().sum()),
                            accuracy_sum=float((margin.detach() > 0).sum()), margin_sum=float(margin.detach().sum()),

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from tqdm import tqdm
 
 from mars.data.captions import shapes_example
+from mars.data.datasets import parse_shapes_spec
 from mars.errors import MarsError
 from mars.eval.io import write_json_atomic
 from mars.rerank import candidate_scores, check_fits
@@ -47,21 +48,8 @@ PART_PATTERN = "pairs-{:05d}.safetensors"
 def shapes_prompts(spec: str) -> list[str]:
     """Captions of a `shapes:N:SEED` training stream: scene i's English caption for even i, its
     Chinese caption for odd i (both languages, no scene twice)."""
-    from mars.data.datasets import _parse_shapes_spec
-
-    n, seed = _parse_shapes_spec(spec)
+    n, seed = parse_shapes_spec(spec)
     return [shapes_example(seed, i, "train")[1 + i % 2] for i in range(n)]
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Non-empty lines of a UTF-8 text file, stripped."""
-    path = Path(path)
-    if not path.is_file():
-        raise MarsError(f"prompts file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise MarsError(f"prompts file {path} holds no prompts")
-    return prompts
 
 
 def make_preferences(pipeline, prompts: list[str], out_dir: str | Path, candidates: int = 8, seed: int = 0,

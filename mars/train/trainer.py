@@ -322,7 +322,8 @@ class Trainer:
         local = torch.tensor([float(sum(m.num_tokens for m in micro))], dtype=torch.float64)
         num_targets = float(parallel.all_reduce_sum(local, env).item())  # loss tokens of the global batch
         # this rank's sums, all-reduced after the step: cross-entropy, tokens, prompt gaps over their pairs,
-        # counterfactual gaps over theirs (all rows, then Chinese-caption rows), distillation KL
+        # counterfactual gaps over theirs (all rows, then Chinese-caption rows), distillation KL; dpo steps: pairs
+        # preferred, margins, both log-ratios and the chosen images' NLL per token
         totals = dict.fromkeys(("ce", "tokens", "gap", "pairs", "cf_gap", "cf_pairs", "cf_gap_zh", "cf_pairs_zh",
                                 "kl", "dpo_right", "dpo_margin", "dpo_chosen", "dpo_rejected", "dpo_chosen_nll"), 0.0)
         cache_dtype = torch.bfloat16 if self.bf16 else torch.float32
@@ -332,37 +333,38 @@ class Trainer:
             parallel.set_grad_sync(model, i == len(micro) - 1)
             batch = mb.batch.to(env.device)
             with self.autocast():
-                if task == "dpo":  # ce: the summed DPO loss; num_targets counts pairs
+                if task == "dpo":  # the loss logged is the summed DPO objective; num_targets counts pairs
                     parts = dpo_loss(model, self.reference, batch, cfg.dpo_beta, vocab=cfg.t2i_loss_vocab,
                                      cache_dtype=cache_dtype, chosen_nll_weight=cfg.dpo_chosen_nll_weight)
-                    objective = parts.loss_sum
+                    objective = reported = parts.loss_sum
                     totals["dpo_right"] += parts.accuracy_sum
                     totals["dpo_margin"] += parts.margin_sum
                     totals["dpo_chosen"] += parts.chosen_logratio_sum
                     totals["dpo_rejected"] += parts.rejected_logratio_sum
                     totals["dpo_chosen_nll"] += parts.chosen_nll_sum
-                elif contrast:
-                    parts = t2i_contrast_loss(model, batch, cfg.t2i_contrast_margin, vocab=cfg.t2i_loss_vocab,
-                                              cache_dtype=cache_dtype, teacher=self.teacher,
-                                              skip_counterfactual_distill=cfg.distill_skip_counterfactual)
-                    objective = parts.ce_sum + cfg.t2i_contrast_weight * parts.contrast_sum
-                    totals["gap"] += parts.gap_sum
-                    totals["pairs"] += parts.num_pairs
-                    totals["cf_gap"] += parts.counterfactual_gap_sum
-                    totals["cf_pairs"] += parts.num_counterfactual
-                    totals["cf_gap_zh"] += parts.counterfactual_gap_sum_zh
-                    totals["cf_pairs_zh"] += parts.num_counterfactual_zh
-                else:
-                    parts = task_loss(model, batch, prefix_no_grad=self.prefix_no_grad, vocab=cfg.t2i_loss_vocab,
-                                      cache_dtype=cache_dtype, teacher=self.teacher)
-                    objective = parts.ce_sum
-                distill = None if task == "dpo" else parts.distill_sum  # task dpo has no teacher (config)
-                if distill is not None:
-                    objective = objective + cfg.distill_weight * distill
-                    totals["kl"] += float(distill.detach())
+                else:  # the loss logged is the plain cross-entropy
+                    if contrast:
+                        parts = t2i_contrast_loss(model, batch, cfg.t2i_contrast_margin, vocab=cfg.t2i_loss_vocab,
+                                                  cache_dtype=cache_dtype, teacher=self.teacher,
+                                                  skip_counterfactual_distill=cfg.distill_skip_counterfactual)
+                        objective = parts.ce_sum + cfg.t2i_contrast_weight * parts.contrast_sum
+                        totals["gap"] += parts.gap_sum
+                        totals["pairs"] += parts.num_pairs
+                        totals["cf_gap"] += parts.counterfactual_gap_sum
+                        totals["cf_pairs"] += parts.num_counterfactual
+                        totals["cf_gap_zh"] += parts.counterfactual_gap_sum_zh
+                        totals["cf_pairs_zh"] += parts.num_counterfactual_zh
+                    else:
+                        parts = task_loss(model, batch, prefix_no_grad=self.prefix_no_grad,
+                                          vocab=cfg.t2i_loss_vocab, cache_dtype=cache_dtype, teacher=self.teacher)
+                        objective = parts.ce_sum
+                    reported = parts.ce_sum
+                    if parts.distill_sum is not None:
+                        objective = objective + cfg.distill_weight * parts.distill_sum
+                        totals["kl"] += float(parts.distill_sum.detach())
             # Mean over the global batch's loss tokens; x world_size because FSDP averages over ranks.
             (objective * (env.world_size / num_targets)).backward()
-            totals["ce"] += float(objective.detach() if task == "dpo" else parts.ce_sum.detach())
+            totals["ce"] += float(reported.detach())
             totals["tokens"] += batch.input_ids.numel()
         grad_norm = parallel.clip_grad_norm(self.trainable, cfg.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
