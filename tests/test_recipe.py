@@ -286,6 +286,17 @@ def test_the_preference_stage_of_the_built_in_model_parses():
     assert cfg.t2i_loss_vocab == gpu.t2i_loss_vocab == "visual"
 
 
+def test_the_checker_judged_preference_stage_follows_the_self_judged_one():
+    """configs/shapes-demo/dpo-checker.yaml continues from dpo.yaml's final model, with its own pairs."""
+    from mars.train.config import load_train_config
+
+    first = load_train_config(REPO_CONFIGS / "dpo.yaml", [])
+    cfg = load_train_config(REPO_CONFIGS / "dpo-checker.yaml", [])
+    assert cfg.tasks == {"dpo": 1.0} and cfg.dpo_min_score_gap == 1.0 and cfg.dpo_reference is None
+    assert str(cfg.init_from) == str(Path(first.out_dir) / "final") and cfg.data.preferences != first.data.preferences
+    assert cfg.t2i_loss_vocab == first.t2i_loss_vocab and cfg.out_dir != first.out_dir
+
+
 def test_recipe_rejects_bad_arguments(tmp_path):
     with pytest.raises(MarsError, match="not of the form"):
         parse_settings(["max_steps=3"])

@@ -357,15 +357,17 @@ class ShapesSource(ImageTextSource):
         return f"shapes sample {record}"
 
 
-def parse_shapes_spec(spec: str) -> tuple[int, int]:
-    """(N, SEED) of a `shapes:N[:SEED]` spec (SEED defaults to 0)."""
-    parts = spec.split(":")[1:]
+def parse_shapes_spec(spec: str, prefix: str = "shapes") -> tuple[int, int]:
+    """(N, SEED) of a `shapes:N[:SEED]` spec (SEED defaults to 0); `prefix` names other sources of
+    the same form (`canonical:N:SEED` prompts of `mars preferences`)."""
+    parts = spec.split(":")
+    form = f"{prefix}:N or {prefix}:N:SEED"
     try:
-        n, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+        n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
     except (ValueError, IndexError):
-        raise MarsError(f"bad shapes spec {spec!r}; expected shapes:N or shapes:N:SEED") from None
-    if len(parts) > 2 or n <= 0:
-        raise MarsError(f"bad shapes spec {spec!r}; expected shapes:N or shapes:N:SEED with N > 0")
+        raise MarsError(f"bad {prefix} spec {spec!r}; expected {form}") from None
+    if parts[0] != prefix or len(parts) > 3 or n <= 0:
+        raise MarsError(f"bad {prefix} spec {spec!r}; expected {form} with N > 0")
     return n, seed
 
 

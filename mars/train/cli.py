@@ -1,11 +1,12 @@
 """`mars train CONFIG.yaml [key=value ...]`: one stage of MARS training (also under torchrun);
 `mars export CHECKPOINT --out DIR`: a training checkpoint as a model folder;
-`mars preferences --model M --data shapes:N:SEED --out DIR`: preference pairs for a DPO stage."""
+`mars preferences --model M --data shapes:N:SEED --out DIR [--judge checker]`: preference pairs for a DPO stage."""
 
 from __future__ import annotations
 
 import argparse
 
+from mars.data.shapes import TRAIN_CATEGORIES
 from mars.errors import MarsError
 
 
@@ -33,14 +34,21 @@ def add_commands(subparsers) -> None:
     prefs = subparsers.add_parser(
         "preferences", help="preference pairs for a DPO stage: each prompt's best and worst of N of the model's images",
         description="Draw N candidate images per prompt with the model's sampling settings, score them as "
-                    "`generate --rerank N` does (the model reading each back), and keep the best and the worst "
-                    "as a preference pair (mars.train.preferences). Train on them with a stage whose tasks are "
-                    "{dpo: 1} and data.preferences DIR. Rerunning the same command resumes.")
+                    "`generate --rerank N` does (the model reading each back; --judge checker: SHAPES_SPEC's "
+                    "checker), and keep the best and the worst as a preference pair (mars.train.preferences). "
+                    "Train on them with a stage whose tasks are {dpo: 1} and data.preferences DIR. Rerunning "
+                    "the same command resumes.")
     prefs.add_argument("--model", default="shapes-demo", help="model folder or built-in name (default shapes-demo)")
     source = prefs.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts", help="text file with one prompt per line, or .jsonl with a 'prompt' key")
     source.add_argument("--data", help="shapes:N:SEED: the captions of N training scenes (English and Chinese "
-                                       "alternately); use a seed other than the training data's")
+                                       "alternately; use a seed other than the training data's); canonical:N:SEED: "
+                                       "N canonical prompts of training scenes that the shapes benchmark never asks")
+    prefs.add_argument("--categories", default=",".join(TRAIN_CATEGORIES),
+                       help="canonical:N:SEED prompts of these categories, in turn (default: all training ones)")
+    prefs.add_argument("--judge", default="self",
+                       help="self: the model's own reading, as --rerank (default); checker: SHAPES_SPEC's checker "
+                            "(canonical prompts only)")
     prefs.add_argument("--out", required=True, help="folder for the pairs (resumed when it exists)")
     prefs.add_argument("--candidates", type=int, default=8, help="images per prompt (default 8)")
     prefs.add_argument("--seed", type=int, default=0, help="prompt i draws with seed SEED + i (default 0)")
@@ -76,13 +84,21 @@ def run_export(args: argparse.Namespace) -> int:
 def run_preferences(args: argparse.Namespace) -> int:
     from mars.cli_generate import read_prompts
     from mars.pipeline import MarsPipeline
-    from mars.train.preferences import make_preferences, shapes_prompts
+    from mars.train.preferences import canonical_prompts_outside_benchmark, make_preferences, shapes_prompts
 
-    if args.data is not None and not args.data.startswith("shapes:"):
-        raise MarsError(f"--data takes shapes:N:SEED, got {args.data!r}; pass other prompts with --prompts FILE")
-    prompts = read_prompts(args.prompts) if args.prompts else shapes_prompts(args.data)
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+    elif args.data.startswith("shapes:"):
+        prompts = shapes_prompts(args.data)
+    elif args.data.startswith("canonical:"):
+        categories = tuple(c.strip() for c in args.categories.split(",") if c.strip())
+        prompts = canonical_prompts_outside_benchmark(args.data, categories)
+    else:
+        raise MarsError(f"--data takes shapes:N:SEED or canonical:N:SEED, got {args.data!r}; pass other prompts "
+                        "with --prompts FILE")
     pipeline = MarsPipeline.from_pretrained(args.model, device=args.device)
     out = make_preferences(pipeline, prompts, args.out, candidates=args.candidates, seed=args.seed,
-                           part_size=args.part_size, batch_size=args.batch_size, drawing_weight=args.drawing_weight)
+                           part_size=args.part_size, batch_size=args.batch_size, drawing_weight=args.drawing_weight,
+                           judge=args.judge)
     print(out)
     return 0

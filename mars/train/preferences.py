@@ -1,4 +1,4 @@
-"""Preference pairs by self-judging: each prompt's best and worst of N of the model's own images.
+"""Preference pairs: each prompt's best and worst of N of the model's own images, by a judge.
 
 A MARS model reads some facts more reliably than it draws them (sizes, which colour goes with which
 shape, how many objects there are: docs/shapes-demo.md), so keeping the best of N candidates by its
@@ -18,6 +18,19 @@ no labels: the judge is the model's reading direction, the pairs are its own sam
 
     mars preferences --model mars/assets/shapes-demo --data shapes:2000:7 --candidates 8 --out runs/prefs
 
+The second judge, `judge="checker"`, is a verifier instead of the model: SHAPES_SPEC's checker
+(`mars.data.checker`, the detector the shapes benchmark scores with) reads each candidate's picture,
+a candidate scores 1 when it shows its prompt and 0 when not, and the pair is the first right and
+the first wrong candidate (the candidates are independent draws, so "first" is a random pick). It
+judges what the model cannot read (which object is left of which), the way GenEval's detector
+serves as a reward for text-to-image RL (Flow-GRPO, Liu et al. 2025). It needs canonical prompts:
+`canonical:N:SEED` draws them from training scenes and leaves out every prompt the benchmark asks
+(`mars eval shapes` at seeds 0 and 1, 50 per category), so a model trained on these pairs is still
+scored on requests it was never rewarded for:
+
+    mars preferences --judge checker --data canonical:2048:9 --categories two,counting,position,size \\
+        --candidates 4 --out runs/prefs-checker
+
 Layout of DIR: `preferences.json` (the settings; a rerun must match them) and `pairs-NNNNN.safetensors`,
 one part per `part_size` prompts, each written whole (temporary file, then rename): a rerun skips the
 parts that exist, so an interrupted run resumes. A part holds `chosen` and `rejected` (P, h, w) int32
@@ -28,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,14 +49,20 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from tqdm import tqdm
 
-from mars.data.captions import shapes_example
+from mars.data.captions import canonical_caption, parse_canonical, shapes_example
+from mars.data.checker import check_prompt
 from mars.data.datasets import parse_shapes_spec
+from mars.data.shapes import TRAIN_CATEGORIES, sample_scene
 from mars.errors import MarsError
 from mars.eval.io import write_json_atomic
+from mars.eval.shapes_eval import shapes_items
 from mars.rerank import candidate_scores, check_fits
 
 SETTINGS_FILE = "preferences.json"
 PART_PATTERN = "pairs-{:05d}.safetensors"
+JUDGES = ("self", "checker")
+BENCHMARK_SEEDS = (0, 1)  # `mars eval shapes`' default seed and the validation seed of docs/shapes-demo.md
+BENCHMARK_PER_CATEGORY = 50  # the benchmark's default; a smaller run asks a prefix of these prompts
 
 
 def shapes_prompts(spec: str) -> list[str]:
@@ -52,24 +72,53 @@ def shapes_prompts(spec: str) -> list[str]:
     return [shapes_example(seed, i, "train")[1 + i % 2] for i in range(n)]
 
 
+def canonical_prompts_outside_benchmark(spec: str, categories: tuple[str, ...] = TRAIN_CATEGORIES) -> list[str]:
+    """`canonical:N:SEED`: N canonical prompts (SHAPES_SPEC's evaluation grammar) of training scenes,
+    `categories` in turn, English and Chinese alternately (each scene in one language), none of them
+    a prompt `mars eval shapes` asks at BENCHMARK_SEEDS in either language (scenes that would be are
+    skipped). Held-out colour-shape pairs never appear: they are `novel`, an evaluation category."""
+    n, seed = parse_shapes_spec(spec, prefix="canonical")
+    unknown = [c for c in categories if c not in TRAIN_CATEGORIES]
+    if unknown or not categories:
+        raise MarsError(f"--categories takes training categories ({', '.join(TRAIN_CATEGORIES)}), got "
+                        f"{', '.join(categories) or 'none'}")
+    asked = {item.prompt for s in BENCHMARK_SEEDS for item in shapes_items(BENCHMARK_PER_CATEGORY, s)}
+    prompts, index = [], 0
+    while len(prompts) < n:
+        category = categories[len(prompts) % len(categories)]
+        scene = sample_scene(random.Random(f"mars-preference-prompts/{seed}/{index}"), category, "train")
+        index += 1
+        captions = [canonical_caption(scene, lang) for lang in ("en", "zh")]
+        if index > 1000 * n:
+            raise MarsError(f"{spec}: fewer than {n} {category} prompts outside the benchmark; ask for fewer")
+        if not asked.intersection(captions):
+            prompts.append(captions[len(prompts) // len(categories) % 2])
+    return prompts
+
+
 def make_preferences(pipeline, prompts: list[str], out_dir: str | Path, candidates: int = 8, seed: int = 0,
                      part_size: int = 64, batch_size: int = 32, drawing_weight: float | None = None,
-                     progress: bool = True) -> Path:
+                     judge: str = "self", progress: bool = True) -> Path:
     """Write the preference pairs of `prompts` under `out_dir` (layout in the module docstring).
 
     Prompt i draws its candidates with seed `seed + i` (`MarsPipeline.draw_candidates`), so parts
-    do not depend on `part_size` or on which run made them. `drawing_weight` None = the model's
-    rerank setting. Returns `out_dir`.
+    do not depend on `part_size` or on which run made them. `judge` "self" scores the candidates
+    as `generate(rerank=N)` does (`drawing_weight` None = the model's rerank setting), "checker"
+    by SHAPES_SPEC's checker (canonical prompts only). Returns `out_dir`.
     """
     if candidates < 2:
         raise MarsError(f"--candidates must be >= 2 to make a pair, got {candidates}")
     if part_size < 1:
         raise MarsError(f"part_size must be >= 1, got {part_size}")
-    weight = pipeline.rerank_settings(drawing_weight).drawing_weight
+    if judge not in JUDGES:
+        raise MarsError(f"unknown judge {judge!r}; choose from {', '.join(JUDGES)}")
+    if judge == "checker":
+        _check_canonical(prompts)
+    weight = pipeline.rerank_settings(drawing_weight).drawing_weight if judge == "self" else None
     grid = pipeline.model.config.image_grid
     check_fits(pipeline.model, pipeline.tokenizer, prompts, grid * grid)
-    settings = {"candidates": candidates, "seed": seed, "part_size": part_size, "drawing_weight": weight,
-                "num_prompts": len(prompts), "sampling": pipeline.sampling_settings(),
+    settings = {"candidates": candidates, "seed": seed, "part_size": part_size, "judge": judge,
+                "drawing_weight": weight, "num_prompts": len(prompts), "sampling": pipeline.sampling_settings(),
                 "vq_codes_hash": pipeline.vq.codes_hash(), "text_tokenizer": pipeline.tokenizer.identity(),
                 "image_grid": grid}
     out = Path(out_dir)
@@ -81,18 +130,41 @@ def make_preferences(pipeline, prompts: list[str], out_dir: str | Path, candidat
         chunk = prompts[start : start + part_size]
         if not path.is_file():
             codes = pipeline.draw_candidates(chunk, candidates, seed=seed + start, batch_size=batch_size)
-            scores = candidate_scores(pipeline.model, pipeline.tokenizer, chunk, codes, candidates, weight)  # (P, N)
+            if judge == "self":
+                scores = candidate_scores(pipeline.model, pipeline.tokenizer, chunk, codes, candidates, weight)
+            else:
+                scores = checker_scores(pipeline, chunk, codes, candidates, batch_size)  # (P, N)
             _write_part(path, chunk, codes.view(len(chunk), candidates, grid, grid), scores)
         bar.update(len(chunk))
     bar.close()
     return out
 
 
+def checker_scores(pipeline, prompts: list[str], codes: torch.Tensor, candidates: int,
+                   batch_size: int = 32) -> torch.Tensor:
+    """(P, N) 1.0 where SHAPES_SPEC's checker finds candidate k of prompt i (codes (P * N, h, w), each
+    prompt's candidates one after the other) showing prompt i, else 0.0."""
+    images = [image for start in range(0, len(codes), batch_size)
+              for image in pipeline.decode_codes(codes[start : start + batch_size])]
+    marks = [float(check_prompt(image, prompts[k // candidates]).correct) for k, image in enumerate(images)]
+    return torch.tensor(marks).view(len(prompts), candidates)
+
+
+def _check_canonical(prompts: list[str]) -> None:
+    """The checker judges SHAPES_SPEC's canonical prompts only: name the first that is not one."""
+    for i, prompt in enumerate(prompts):
+        try:
+            parse_canonical(prompt)
+        except MarsError as err:
+            raise MarsError(f"the checker judges canonical prompts only (SHAPES_SPEC); prompt {i} is not one: "
+                            f"{err}") from None
+
+
 def _check_or_write_settings(out: Path, settings: dict) -> None:
     """Write DIR/preferences.json, or check that an earlier run's matches (a resumed run must agree)."""
     file = out / SETTINGS_FILE
     if file.is_file():
-        earlier = json.loads(file.read_text())
+        earlier = {"judge": "self", **json.loads(file.read_text())}  # folders from before the checker judge
         differ = sorted(k for k in settings if earlier.get(k) != settings[k])
         if differ:
             raise MarsError(f"{out} holds preference pairs made with other settings ({', '.join(differ)} differ); "

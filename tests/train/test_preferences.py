@@ -1,8 +1,10 @@
-"""Preference pairs by self-judging (`mars preferences`) and the DPO stage that trains on them."""
+"""Preference pairs (`mars preferences`, judged by the model itself or by SHAPES_SPEC's checker) and the
+DPO stage that trains on them."""
 
 from __future__ import annotations
 
 import math
+import random
 import shutil
 from pathlib import Path
 
@@ -12,13 +14,17 @@ import torch.nn.functional as F
 
 from mars import MarsPipeline
 from mars.cli import main
+from mars.data.captions import canonical_caption, parse_canonical
+from mars.data.shapes import Scene, render_scene, sample_scene
 from mars.data.sequences import build_t2i, collate_t2i
 from mars.errors import MarsError
 from mars.model.semvie import SemVIE
 from mars.rerank import best_candidates, candidate_scores
 from mars.train.data import PreferenceStepData
 from mars.train.losses import PreferenceBatch, dpo_loss
-from mars.train.preferences import PART_PATTERN, PreferencePairs, make_preferences, shapes_prompts
+from mars.eval.shapes_eval import shapes_items
+from mars.train.preferences import (PART_PATTERN, PreferencePairs, canonical_prompts_outside_benchmark,
+                                    make_preferences, shapes_prompts)
 from mars.vocab import MultimodalVocab
 
 from .conftest import run_stage
@@ -97,6 +103,64 @@ def test_the_cli_makes_pairs_from_a_prompts_file(tiny_model_dir, tmp_path, capsy
     assert [p.prompt for p in PreferencePairs(out)] == ["a red circle", "a blue star"]
     assert main(["preferences", "--model", str(tiny_model_dir), "--data", "cc3m.tar", "--out", str(out)]) == 2
     assert "--data takes shapes:N:SEED" in capsys.readouterr().err
+
+
+def test_the_checker_judge_pairs_the_first_right_with_the_first_wrong_candidate(pipe, tmp_path, monkeypatch):
+    """Candidates stand for real renders: code value 2i + 1 decodes to a picture of prompt i's scene
+    (right), 2i to a blank canvas (wrong), so which candidate the checker accepts is known."""
+    scenes = [sample_scene(random.Random(i), category) for i, category in enumerate(["position", "size", "counting"])]
+    prompts = [canonical_caption(scenes[0], "en"), canonical_caption(scenes[1], "zh"), canonical_caption(scenes[2], "en")]
+    right = [[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1]]
+    grid = pipe.model.config.image_grid
+
+    def draw_candidates(chunk, n, seed, batch_size):  # (len(chunk) * n, h, w), each prompt's candidates in turn
+        values = [2 * prompts.index(p) + right[prompts.index(p)][k] for p in chunk for k in range(n)]
+        return torch.tensor(values).view(-1, 1, 1).expand(-1, grid, grid).clone()
+
+    blank = render_scene(Scene((), "single"))
+    monkeypatch.setattr(pipe, "draw_candidates", draw_candidates)
+    monkeypatch.setattr(pipe, "decode_codes", lambda codes: [render_scene(scenes[int(v) // 2]) if v % 2 else blank
+                                                             for v in codes[:, 0, 0]])
+    folder = make_preferences(pipe, prompts, tmp_path / "checked", candidates=4, part_size=2, batch_size=3,
+                              judge="checker", progress=False)
+    pairs = PreferencePairs(folder)
+    assert [p.score_gap for p in pairs] == [1.0, 0.0, 1.0]
+    assert [(int(p.chosen[0, 0]), int(p.rejected[0, 0])) for p in pairs] == [(1, 0), (3, 3), (5, 4)]
+    kept = PreferencePairs(folder, min_score_gap=1.0)
+    assert [p.prompt for p in kept] == [prompts[0], prompts[2]] and kept.dropped == 1
+    with pytest.raises(MarsError, match="checker judges canonical prompts only.*prompt 1 is not one"):
+        make_preferences(pipe, [prompts[0], "a red circle on a blue sky"], tmp_path / "x", judge="checker")
+    with pytest.raises(MarsError, match="unknown judge 'clip'"):
+        make_preferences(pipe, prompts, tmp_path / "x", judge="clip")
+
+
+def test_canonical_prompts_take_the_categories_in_turn_and_leave_out_every_benchmark_prompt():
+    prompts = canonical_prompts_outside_benchmark("canonical:400:3", ("position", "position", "size"))
+    asked = {item.prompt for seed in (0, 1) for item in shapes_items(50, seed)}
+    assert len(prompts) == 400 and not asked.intersection(prompts)
+    assert [parse_canonical(p).category for p in prompts[:6]] == ["position", "position", "size"] * 2
+    chinese = [any("\u4e00" <= ch <= "\u9fff" for ch in p) for p in prompts[:12]]
+    assert chinese == [False] * 3 + [True] * 3 + [False] * 3 + [True] * 3  # each round in one language
+    assert prompts == canonical_prompts_outside_benchmark("canonical:400:3", ("position", "position", "size"))
+    assert prompts != canonical_prompts_outside_benchmark("canonical:400:4", ("position", "position", "size"))
+    with pytest.raises(MarsError, match="--categories takes training categories"):
+        canonical_prompts_outside_benchmark("canonical:4:3", ("novel",))
+    with pytest.raises(MarsError, match="bad canonical spec 'shapes:4:3'; expected canonical:N or canonical:N:SEED"):
+        canonical_prompts_outside_benchmark("shapes:4:3")
+
+
+def test_the_cli_judges_canonical_prompts_with_the_checker(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "checker"
+    assert main(["preferences", "--model", str(tiny_model_dir), "--data", "canonical:3:1", "--categories", "size",
+                 "--judge", "checker", "--candidates", "2", "--out", str(out), "--device", "cpu"]) == 0
+    pairs = PreferencePairs(out)
+    assert pairs.settings["judge"] == "checker" and pairs.settings["drawing_weight"] is None
+    assert [parse_canonical(p.prompt).category for p in pairs] == ["size"] * 3
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nsomething red\n")
+    assert main(["preferences", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--judge", "checker",
+                 "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "prompt 1 is not one" in capsys.readouterr().err
 
 
 def image_log_likelihood_by_hand(model: SemVIE, prompt: list[int], codes: torch.Tensor) -> float:
