@@ -34,9 +34,8 @@ class DataConfig:
     seq_len: int = 256  # stage 0: tokens kept per LM document
 
     def __post_init__(self) -> None:
-        if sum(map(bool, (self.shards, self.synthetic, self.preferences))) > 1:
-            raise MarsError("data: set only one of data.shards (a folder), data.synthetic (N > 0) or "
-                            "data.preferences (a folder of preference pairs)")
+        if self.shards and self.synthetic:
+            raise MarsError("data: set only one of data.shards (a folder) or data.synthetic (N > 0)")
         for key in ("cfg_dropout", "zh_fraction"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise MarsError(f"data.{key} must lie in [0, 1], got {getattr(self, key)}")
@@ -102,9 +101,10 @@ class TrainConfig:
     # the distillation term, so the contrast term can teach them what the teacher does not know (e.g. a
     # relation the teacher draws at chance, whose KL would hold the student there); every other row is pulled
     distill_skip_counterfactual: bool = False
-    # Preference optimisation (task dpo, alone in its stage; mars.train.losses.dpo_loss): pairs of the model's own
-    # images, the better one by its own judgement first (`mars preferences`, data.preferences), trained against a
-    # frozen reference model (default: init_from) with this beta (nats of log-ratio per unit of margin)
+    # Preference optimisation (task dpo; mars.train.losses.dpo_loss): pairs of the model's own images, the better
+    # one first (`mars preferences`, data.preferences), trained against a frozen reference model (default:
+    # init_from) with this beta (nats of log-ratio per unit of margin). Beside t2i / i2t (tasks {dpo: 3, i2t: 1}),
+    # a step is a dpo step with probability its weight's share, else a likelihood step on data.shards / synthetic
     dpo_beta: float = 0.1
     dpo_reference: str | None = None
     dpo_min_score_gap: float = 0.0  # leave out pairs whose best and worst candidate score closer than this (nats)
@@ -178,23 +178,28 @@ class TrainConfig:
             raise MarsError("save_every must be >= 0 and keep_last >= 1")
 
     def _check_preferences(self) -> None:
-        """Task dpo runs alone, on data.preferences, with nothing that only other tasks would use."""
+        """Task dpo trains on data.preferences, beside t2i / i2t steps on other data or alone, with
+        nothing that only the likelihood steps' extra terms would use."""
         if "dpo" not in self.tasks:
             if self.data.preferences:
-                raise MarsError("data.preferences holds preference pairs for task dpo: set tasks {dpo: 1}")
+                raise MarsError("data.preferences holds preference pairs for task dpo: add dpo to tasks")
             return
-        if len(self.tasks) > 1:
-            raise MarsError(f"task dpo trains on preference pairs alone: run it as its own stage, got tasks {self.tasks}")
         if not self.data.preferences:
             raise MarsError("task dpo needs data.preferences (a `mars preferences` folder)")
+        others = sorted(t for t in self.tasks if t != "dpo")
+        if others and not (self.data.shards or self.data.synthetic):
+            raise MarsError(f"tasks {', '.join(others)} beside dpo need data.shards (or data.synthetic) for their steps")
+        if not others and (self.data.shards or self.data.synthetic):
+            raise MarsError("task dpo alone trains on data.preferences only: drop data.shards / data.synthetic, "
+                            "or add the t2i / i2t task that would use them")
         if self.dpo_beta <= 0 or self.dpo_min_score_gap < 0 or self.dpo_chosen_nll_weight < 0:
             raise MarsError(f"dpo_beta must be > 0, dpo_min_score_gap and dpo_chosen_nll_weight >= 0, got "
                             f"{self.dpo_beta}, {self.dpo_min_score_gap} and {self.dpo_chosen_nll_weight}")
         unused = [key for key, off in (("distill_from", None), ("t2i_contrast_weight", 0.0),
                                        ("image_positions_ramp_steps", 0)) if getattr(self, key) != off]
         if unused:
-            raise MarsError(f"task dpo does not use {', '.join(unused)} (settings of t2i / i2t steps); its frozen "
-                            "reference model (dpo_reference) is what holds the run near where it started")
+            raise MarsError(f"a stage with task dpo does not use {', '.join(unused)}; its frozen reference model "
+                            "(dpo_reference) is what holds the run near where it started")
 
     def image_position_blend(self, step: int) -> float:
         """How far step `step` rotates by 2-D rather than 1-D image positions (1 = all the way)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from mars.data.sequences import IGNORE, EpochOrder, I2TBatch, LMBatch, SequenceBuilder, T2IBatch, build_t2i, collate_t2i
@@ -144,6 +145,31 @@ class PreferenceStepData:
                 rejected.append(build_t2i(self.vocab, prompt, pair.rejected, chinese=chinese))
             out.append(MicroBatch(PreferenceBatch(collate_t2i(chosen + rejected, self.pad_id)), size))
         return "dpo", out
+
+
+class PreferenceMixData:
+    """The steps of a stage with task dpo beside t2i / i2t: step s is a dpo step with probability
+    `dpo_share` (drawn from (seed, s), the same on every rank), its pairs those `preferences` gives
+    step s; any other step is what `likelihood` gives step s (its own task mixer picks t2i or i2t).
+    Both are pure functions of the step, so the mixture is too (resume and ranks as for each alone);
+    each source skips the steps the other takes rather than shifting its order."""
+
+    def __init__(self, preferences: PreferenceStepData, likelihood: StepData, dpo_share: float, seed: int):
+        if not 0.0 < dpo_share < 1.0:
+            raise ValueError(f"dpo_share must lie in (0, 1), got {dpo_share}")
+        self.preferences, self.likelihood, self.dpo_share, self.seed = preferences, likelihood, dpo_share, seed
+
+    def task(self, step: int) -> str:
+        """"dpo", or the likelihood task of `step`."""
+        if np.random.default_rng([self.seed, step, 2]).random() < self.dpo_share:
+            return "dpo"
+        return self.likelihood.builder.task(step)
+
+    def micro_batches(self, step: int) -> tuple[str, list[MicroBatch]]:
+        """(task of `step`, this rank's micro-batches); step is 0-based."""
+        if self.task(step) == "dpo":
+            return self.preferences.micro_batches(step)
+        return self.likelihood.micro_batches(step)
 
 
 class TextCorpus:

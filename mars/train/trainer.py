@@ -3,8 +3,8 @@
     cfg = load_train_config("configs/debug/stage1.yaml", ["out_dir=runs/x"])
     Trainer(cfg, init_distributed(cfg.device)).run()     # -> runs/x/final (a MARS model folder)
 
-A step: the mixer picks the step's task (t2i / i2t / lm, by the config's weights; or dpo, alone in
-its stage, on preference pairs: `mars.train.data.PreferenceStepData`), this rank takes its
+A step: the mixer picks the step's task (t2i / i2t / lm, by the config's weights; dpo on preference
+pairs, `mars.train.data.PreferenceStepData`, alone or beside t2i / i2t), this rank takes its
 micro-batches of the global batch (`mars.train.data.StepData`), each micro-batch's summed token
 loss (a dpo micro-batch's summed pair losses) is divided by the loss-token (pair) count of the WHOLE global batch (all ranks, all micro-batches),
 backward per micro-batch, clip, AdamW, schedule. That normalisation makes loss and gradients
@@ -35,7 +35,8 @@ from mars.model.semvie import SemVIE, load_model_config
 from mars.model_dir import load_model_text_tokenizer
 from mars.train import checkpoint, parallel
 from mars.train.config import TrainConfig
-from mars.train.data import PreferenceStepData, StepData, TextCorpus, read_text_corpus, synthetic_shards
+from mars.train.data import (PreferenceMixData, PreferenceStepData, StepData, TextCorpus, read_text_corpus,
+                             synthetic_shards)
 from mars.train.export import run_text_tokenizer, run_vq_dir, write_model_folder
 from mars.train.losses import dpo_loss, t2i_contrast_loss, task_loss
 from mars.train.parallel import DistEnv
@@ -193,11 +194,22 @@ class Trainer:
             logger.info("%s: %s (%s image positions)", role, path, frozen_config.image_positions)
         return frozen
 
-    def _build_data(self) -> StepData | PreferenceStepData:
+    def _build_data(self) -> StepData | PreferenceStepData | PreferenceMixData:
+        cfg = self.cfg
+        if "dpo" not in cfg.tasks:
+            return self._likelihood_data()
+        if len(cfg.tasks) == 1:
+            return self._preference_data()
+        share = cfg.tasks["dpo"] / sum(cfg.tasks.values())
+        if self.env.is_main:
+            logger.info("a step is a dpo step with probability %.3f, else a %s step", share,
+                        " / ".join(t for t in cfg.tasks if t != "dpo"))
+        return PreferenceMixData(self._preference_data(), self._likelihood_data(), share, cfg.data.seed)
+
+    def _likelihood_data(self) -> StepData:
+        """The t2i / i2t / lm steps' data (code shards, synthetic shards or a text corpus)."""
         cfg, env = self.cfg, self.env
         mc = self.model_config
-        if "dpo" in cfg.tasks:
-            return self._preference_data()
         if cfg.data.text:
             dataset = TextCorpus(read_text_corpus(cfg.data.text, self.text_tokenizer))
         else:
@@ -217,7 +229,7 @@ class Trainer:
         instruction = max(len(ids) for ids in builder.instruction_ids.values())
         longest = {"lm": cfg.data.seq_len + 1, "t2i": cfg.data.max_text_len + mc.image_tokens + 2,
                    "i2t": mc.image_tokens + 2 + instruction + cfg.data.max_text_len + 1}
-        worst = max(longest[t] for t in cfg.tasks)
+        worst = max(longest[t] for t in cfg.tasks if t != "dpo")
         if worst > mc.max_seq_len:
             raise MarsError(f"sequences of up to {worst} tokens exceed max_seq_len {mc.max_seq_len}; "
                             "lower data.max_text_len / data.seq_len")

@@ -20,7 +20,7 @@ from mars.data.sequences import build_t2i, collate_t2i
 from mars.errors import MarsError
 from mars.model.semvie import SemVIE
 from mars.rerank import best_candidates, candidate_scores
-from mars.train.data import PreferenceStepData
+from mars.train.data import PreferenceMixData, PreferenceStepData
 from mars.train.losses import PreferenceBatch, dpo_loss
 from mars.eval.shapes_eval import shapes_items
 from mars.train.preferences import (PART_PATTERN, PreferencePairs, canonical_prompts_outside_benchmark,
@@ -246,15 +246,57 @@ def test_a_dpo_stage_starts_at_log_2_and_learns_the_preferences_with_frozen_text
     assert not all(torch.equal(p, groups_after["visual_expert"][k]) for k, p in groups_before["visual_expert"].items())
 
 
+def test_a_stage_mixes_dpo_steps_with_captioning_steps_by_their_weights(model_copy, prefs, tmp_path):
+    before = SemVIE.from_pretrained(model_copy)
+    mixed = [o for o in DPO if o != "data.synthetic=0"] + ["data.synthetic=16", "tasks={dpo: 1.0, i2t: 1.0}"]
+    final, metrics = run_stage("stage2", tmp_path / "run", *mixed, f"init_from={model_copy}",
+                               f"data.preferences={prefs}", "max_steps=12", "lr=3e-3")
+    tasks = [m["task"] for m in metrics]
+    assert set(tasks) == {"dpo", "i2t"} and 3 <= tasks.count("dpo") <= 9
+    assert all(("dpo_accuracy" in m) == (m["task"] == "dpo") for m in metrics)
+    assert all(m["loss_i2t"] > 0 for m in metrics if m["task"] == "i2t")
+    after = SemVIE.from_pretrained(final)
+    assert all(torch.equal(p, after.parameter_groups()["text_expert"][k])
+               for k, p in before.parameter_groups()["text_expert"].items())
+
+
+def test_the_mixture_takes_each_steps_batch_from_the_source_it_picks(pipe, prefs):
+    """A dpo step's pairs are what the preference data alone gives that step; any other step's rows
+    what the likelihood data alone gives it (and with its task); about the asked share are dpo steps."""
+    pairs = PreferencePairs(prefs).pairs
+    vocab = MultimodalVocab.from_config(pipe.model.config)
+    preferences = PreferenceStepData(pairs, vocab, pipe.tokenizer, 2, 2, seed=1, max_text_len=40)
+
+    class Likelihood:  # stands for StepData: its own task and batch per step
+        builder = type("Builder", (), {"task": staticmethod(lambda step: "i2t")})
+
+        @staticmethod
+        def micro_batches(step):
+            return "i2t", [step]
+
+    mix = PreferenceMixData(preferences, Likelihood(), dpo_share=0.25, seed=3)
+    tasks = [mix.task(s) for s in range(400)]
+    assert 0.18 < tasks.count("dpo") / 400 < 0.32 and set(tasks) == {"dpo", "i2t"}
+    for step, task in enumerate(tasks[:20]):
+        got_task, micro = mix.micro_batches(step)
+        assert got_task == task
+        if task == "dpo":
+            assert torch.equal(micro[0].batch.input_ids, preferences.micro_batches(step)[1][0].batch.input_ids)
+        else:
+            assert micro == [step]
+    assert tasks == [PreferenceMixData(preferences, Likelihood(), 0.25, seed=3).task(s) for s in range(400)]
+
+
 @pytest.mark.parametrize("overrides, message", [
-    (["tasks={dpo: 1.0, t2i: 1.0}"], "trains on preference pairs alone"),
+    (["tasks={dpo: 1.0, t2i: 1.0}"], "tasks t2i beside dpo need data.shards \\(or data.synthetic\\)"),
     (["data.preferences=null"], "task dpo needs data.preferences"),
     (["tasks={t2i: 1.0}"], "data.preferences holds preference pairs for task dpo"),
     (["dpo_beta=0"], "dpo_beta must be > 0"),
     (["dpo_chosen_nll_weight=-1"], "dpo_chosen_nll_weight >= 0"),
     (["distill_from=SELF", "distill_weight=1"], "task dpo does not use distill_from"),
     (["t2i_contrast_weight=1"], "task dpo does not use t2i_contrast_weight"),
-    (["data.synthetic=16"], "set only one of"),
+    (["data.synthetic=16"], "task dpo alone trains on data.preferences only"),
+    (["data.synthetic=16", "data.shards=x"], "set only one of"),
 ])
 def test_dpo_settings_are_checked(model_copy, prefs, tmp_path, overrides, message):
     overrides = [o.replace("SELF", str(model_copy)) for o in overrides]
