@@ -20,15 +20,13 @@ no labels: the judge is the model's reading direction, the pairs are its own sam
 
 The second judge, `judge="checker"`, is a verifier instead of the model: SHAPES_SPEC's checker
 (`mars.data.checker`, the detector the shapes benchmark scores with) reads each candidate's picture,
-and the pair is the first right candidate and the first near miss: a wrong image with as many
-objects as asked (a colour, shape, relation or size wrong). Candidates with another number of
-objects are never the rejected image: pairs that differed in their count taught the model to draw
-one object too many everywhere (docs/shapes-demo.md). The checker judges what the model cannot read
-(which object is left of which), the way GenEval's detector serves as a reward for text-to-image RL
-(Flow-GRPO, Liu et al. 2025). It needs canonical prompts: `canonical:N:SEED` draws them from
-training scenes and leaves out every prompt the benchmark asks (`mars eval shapes` at seeds 0 and 1,
-50 per category), so a model trained on these pairs is still scored on requests it was never
-rewarded for:
+a candidate scores 1 when it shows its prompt and 0 when not, and the pair is the first right and
+the first wrong candidate (the candidates are independent draws, so "first" is a random pick). It
+judges what the model cannot read (which object is left of which), the way GenEval's detector
+serves as a reward for text-to-image RL (Flow-GRPO, Liu et al. 2025). It needs canonical prompts:
+`canonical:N:SEED` draws them from training scenes and leaves out every prompt the benchmark asks
+(`mars eval shapes` at seeds 0 and 1, 50 per category), so a model trained on these pairs is still
+scored on requests it was never rewarded for:
 
     mars preferences --judge checker --data canonical:2048:9 --categories two,counting,position,size \\
         --candidates 4 --out runs/prefs-checker
@@ -63,10 +61,6 @@ from mars.rerank import candidate_scores, check_fits
 SETTINGS_FILE = "preferences.json"
 PART_PATTERN = "pairs-{:05d}.safetensors"
 JUDGES = ("self", "checker")
-# The checker judge's scores: a right image, one with another number of objects than asked, a near miss
-# (as many objects as asked, something else wrong). The order makes a right image `chosen` and a near miss
-# `rejected`; only such pairs have a score gap of 1 (keep them alone with dpo_min_score_gap 1).
-RIGHT, OTHER_COUNT, NEAR_MISS = 1.0, 0.5, 0.0
 BENCHMARK_SEEDS = (0, 1)  # `mars eval shapes`' default seed and the validation seed of docs/shapes-demo.md
 BENCHMARK_PER_CATEGORY = 50  # the benchmark's default; a smaller run asks a prefix of these prompts
 
@@ -110,7 +104,7 @@ def make_preferences(pipeline, prompts: list[str], out_dir: str | Path, candidat
     Prompt i draws its candidates with seed `seed + i` (`MarsPipeline.draw_candidates`), so parts
     do not depend on `part_size` or on which run made them. `judge` "self" scores the candidates
     as `generate(rerank=N)` does (`drawing_weight` None = the model's rerank setting), "checker"
-    by SHAPES_SPEC's checker (`checker_scores`; canonical prompts only). Returns `out_dir`.
+    by SHAPES_SPEC's checker (canonical prompts only). Returns `out_dir`.
     """
     if candidates < 2:
         raise MarsError(f"--candidates must be >= 2 to make a pair, got {candidates}")
@@ -148,18 +142,12 @@ def make_preferences(pipeline, prompts: list[str], out_dir: str | Path, candidat
 
 def checker_scores(pipeline, prompts: list[str], codes: torch.Tensor, candidates: int,
                    batch_size: int = 32) -> torch.Tensor:
-    """(P, N) scores of candidate k of prompt i (codes (P * N, h, w), each prompt's candidates one after
-    the other) by SHAPES_SPEC's checker: RIGHT where it shows prompt i, NEAR_MISS where it is wrong with
-    as many objects as asked, OTHER_COUNT where it has another number of objects."""
+    """(P, N) 1.0 where SHAPES_SPEC's checker finds candidate k of prompt i (codes (P * N, h, w), each
+    prompt's candidates one after the other) showing prompt i, else 0.0."""
     images = [image for start in range(0, len(codes), batch_size)
               for image in pipeline.decode_codes(codes[start : start + batch_size])]
-    scores = []
-    for k, image in enumerate(images):
-        prompt = parse_canonical(prompts[k // candidates])
-        verdict = check_prompt(image, prompt)
-        right_count = len(verdict.detected) == len(prompt.objects)
-        scores.append(RIGHT if verdict.correct else NEAR_MISS if right_count else OTHER_COUNT)
-    return torch.tensor(scores).view(len(prompts), candidates)
+    marks = [float(check_prompt(image, prompts[k // candidates]).correct) for k, image in enumerate(images)]
+    return torch.tensor(marks).view(len(prompts), candidates)
 
 
 def _check_canonical(prompts: list[str]) -> None:

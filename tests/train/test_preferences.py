@@ -3,7 +3,6 @@ DPO stage that trains on them."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import shutil
@@ -106,32 +105,27 @@ def test_the_cli_makes_pairs_from_a_prompts_file(tiny_model_dir, tmp_path, capsy
     assert "--data takes shapes:N:SEED" in capsys.readouterr().err
 
 
-def test_the_checker_judge_pairs_the_first_right_candidate_with_the_first_near_miss(pipe, tmp_path, monkeypatch):
-    """Candidates stand for real renders: code value 3i + 1 decodes to a picture of prompt i's scene
-    (right), 3i + 2 to the scene recoloured (a near miss: as many objects, wrong colours), 3i to a
-    blank canvas (another count), so what the checker finds in each candidate is known."""
+def test_the_checker_judge_pairs_the_first_right_with_the_first_wrong_candidate(pipe, tmp_path, monkeypatch):
+    """Candidates stand for real renders: code value 2i + 1 decodes to a picture of prompt i's scene
+    (right), 2i to a blank canvas (wrong), so which candidate the checker accepts is known."""
     scenes = [sample_scene(random.Random(i), category) for i, category in enumerate(["position", "size", "counting"])]
     prompts = [canonical_caption(scenes[0], "en"), canonical_caption(scenes[1], "zh"), canonical_caption(scenes[2], "en")]
-    kinds = [[0, 1, 2, 2], [0, 1, 0, 1], [2, 0, 1, 0]]  # 0 blank, 1 right, 2 near miss
+    right = [[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1]]
     grid = pipe.model.config.image_grid
 
     def draw_candidates(chunk, n, seed, batch_size):  # (len(chunk) * n, h, w), each prompt's candidates in turn
-        values = [3 * prompts.index(p) + kinds[prompts.index(p)][k] for p in chunk for k in range(n)]
+        values = [2 * prompts.index(p) + right[prompts.index(p)][k] for p in chunk for k in range(n)]
         return torch.tensor(values).view(-1, 1, 1).expand(-1, grid, grid).clone()
 
-    def picture(value: int):
-        scene, kind = scenes[value // 3], value % 3
-        other = next(c for c in ("black", "green", "red") if c not in {o.colour for o in scene.objects})
-        recoloured = Scene(tuple(dataclasses.replace(o, colour=other) for o in scene.objects), scene.category)
-        return [render_scene(Scene((), "single")), render_scene(scene), render_scene(recoloured)][kind]
-
+    blank = render_scene(Scene((), "single"))
     monkeypatch.setattr(pipe, "draw_candidates", draw_candidates)
-    monkeypatch.setattr(pipe, "decode_codes", lambda codes: [picture(int(v)) for v in codes[:, 0, 0]])
+    monkeypatch.setattr(pipe, "decode_codes", lambda codes: [render_scene(scenes[int(v) // 2]) if v % 2 else blank
+                                                             for v in codes[:, 0, 0]])
     folder = make_preferences(pipe, prompts, tmp_path / "checked", candidates=4, part_size=2, batch_size=3,
                               judge="checker", progress=False)
     pairs = PreferencePairs(folder)
-    assert [p.score_gap for p in pairs] == [1.0, 0.5, 1.0]  # prompt 1's wrong images have no object at all
-    assert [(int(p.chosen[0, 0]), int(p.rejected[0, 0])) for p in pairs] == [(1, 2), (4, 3), (7, 8)]
+    assert [p.score_gap for p in pairs] == [1.0, 0.0, 1.0]
+    assert [(int(p.chosen[0, 0]), int(p.rejected[0, 0])) for p in pairs] == [(1, 0), (3, 3), (5, 4)]
     kept = PreferencePairs(folder, min_score_gap=1.0)
     assert [p.prompt for p in kept] == [prompts[0], prompts[2]] and kept.dropped == 1
     with pytest.raises(MarsError, match="checker judges canonical prompts only.*prompt 1 is not one"):
