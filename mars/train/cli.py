@@ -45,7 +45,8 @@ def add_commands(subparsers) -> None:
                                        "alternately; use a seed other than the training data's); canonical:N:SEED: "
                                        "N canonical prompts of training scenes that the shapes benchmark never asks")
     prefs.add_argument("--categories", default=",".join(TRAIN_CATEGORIES),
-                       help="canonical:N:SEED prompts of these categories, in turn (default: all training ones)")
+                       help="canonical:N:SEED prompts of these categories, in turn; one named twice gets twice the "
+                            "prompts (default: all training ones)")
     prefs.add_argument("--judge", default="self",
                        help="self: the model's own reading, as --rerank (default); checker: SHAPES_SPEC's checker "
                             "(canonical prompts only)")

@@ -28,7 +28,7 @@ serves as a reward for text-to-image RL (Flow-GRPO, Liu et al. 2025). It needs c
 (`mars eval shapes` at seeds 0 and 1, 50 per category), so a model trained on these pairs is still
 scored on requests it was never rewarded for:
 
-    mars preferences --judge checker --data canonical:2048:9 --categories two,counting,position,size \\
+    mars preferences --judge checker --data canonical:1600:9 --categories position,position,size,two,counting \\
         --candidates 4 --out runs/prefs-checker
 
 Layout of DIR: `preferences.json` (the settings; a rerun must match them) and `pairs-NNNNN.safetensors`,
@@ -74,9 +74,9 @@ def shapes_prompts(spec: str) -> list[str]:
 
 def canonical_prompts_outside_benchmark(spec: str, categories: tuple[str, ...] = TRAIN_CATEGORIES) -> list[str]:
     """`canonical:N:SEED`: N canonical prompts (SHAPES_SPEC's evaluation grammar) of training scenes,
-    `categories` in turn, English and Chinese alternately (each scene in one language), none of them
-    a prompt `mars eval shapes` asks at BENCHMARK_SEEDS in either language (scenes that would be are
-    skipped). Held-out colour-shape pairs never appear: they are `novel`, an evaluation category."""
+    `categories` in turn (a category named twice gets twice the prompts), each round of them in one
+    language, English first, none of them a prompt `mars eval shapes` asks at BENCHMARK_SEEDS in either
+    language (scenes that would be are skipped). Held-out colour-shape pairs never appear: they are `novel`, an evaluation category."""
     n, seed = parse_shapes_spec(spec, prefix="canonical")
     unknown = [c for c in categories if c not in TRAIN_CATEGORIES]
     if unknown or not categories:
