@@ -275,7 +275,7 @@ def test_gpu_configs_train_the_shipped_architecture():
 
 
 def test_the_preference_stage_of_the_built_in_model_parses():
-    """configs/shapes-demo/dpo.yaml (the built-in model's last stage) is a DPO stage on preference pairs,
+    """configs/shapes-demo/dpo.yaml (the built-in model's first preference stage) is a DPO stage on pairs,
     from the GPU preset's averaged model, with the shipped model's T2I vocabulary setting."""
     from mars.train.config import load_train_config
 

@@ -76,7 +76,8 @@ def canonical_prompts_outside_benchmark(spec: str, categories: tuple[str, ...] =
     """`canonical:N:SEED`: N canonical prompts (SHAPES_SPEC's evaluation grammar) of training scenes,
     `categories` in turn (a category named twice gets twice the prompts), each round of them in one
     language, English first, none of them a prompt `mars eval shapes` asks at BENCHMARK_SEEDS in either
-    language (scenes that would be are skipped). Held-out colour-shape pairs never appear: they are `novel`, an evaluation category."""
+    language (scenes that would be are skipped). Held-out colour-shape pairs never appear: they are
+    `novel`, an evaluation category."""
     n, seed = parse_shapes_spec(spec, prefix="canonical")
     unknown = [c for c in categories if c not in TRAIN_CATEGORIES]
     if unknown or not categories:
