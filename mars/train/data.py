@@ -101,9 +101,13 @@ class StepData:
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.accumulation = batch_size // (world_size * micro_batch_size)
 
+    def task(self, step: int) -> str:
+        """The task of `step` (0-based), the same on every rank."""
+        return self.builder.task(step)
+
     def micro_batches(self, step: int) -> tuple[str, list[MicroBatch]]:
         """(task of `step`, this rank's micro-batches); step is 0-based."""
-        A, out, task = self.accumulation, [], self.builder.task(step)
+        A, out, task = self.accumulation, [], self.task(step)
         for a in range(A):
             task_a, batch = self.builder.batch(self.dataset, step, self.micro_batch_size,
                                                rank=self.rank * A + a, world_size=self.world_size * A)
@@ -163,7 +167,7 @@ class PreferenceMixData:
         """"dpo", or the likelihood task of `step`."""
         if np.random.default_rng([self.seed, step, 2]).random() < self.dpo_share:
             return "dpo"
-        return self.likelihood.builder.task(step)
+        return self.likelihood.task(step)
 
     def micro_batches(self, step: int) -> tuple[str, list[MicroBatch]]:
         """(task of `step`, this rank's micro-batches); step is 0-based."""

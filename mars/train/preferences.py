@@ -145,9 +145,10 @@ def checker_scores(pipeline, prompts: list[str], codes: torch.Tensor, candidates
                    batch_size: int = 32) -> torch.Tensor:
     """(P, N) 1.0 where SHAPES_SPEC's checker finds candidate k of prompt i (codes (P * N, h, w), each
     prompt's candidates one after the other) showing prompt i, else 0.0."""
+    parsed = [parse_canonical(prompt) for prompt in prompts]
     images = [image for start in range(0, len(codes), batch_size)
               for image in pipeline.decode_codes(codes[start : start + batch_size])]
-    marks = [float(check_prompt(image, prompts[k // candidates]).correct) for k, image in enumerate(images)]
+    marks = [float(check_prompt(image, parsed[k // candidates]).correct) for k, image in enumerate(images)]
     return torch.tensor(marks).view(len(prompts), candidates)
 
 

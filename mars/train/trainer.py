@@ -6,9 +6,10 @@
 A step: the mixer picks the step's task (t2i / i2t / lm, by the config's weights; dpo on preference
 pairs, `mars.train.data.PreferenceStepData`, alone or beside t2i / i2t), this rank takes its
 micro-batches of the global batch (`mars.train.data.StepData`), each micro-batch's summed token
-loss (a dpo micro-batch's summed pair losses) is divided by the loss-token (pair) count of the WHOLE global batch (all ranks, all micro-batches),
-backward per micro-batch, clip, AdamW, schedule. That normalisation makes loss and gradients
-independent of how the batch is split, so N ranks reproduce one process. Outputs under `out_dir`: metrics.jsonl (one line per step), tb/,
+loss (a dpo micro-batch's summed pair losses) is divided by the loss-token (pair) count of the
+WHOLE global batch (all ranks, all micro-batches), backward per micro-batch, clip, AdamW,
+schedule. That normalisation makes loss and gradients independent of how the batch is split, so N
+ranks reproduce one process. Outputs under `out_dir`: metrics.jsonl (one line per step), tb/,
 train.log, checkpoints/, final/.
 """
 

@@ -268,7 +268,9 @@ def test_the_mixture_takes_each_steps_batch_from_the_source_it_picks(pipe, prefs
     preferences = PreferenceStepData(pairs, vocab, pipe.tokenizer, 2, 2, seed=1, max_text_len=40)
 
     class Likelihood:  # stands for StepData: its own task and batch per step
-        builder = type("Builder", (), {"task": staticmethod(lambda step: "i2t")})
+        @staticmethod
+        def task(step):
+            return "i2t"
 
         @staticmethod
         def micro_batches(step):
