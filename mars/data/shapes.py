@@ -163,13 +163,13 @@ def render_scene(scene: Scene, size: int = CANVAS) -> Image.Image:
 
 # --------------------------------------------------------------------------- sampling
 
-def _fits_canvas(cx: int, cy: int, s: int) -> bool:
-    h = s / 2
-    lo, hi = MARGIN, CANVAS - 1 - MARGIN
-    return cx - h >= lo and cy - h >= lo and cx + h <= hi and cy + h <= hi
+def fits_canvas(obj: ShapeObject) -> bool:
+    """The object's box keeps MARGIN px from every edge of the canvas."""
+    x0, y0, x1, y1 = obj.box
+    return min(x0, y0) >= MARGIN and max(x1, y1) <= CANVAS - 1 - MARGIN
 
 
-def _apart(a: ShapeObject, b: ShapeObject) -> bool:
+def boxes_apart(a: ShapeObject, b: ShapeObject) -> bool:
     """Boxes separated by at least MIN_GAP along some axis."""
     ax0, ay0, ax1, ay1 = a.box
     bx0, by0, bx1, by1 = b.box
@@ -194,7 +194,7 @@ def _place(rng: random.Random, pairs: list[tuple[str, str]], sizes: list[int],
         for (colour, shape), s in zip(pairs, sizes):
             cx, cy = _random_centre(rng, s)
             obj = ShapeObject(colour, shape, cx, cy, s)
-            if all(_apart(obj, o) for o in objs):
+            if all(boxes_apart(obj, o) for o in objs):
                 objs.append(obj)
             else:
                 break

@@ -1,11 +1,14 @@
 """`mars train CONFIG.yaml [key=value ...]`: one stage of MARS training (also under torchrun);
 `mars export CHECKPOINT --out DIR`: a training checkpoint as a model folder;
-`mars preferences --model M --data shapes:N:SEED --out DIR [--judge checker]`: preference pairs for a DPO stage."""
+`mars preferences --model M --data shapes:N:SEED --out DIR [--judge checker | --counterfactual FACT]`: preference
+pairs for a DPO stage."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
+from mars.data.counterfactual_scenes import FACT_CATEGORIES, FACTS
 from mars.data.shapes import TRAIN_CATEGORIES
 from mars.errors import MarsError
 
@@ -44,14 +47,18 @@ def add_commands(subparsers) -> None:
     source.add_argument("--data", help="shapes:N:SEED: the captions of N training scenes (English and Chinese "
                                        "alternately; use a seed other than the training data's); canonical:N:SEED: "
                                        "N canonical prompts of training scenes that the shapes benchmark never asks")
-    prefs.add_argument("--categories", default=",".join(TRAIN_CATEGORIES),
+    prefs.add_argument("--categories",
                        help="canonical:N:SEED prompts of these categories, in turn; one named twice gets twice the "
-                            "prompts (default: all training ones)")
-    prefs.add_argument("--judge", default="self",
+                            "prompts (default: all training ones; with --counterfactual all that state the fact)")
+    prefs.add_argument("--judge",
                        help="self: the model's own reading, as --rerank (default); checker: SHAPES_SPEC's checker "
                             "(canonical prompts only)")
+    prefs.add_argument("--counterfactual", metavar="FACT", choices=FACTS,
+                       help="instead of the model's images: each canonical:N:SEED scene's render against the render "
+                            "of the same scene with FACT made false (binding: the objects' colours exchanged; "
+                            "relation: the pair mirrored; size: the sizes exchanged); no judge, no candidates")
     prefs.add_argument("--out", required=True, help="folder for the pairs (resumed when it exists)")
-    prefs.add_argument("--candidates", type=int, default=8, help="images per prompt (default 8)")
+    prefs.add_argument("--candidates", type=int, help="images per prompt (default 8)")
     prefs.add_argument("--seed", type=int, default=0, help="prompt i draws with seed SEED + i (default 0)")
     prefs.add_argument("--part-size", type=int, default=64, help="prompts per saved part (default 64)")
     prefs.add_argument("--batch-size", type=int, default=32, help="images drawn at once (default 32)")
@@ -87,19 +94,45 @@ def run_preferences(args: argparse.Namespace) -> int:
     from mars.pipeline import MarsPipeline
     from mars.train.preferences import canonical_prompts_outside_benchmark, make_preferences, shapes_prompts
 
+    if args.counterfactual:
+        return run_counterfactual_preferences(args)
     if args.prompts:
         prompts = read_prompts(args.prompts)
     elif args.data.startswith("shapes:"):
         prompts = shapes_prompts(args.data)
     elif args.data.startswith("canonical:"):
-        categories = tuple(c.strip() for c in args.categories.split(",") if c.strip())
-        prompts = canonical_prompts_outside_benchmark(args.data, categories)
+        prompts = canonical_prompts_outside_benchmark(args.data, _categories(args) or TRAIN_CATEGORIES)
     else:
         raise MarsError(f"--data takes shapes:N:SEED or canonical:N:SEED, got {args.data!r}; pass other prompts "
                         "with --prompts FILE")
     pipeline = MarsPipeline.from_pretrained(args.model, device=args.device)
-    out = make_preferences(pipeline, prompts, args.out, candidates=args.candidates, seed=args.seed,
+    out = make_preferences(pipeline, prompts, args.out, candidates=args.candidates or 8, seed=args.seed,
                            part_size=args.part_size, batch_size=args.batch_size, drawing_weight=args.drawing_weight,
-                           judge=args.judge)
+                           judge=args.judge or "self")
     print(out)
     return 0
+
+
+def run_counterfactual_preferences(args: argparse.Namespace) -> int:
+    """`mars preferences --counterfactual FACT`: rendered pairs, only the model's VQ-GAN used."""
+    from mars.pipeline import MarsPipeline
+    from mars.train.preferences import make_counterfactual_preferences
+
+    if args.prompts or not args.data.startswith("canonical:"):
+        raise MarsError("--counterfactual renders training scenes: give them as --data canonical:N:SEED")
+    if args.judge or args.candidates or args.drawing_weight is not None:
+        raise MarsError("--counterfactual pairs are renders, not judged candidates: drop --judge, --candidates "
+                        "and --drawing-weight")
+    categories = _categories(args) or FACT_CATEGORIES[args.counterfactual]
+    pipeline = MarsPipeline.from_pretrained(args.model, device=args.device)
+    out, passed_over = make_counterfactual_preferences(pipeline, args.data, categories, args.counterfactual, args.out,
+                                                       part_size=args.part_size)
+    print(f"{passed_over} scenes passed over: the {args.counterfactual} could not be made false in them",
+          file=sys.stderr)
+    print(out)
+    return 0
+
+
+def _categories(args: argparse.Namespace) -> tuple[str, ...]:
+    """--categories as a tuple (empty when not given)."""
+    return tuple(c.strip() for c in (args.categories or "").split(",") if c.strip())

@@ -31,6 +31,16 @@ scored on requests it was never rewarded for:
     mars preferences --judge checker --data canonical:1600:9 --categories position,position,size,two,counting \\
         --candidates 4 --out runs/prefs-checker
 
+The third source needs no model images at all: `--counterfactual FACT` pairs a training scene's
+render (chosen) with the render of the same scene with one stated fact made false (rejected;
+`mars.data.counterfactual_scenes`: colours exchanged between the two objects, the pair mirrored
+across the relation's axis, or the sizes exchanged). Such a pair differs in that fact alone, where a
+pair of the model's own images usually also differs in how many objects it shows, which a stage on
+checker-judged pairs learns first (docs/shapes-demo.md). The model is needed only for its VQ-GAN:
+
+    mars preferences --counterfactual binding --data canonical:1600:4 --categories two,position,size \\
+        --out runs/prefs-binding
+
 Layout of DIR: `preferences.json` (the settings; a rerun must match them) and `pairs-NNNNN.safetensors`,
 one part per `part_size` prompts, each written whole (temporary file, then rename): a rerun skips the
 parts that exist, so an interrupted run resumes. A part holds `chosen` and `rejected` (P, h, w) int32
@@ -42,6 +52,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +62,9 @@ from tqdm import tqdm
 
 from mars.data.captions import canonical_caption, parse_canonical, shapes_example
 from mars.data.checker import check_prompt
+from mars.data.counterfactual_scenes import check_fact, falsify
 from mars.data.datasets import parse_shapes_spec
-from mars.data.shapes import TRAIN_CATEGORIES, sample_scene
+from mars.data.shapes import TRAIN_CATEGORIES, Scene, render_scene, sample_scene
 from mars.errors import MarsError
 from mars.eval.io import write_json_atomic
 from mars.eval.shapes_eval import shapes_items
@@ -78,23 +90,35 @@ def canonical_prompts_outside_benchmark(spec: str, categories: tuple[str, ...] =
     language, English first, none of them a prompt `mars eval shapes` asks at BENCHMARK_SEEDS in either
     language (scenes that would be are skipped). Held-out colour-shape pairs never appear: they are
     `novel`, an evaluation category."""
+    return [prompt for _, prompt in canonical_scenes_outside_benchmark(spec, categories)[0]]
+
+
+def canonical_scenes_outside_benchmark(spec: str, categories: tuple[str, ...] = TRAIN_CATEGORIES,
+                                       keep: Callable[[Scene], bool] | None = None
+                                       ) -> tuple[list[tuple[Scene, str]], int]:
+    """The scenes of `canonical_prompts_outside_benchmark(spec, categories)` with their prompts, and
+    how many scenes `keep` (None: all) turned down, which are passed over like benchmark ones."""
     n, seed = parse_shapes_spec(spec, prefix="canonical")
     unknown = [c for c in categories if c not in TRAIN_CATEGORIES]
     if unknown or not categories:
         raise MarsError(f"--categories takes training categories ({', '.join(TRAIN_CATEGORIES)}), got "
                         f"{', '.join(categories) or 'none'}")
     asked = {item.prompt for s in BENCHMARK_SEEDS for item in shapes_items(BENCHMARK_PER_CATEGORY, s)}
-    prompts, index = [], 0
-    while len(prompts) < n:
-        category = categories[len(prompts) % len(categories)]
+    chosen, index, turned_down = [], 0, 0
+    while len(chosen) < n:
+        category = categories[len(chosen) % len(categories)]
         scene = sample_scene(random.Random(f"mars-preference-prompts/{seed}/{index}"), category, "train")
         index += 1
         captions = [canonical_caption(scene, lang) for lang in ("en", "zh")]
         if index > 1000 * n:
             raise MarsError(f"{spec}: fewer than {n} {category} prompts outside the benchmark; ask for fewer")
-        if not asked.intersection(captions):
-            prompts.append(captions[len(prompts) // len(categories) % 2])
-    return prompts
+        if asked.intersection(captions):
+            continue
+        if keep is not None and not keep(scene):
+            turned_down += 1
+            continue
+        chosen.append((scene, captions[len(chosen) // len(categories) % 2]))
+    return chosen, turned_down
 
 
 def make_preferences(pipeline, prompts: list[str], out_dir: str | Path, candidates: int = 8, seed: int = 0,
@@ -150,6 +174,37 @@ def checker_scores(pipeline, prompts: list[str], codes: torch.Tensor, candidates
               for image in pipeline.decode_codes(codes[start : start + batch_size])]
     marks = [float(check_prompt(image, parsed[k // candidates]).correct) for k, image in enumerate(images)]
     return torch.tensor(marks).view(len(prompts), candidates)
+
+
+def make_counterfactual_preferences(pipeline, spec: str, categories: tuple[str, ...], fact: str,
+                                   out_dir: str | Path, part_size: int = 64, progress: bool = True) -> tuple[Path, int]:
+    """Write pairs that differ in one stated fact under `out_dir` (layout in the module docstring):
+    for each scene of `canonical_scenes_outside_benchmark(spec, categories)` that `fact` can be made
+    false in, `chosen` is its render's codes and `rejected` the codes of its counterfactual's render
+    (`mars.data.counterfactual_scenes.falsify`), scores (1, 0). Returns `out_dir` and how many
+    scenes were passed over because the fact could not be made false in them."""
+    if part_size < 1:
+        raise MarsError(f"part_size must be >= 1, got {part_size}")
+    check_fact(fact, categories)
+    scenes, passed_over = canonical_scenes_outside_benchmark(spec, categories,
+                                                             keep=lambda scene: falsify(scene, fact) is not None)
+    settings = {"judge": f"counterfactual:{fact}", "data": spec, "categories": list(categories), "candidates": 2,
+                "part_size": part_size, "num_prompts": len(scenes), "vq_codes_hash": pipeline.vq.codes_hash(),
+                "text_tokenizer": pipeline.tokenizer.identity(), "image_grid": pipeline.model.config.image_grid}
+    out = Path(out_dir)
+    _check_or_write_settings(out, settings)
+    bar = tqdm(total=len(scenes), desc="pairs", unit="pair", disable=not progress, dynamic_ncols=True)
+    for part, start in enumerate(range(0, len(scenes), part_size)):
+        path = out / PART_PATTERN.format(part)
+        chunk = scenes[start : start + part_size]
+        if not path.is_file():
+            chosen = pipeline.encode_images([render_scene(scene) for scene, _ in chunk])  # (P, h, w)
+            rejected = pipeline.encode_images([render_scene(falsify(scene, fact)) for scene, _ in chunk])
+            scores = torch.tensor([[1.0, 0.0]]).expand(len(chunk), 2)
+            _write_part(path, [prompt for _, prompt in chunk], torch.stack([chosen, rejected], 1), scores)
+        bar.update(len(chunk))
+    bar.close()
+    return out, passed_over
 
 
 def _check_canonical(prompts: list[str]) -> None:

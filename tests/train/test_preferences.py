@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from mars import MarsPipeline
 from mars.cli import main
 from mars.data.captions import canonical_caption, parse_canonical
+from mars.data.counterfactual_scenes import falsify
 from mars.data.shapes import Scene, render_scene, sample_scene
 from mars.data.sequences import build_t2i, collate_t2i
 from mars.errors import MarsError
@@ -24,6 +25,7 @@ from mars.train.data import PreferenceMixData, PreferenceStepData
 from mars.train.losses import PreferenceBatch, dpo_loss
 from mars.eval.shapes_eval import shapes_items
 from mars.train.preferences import (PART_PATTERN, PreferencePairs, canonical_prompts_outside_benchmark,
+                                    canonical_scenes_outside_benchmark, make_counterfactual_preferences,
                                     make_preferences, shapes_prompts)
 from mars.vocab import MultimodalVocab
 
@@ -161,6 +163,45 @@ def test_the_cli_judges_canonical_prompts_with_the_checker(tiny_model_dir, tmp_p
     assert main(["preferences", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--judge", "checker",
                  "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
     assert "prompt 1 is not one" in capsys.readouterr().err
+
+
+def test_counterfactual_pairs_are_the_scenes_render_against_its_counterfactuals(pipe, tmp_path):
+    out, passed_over = make_counterfactual_preferences(pipe, "canonical:6:2", ("two", "size"), "binding", tmp_path,
+                                                       part_size=4, progress=False)
+    scenes, turned_down = canonical_scenes_outside_benchmark("canonical:6:2", ("two", "size"),
+                                                             keep=lambda scene: falsify(scene, "binding") is not None)
+    assert passed_over == turned_down and len(scenes) == 6
+    pairs = PreferencePairs(out, min_score_gap=1.0)
+    assert [p.prompt for p in pairs] == [prompt for _, prompt in scenes]
+    assert [parse_canonical(p.prompt).category for p in pairs] == ["two", "size"] * 3
+    chosen = pipe.encode_images([render_scene(scene) for scene, _ in scenes])
+    rejected = pipe.encode_images([render_scene(falsify(scene, "binding")) for scene, _ in scenes])
+    assert torch.equal(torch.stack([p.chosen for p in pairs]), chosen)
+    assert torch.equal(torch.stack([p.rejected for p in pairs]), rejected)
+    assert pairs.settings["judge"] == "counterfactual:binding" and pairs.dropped == 0
+    written = {path.name: path.stat().st_mtime_ns for path in out.glob("pairs-*")}
+    make_counterfactual_preferences(pipe, "canonical:6:2", ("two", "size"), "binding", tmp_path, part_size=4,
+                                    progress=False)
+    assert {path.name: path.stat().st_mtime_ns for path in out.glob("pairs-*")} == written  # resumed: nothing redone
+    with pytest.raises(MarsError, match="other settings \\(categories differ\\)"):
+        make_counterfactual_preferences(pipe, "canonical:6:2", ("two",), "binding", tmp_path, part_size=4,
+                                        progress=False)
+
+
+def test_the_cli_renders_counterfactual_pairs_and_refuses_what_they_do_not_take(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "relation"
+    assert main(["preferences", "--model", str(tiny_model_dir), "--counterfactual", "relation", "--data",
+                 "canonical:3:1", "--out", str(out), "--device", "cpu"]) == 0
+    assert "0 scenes passed over" in capsys.readouterr().err  # every position scene can be mirrored
+    pairs = PreferencePairs(out)
+    assert [parse_canonical(p.prompt).category for p in pairs] == ["position"] * 3
+    base = ["preferences", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--device", "cpu"]
+    for extra, message in [(["--data", "shapes:3:1"], "give them as --data canonical:N:SEED"),
+                           (["--data", "canonical:3:1", "--judge", "checker"], "drop --judge, --candidates"),
+                           (["--data", "canonical:3:1", "--categories", "two"], "state a relation (position); not two")]:
+        assert main(base + ["--counterfactual", "relation"] + extra) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def image_log_likelihood_by_hand(model: SemVIE, prompt: list[int], codes: torch.Tensor) -> float:
