@@ -26,7 +26,7 @@ class DataConfig:
     shards: str | None = None  # folder of preprocessed code shards (`mars preprocess` output)
     synthetic: int = 0  # > 0: N MARS-Shapes scenes tokenized by a fixed colour-palette quantizer (debug)
     text: str | None = None  # stage 0 corpus: .txt (one document per line) or .jsonl {"text": ...}
-    preferences: str | None = None  # task dpo: a `mars preferences` folder of preference pairs
+    preferences: list[str] | None = None  # task dpo: `mars preferences` folders (one, or several pooled)
     seed: int = 0  # data order and per-sample choices are a function of (seed, step) only
     cfg_dropout: float = 0.1  # T2I: fraction of prompts replaced by the null (empty) prompt
     zh_fraction: float = 0.5  # T2I/I2T: fraction of samples using the Chinese caption when present
@@ -185,7 +185,7 @@ class TrainConfig:
                 raise MarsError("data.preferences holds preference pairs for task dpo: add dpo to tasks")
             return
         if not self.data.preferences:
-            raise MarsError("task dpo needs data.preferences (a `mars preferences` folder)")
+            raise MarsError("task dpo needs data.preferences (a `mars preferences` folder, or a list of them)")
         others = sorted(t for t in self.tasks if t != "dpo")
         if others and not (self.data.shards or self.data.synthetic):
             raise MarsError(f"tasks {', '.join(others)} beside dpo need data.shards (or data.synthetic) for their steps")

@@ -237,23 +237,27 @@ class Trainer:
         return StepData(dataset, builder, cfg.batch_size, cfg.micro_batch_size, env.rank, env.world_size)
 
     def _preference_data(self) -> PreferenceStepData:
-        """Task dpo's pairs (`data.preferences`), checked to be codes of this model's VQ-GAN and grid."""
+        """Task dpo's pairs (`data.preferences`, every folder's pooled), checked to be codes of this
+        model's VQ-GAN and grid."""
         cfg, env, mc = self.cfg, self.env, self.model_config
-        pairs = PreferencePairs(cfg.data.preferences, cfg.dpo_min_score_gap)
         vq = self._vq()
-        made = pairs.settings
-        if vq is not None and made["vq_codes_hash"] != vq.codes_hash():
-            raise MarsError(f"the preference pairs in {cfg.data.preferences} are codes of another VQ-GAN than this "
-                            f"run's ({run_vq_dir(cfg)})")
-        if made["image_grid"] != mc.image_grid:
-            raise MarsError(f"the preference pairs in {cfg.data.preferences} are {made['image_grid']} x "
-                            f"{made['image_grid']} codes, the model draws {mc.image_grid} x {mc.image_grid}")
+        pooled = []
+        for folder in cfg.data.preferences:
+            pairs = PreferencePairs(folder, cfg.dpo_min_score_gap)
+            made = pairs.settings
+            if vq is not None and made["vq_codes_hash"] != vq.codes_hash():
+                raise MarsError(f"the preference pairs in {folder} are codes of another VQ-GAN than this run's "
+                                f"({run_vq_dir(cfg)})")
+            if made["image_grid"] != mc.image_grid:
+                raise MarsError(f"the preference pairs in {folder} are {made['image_grid']} x {made['image_grid']} "
+                                f"codes, the model draws {mc.image_grid} x {mc.image_grid}")
+            if env.is_main:
+                logger.info("data: %d preference pairs from %s (%d left out: score gap < %g nats)",
+                            len(pairs), folder, pairs.dropped, cfg.dpo_min_score_gap)
+            pooled += pairs.pairs
         if cfg.data.max_text_len + mc.image_tokens + 2 > mc.max_seq_len:
             raise MarsError(f"data.max_text_len {cfg.data.max_text_len} + an image exceeds max_seq_len {mc.max_seq_len}")
-        if env.is_main:
-            logger.info("data: %d preference pairs from %s (%d left out: score gap < %g nats); %d pairs per step",
-                        len(pairs), cfg.data.preferences, pairs.dropped, cfg.dpo_min_score_gap, cfg.batch_size)
-        return PreferenceStepData(pairs.pairs, MultimodalVocab.from_config(mc), self.text_tokenizer, cfg.batch_size,
+        return PreferenceStepData(pooled, MultimodalVocab.from_config(mc), self.text_tokenizer, cfg.batch_size,
                                   cfg.micro_batch_size, cfg.data.seed, cfg.data.max_text_len, env.rank, env.world_size)
 
     def _epoch_pool(self, dataset) -> np.ndarray | None:

@@ -301,6 +301,16 @@ def test_a_stage_mixes_dpo_steps_with_captioning_steps_by_their_weights(model_co
                for k, p in before.parameter_groups()["text_expert"].items())
 
 
+def test_a_stage_pools_the_pairs_of_every_preference_folder(model_copy, prefs, pipe, tmp_path):
+    rendered, _ = make_counterfactual_preferences(pipe, "canonical:4:2", ("position",), "relation",
+                                                  tmp_path / "rendered", progress=False)
+    _, metrics = run_stage("stage2", tmp_path / "run", *DPO, f"init_from={model_copy}",
+                           f"data.preferences=[{prefs}, {rendered}]", "max_steps=2", "data.max_text_len=64")
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"{len(PreferencePairs(prefs))} preference pairs from {prefs}" in log
+    assert f"4 preference pairs from {rendered}" in log and [m["task"] for m in metrics] == ["dpo"] * 2
+
+
 def test_the_mixture_takes_each_steps_batch_from_the_source_it_picks(pipe, prefs):
     """A dpo step's pairs are what the preference data alone gives that step; any other step's rows
     what the likelihood data alone gives it (and with its task); about the asked share are dpo steps."""
