@@ -133,8 +133,6 @@ def make_preferences(pipeline, prompts: list[str], out_dir: str | Path, candidat
     """
     if candidates < 2:
         raise MarsError(f"--candidates must be >= 2 to make a pair, got {candidates}")
-    if part_size < 1:
-        raise MarsError(f"part_size must be >= 1, got {part_size}")
     if judge not in JUDGES:
         raise MarsError(f"unknown judge {judge!r}; choose from {', '.join(JUDGES)}")
     if judge == "checker":
@@ -142,27 +140,18 @@ def make_preferences(pipeline, prompts: list[str], out_dir: str | Path, candidat
     weight = pipeline.rerank_settings(drawing_weight).drawing_weight if judge == "self" else None
     grid = pipeline.model.config.image_grid
     check_fits(pipeline.model, pipeline.tokenizer, prompts, grid * grid)
-    settings = {"candidates": candidates, "seed": seed, "part_size": part_size, "judge": judge,
-                "drawing_weight": weight, "num_prompts": len(prompts), "sampling": pipeline.sampling_settings(),
-                "vq_codes_hash": pipeline.vq.codes_hash(), "text_tokenizer": pipeline.tokenizer.identity(),
-                "image_grid": grid}
-    out = Path(out_dir)
-    _check_or_write_settings(out, settings)
-    starts = range(0, len(prompts), part_size)
-    bar = tqdm(total=len(prompts), desc="prompts", unit="prompt", disable=not progress, dynamic_ncols=True)
-    for part, start in enumerate(starts):
-        path = out / PART_PATTERN.format(part)
-        chunk = prompts[start : start + part_size]
-        if not path.is_file():
-            codes = pipeline.draw_candidates(chunk, candidates, seed=seed + start, batch_size=batch_size)
-            if judge == "self":
-                scores = candidate_scores(pipeline.model, pipeline.tokenizer, chunk, codes, candidates, weight)
-            else:
-                scores = checker_scores(pipeline, chunk, codes, candidates, batch_size)  # (P, N)
-            _write_part(path, chunk, codes.view(len(chunk), candidates, grid, grid), scores)
-        bar.update(len(chunk))
-    bar.close()
-    return out
+    settings = {"candidates": candidates, "seed": seed, "judge": judge, "drawing_weight": weight,
+                "sampling": pipeline.sampling_settings()}
+
+    def judged_part(start: int, chunk: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        codes = pipeline.draw_candidates(chunk, candidates, seed=seed + start, batch_size=batch_size)
+        if judge == "self":
+            scores = candidate_scores(pipeline.model, pipeline.tokenizer, chunk, codes, candidates, weight)
+        else:
+            scores = checker_scores(pipeline, chunk, codes, candidates, batch_size)  # (P, N)
+        return chunk, codes.view(len(chunk), candidates, grid, grid), scores
+
+    return _write_parts(pipeline, out_dir, settings, prompts, part_size, judged_part, "prompts", progress)
 
 
 def checker_scores(pipeline, prompts: list[str], codes: torch.Tensor, candidates: int,
@@ -183,28 +172,42 @@ def make_counterfactual_preferences(pipeline, spec: str, categories: tuple[str, 
     false in, `chosen` is its render's codes and `rejected` the codes of its counterfactual's render
     (`mars.data.counterfactual_scenes.falsify`), scores (1, 0). Returns `out_dir` and how many
     scenes were passed over because the fact could not be made false in them."""
-    if part_size < 1:
-        raise MarsError(f"part_size must be >= 1, got {part_size}")
     check_fact(fact, categories)
     scenes, passed_over = canonical_scenes_outside_benchmark(spec, categories,
                                                              keep=lambda scene: falsify(scene, fact) is not None)
-    settings = {"judge": f"counterfactual:{fact}", "data": spec, "categories": list(categories), "candidates": 2,
-                "part_size": part_size, "num_prompts": len(scenes), "vq_codes_hash": pipeline.vq.codes_hash(),
-                "text_tokenizer": pipeline.tokenizer.identity(), "image_grid": pipeline.model.config.image_grid}
+    settings = {"judge": f"counterfactual:{fact}", "data": spec, "categories": list(categories), "candidates": 2}
+
+    def rendered_part(start: int, chunk: list[tuple[Scene, str]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        chosen = pipeline.encode_images([render_scene(scene) for scene, _ in chunk])  # (P, h, w)
+        rejected = pipeline.encode_images([render_scene(falsify(scene, fact)) for scene, _ in chunk])
+        scores = torch.tensor([[1.0, 0.0]]).expand(len(chunk), 2)
+        return [prompt for _, prompt in chunk], torch.stack([chosen, rejected], 1), scores
+
+    out = _write_parts(pipeline, out_dir, settings, scenes, part_size, rendered_part, "pairs", progress)
+    return out, passed_over
+
+
+def _write_parts(pipeline, out_dir: str | Path, settings: dict, items: list, part_size: int,
+                 make_part: Callable, desc: str, progress: bool) -> Path:
+    """Check or write DIR/preferences.json (`settings` plus what every folder records: the part size,
+    how many prompts, the codes' VQ-GAN, text tokenizer and grid), then write each missing part:
+    `make_part(start, items[start : start + part_size])` -> (prompts, codes (P, N, h, w), scores (P, N))."""
+    if part_size < 1:
+        raise MarsError(f"part_size must be >= 1, got {part_size}")
+    settings = {**settings, "part_size": part_size, "num_prompts": len(items),
+                "vq_codes_hash": pipeline.vq.codes_hash(), "text_tokenizer": pipeline.tokenizer.identity(),
+                "image_grid": pipeline.model.config.image_grid}
     out = Path(out_dir)
     _check_or_write_settings(out, settings)
-    bar = tqdm(total=len(scenes), desc="pairs", unit="pair", disable=not progress, dynamic_ncols=True)
-    for part, start in enumerate(range(0, len(scenes), part_size)):
+    bar = tqdm(total=len(items), desc=desc, unit=desc[:-1], disable=not progress, dynamic_ncols=True)
+    for part, start in enumerate(range(0, len(items), part_size)):
         path = out / PART_PATTERN.format(part)
-        chunk = scenes[start : start + part_size]
+        chunk = items[start : start + part_size]
         if not path.is_file():
-            chosen = pipeline.encode_images([render_scene(scene) for scene, _ in chunk])  # (P, h, w)
-            rejected = pipeline.encode_images([render_scene(falsify(scene, fact)) for scene, _ in chunk])
-            scores = torch.tensor([[1.0, 0.0]]).expand(len(chunk), 2)
-            _write_part(path, [prompt for _, prompt in chunk], torch.stack([chosen, rejected], 1), scores)
+            _write_part(path, *make_part(start, chunk))
         bar.update(len(chunk))
     bar.close()
-    return out, passed_over
+    return out
 
 
 def _check_canonical(prompts: list[str]) -> None:

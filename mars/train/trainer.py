@@ -241,11 +241,12 @@ class Trainer:
         model's VQ-GAN and grid."""
         cfg, env, mc = self.cfg, self.env, self.model_config
         vq = self._vq()
+        vq_codes_hash = vq.codes_hash() if vq is not None else None
         pooled = []
         for folder in cfg.data.preferences:
             pairs = PreferencePairs(folder, cfg.dpo_min_score_gap)
             made = pairs.settings
-            if vq is not None and made["vq_codes_hash"] != vq.codes_hash():
+            if vq_codes_hash is not None and made["vq_codes_hash"] != vq_codes_hash:
                 raise MarsError(f"the preference pairs in {folder} are codes of another VQ-GAN than this run's "
                                 f"({run_vq_dir(cfg)})")
             if made["image_grid"] != mc.image_grid:

@@ -45,12 +45,12 @@ def test_only_scenes_the_fact_can_be_made_false_in_are_falsified():
     for scene in scenes("two", 60):
         a, b = scene.objects
         assert (falsify(scene, "binding") is None) == (a.colour == b.colour or a.shape == b.shape)
-    for scene in scenes("size", 60):
-        counterfactual = falsify(scene, "size")
-        if counterfactual is not None:
-            small, large = counterfactual.objects
-            assert (small.size, large.size) == (scene.objects[1].size, scene.objects[0].size)
-            assert (small.cx, small.cy) == (scene.objects[0].cx, scene.objects[0].cy)
+    exchanged = [(scene, falsify(scene, "size")) for scene in scenes("size", 60)]
+    exchanged = [(scene, counterfactual) for scene, counterfactual in exchanged if counterfactual is not None]
+    assert 10 <= len(exchanged) < 60  # about half allow it; the rest would leave the canvas or touch
+    for scene, (small, large) in ((scene, c.objects) for scene, c in exchanged):
+        assert (small.size, large.size) == (scene.objects[1].size, scene.objects[0].size)
+        assert (small.cx, small.cy) == (scene.objects[0].cx, scene.objects[0].cy)
 
 
 def test_facts_a_caption_does_not_state_are_refused():
