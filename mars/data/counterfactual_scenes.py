@@ -18,13 +18,20 @@ A render of the scene and of its counterfactual is a preference pair that differ
 alone (`mars preferences --counterfactual FACT`): no sampling, no judge, and no other difference
 for a preference stage to learn instead (a pair of the model's own images usually also differs in
 how many objects it shows).
+
+`falsify_prompt(parsed, fact)` does the same to what a canonical prompt asks: the prompt whose
+images are exactly the counterfactual scenes' ("A left of B" -> "A right of B"; the colours
+exchanged; small and large exchanged). SHAPES_SPEC's checker accepting an image for it means the
+image is wrong in that one fact and right in every other (`mars preferences --judge checker
+--mirror FACT` uses it to find such images among the model's own).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from mars.data.shapes import CANVAS, RELATIONS, Scene, ShapeObject, boxes_apart, fits_canvas
+from mars.data.captions import ParsedPrompt
+from mars.data.shapes import CANVAS, INVERSE_RELATION, RELATIONS, Scene, ShapeObject, boxes_apart, fits_canvas
 from mars.errors import MarsError
 
 FACT_CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -61,6 +68,20 @@ def falsify(scene: Scene, fact: str) -> Scene | None:
         if not (all(fits_canvas(o) for o in changed) and boxes_apart(*changed)):
             return None
     return Scene(changed, scene.category, scene.relation)
+
+
+def falsify_prompt(parsed: ParsedPrompt, fact: str) -> ParsedPrompt | None:
+    """What `parsed` asks with `fact` made false (module docstring), or None when the fact cannot be
+    (binding with a colour or a shape shared, as `falsify`)."""
+    check_fact(fact, (parsed.category,))
+    (colour_a, shape_a), (colour_b, shape_b) = parsed.objects
+    if fact == "binding":
+        if colour_a == colour_b or shape_a == shape_b:
+            return None
+        return dataclasses.replace(parsed, objects=((colour_b, shape_a), (colour_a, shape_b)))
+    if fact == "relation":
+        return dataclasses.replace(parsed, relation=INVERSE_RELATION[parsed.relation])
+    return dataclasses.replace(parsed, objects=parsed.objects[::-1])
 
 
 def _mirrored(obj: ShapeObject, axis: int) -> ShapeObject:

@@ -53,6 +53,10 @@ def add_commands(subparsers) -> None:
     prefs.add_argument("--judge",
                        help="self: the model's own reading, as --rerank (default); checker: SHAPES_SPEC's checker "
                             "(canonical prompts only)")
+    prefs.add_argument("--mirror", metavar="FACT", choices=FACTS,
+                       help="with --judge checker: a candidate that shows the prompt with FACT made false (binding: "
+                            "colours exchanged; relation: the other order; size: sizes exchanged) scores -1, so "
+                            "pairs with a score gap of 2 differ in FACT alone (train with dpo_min_score_gap: 2)")
     prefs.add_argument("--counterfactual", metavar="FACT", choices=FACTS,
                        help="instead of the model's images: each canonical:N:SEED scene's render against the render "
                             "of the same scene with FACT made false (binding: the objects' colours exchanged; "
@@ -108,7 +112,7 @@ def run_preferences(args: argparse.Namespace) -> int:
     pipeline = MarsPipeline.from_pretrained(args.model, device=args.device)
     out = make_preferences(pipeline, prompts, args.out, candidates=args.candidates or 8, seed=args.seed,
                            part_size=args.part_size, batch_size=args.batch_size, drawing_weight=args.drawing_weight,
-                           judge=args.judge or "self")
+                           judge=args.judge or "self", mirror_fact=args.mirror)
     print(out)
     return 0
 
@@ -120,9 +124,9 @@ def run_counterfactual_preferences(args: argparse.Namespace) -> int:
 
     if args.prompts or not args.data.startswith("canonical:"):
         raise MarsError("--counterfactual renders training scenes: give them as --data canonical:N:SEED")
-    if args.judge or args.candidates or args.drawing_weight is not None:
-        raise MarsError("--counterfactual pairs are renders, not judged candidates: drop --judge, --candidates "
-                        "and --drawing-weight")
+    if args.judge or args.mirror or args.candidates or args.drawing_weight is not None:
+        raise MarsError("--counterfactual pairs are renders, not judged candidates: drop --judge, --mirror, "
+                        "--candidates and --drawing-weight")
     categories = _categories(args) or FACT_CATEGORIES[args.counterfactual]
     pipeline = MarsPipeline.from_pretrained(args.model, device=args.device)
     out, passed_over = make_counterfactual_preferences(pipeline, args.data, categories, args.counterfactual, args.out,

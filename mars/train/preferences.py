@@ -31,6 +31,15 @@ scored on requests it was never rewarded for:
     mars preferences --judge checker --data canonical:1600:9 --categories position,position,size,two,counting \\
         --candidates 4 --out runs/prefs-checker
 
+With `--mirror FACT` the checker also scores -1 a candidate that shows the prompt with that fact
+made false (`mars.data.counterfactual_scenes.falsify_prompt`: the pair in the other order, the
+colours exchanged, the sizes exchanged), so a pair with a score gap of 2 (`dpo_min_score_gap: 2`)
+is a right image against one of the model's own that is wrong in that fact alone: on-policy, where
+`--counterfactual` pairs are renders the model rarely draws.
+
+    mars preferences --judge checker --mirror relation --data canonical:1200:11 --categories position \\
+        --candidates 4 --out runs/prefs-order
+
 The third source needs no model images at all: `--counterfactual FACT` pairs a training scene's
 render (chosen) with the render of the same scene with one stated fact made false (rejected;
 `mars.data.counterfactual_scenes`: colours exchanged between the two objects, the pair mirrored
@@ -61,8 +70,8 @@ from safetensors.torch import load_file, safe_open, save_file
 from tqdm import tqdm
 
 from mars.data.captions import canonical_caption, parse_canonical, shapes_example
-from mars.data.checker import check_prompt
-from mars.data.counterfactual_scenes import check_fact, falsify
+from mars.data.checker import check_detected, detect_objects
+from mars.data.counterfactual_scenes import check_fact, falsify, falsify_prompt
 from mars.data.datasets import parse_shapes_spec
 from mars.data.shapes import TRAIN_CATEGORIES, Scene, render_scene, sample_scene
 from mars.errors import MarsError
@@ -123,13 +132,14 @@ def canonical_scenes_outside_benchmark(spec: str, categories: tuple[str, ...] = 
 
 def make_preferences(pipeline, prompts: list[str], out_dir: str | Path, candidates: int = 8, seed: int = 0,
                      part_size: int = 64, batch_size: int = 32, drawing_weight: float | None = None,
-                     judge: str = "self", progress: bool = True) -> Path:
+                     judge: str = "self", mirror_fact: str | None = None, progress: bool = True) -> Path:
     """Write the preference pairs of `prompts` under `out_dir` (layout in the module docstring).
 
     Prompt i draws its candidates with seed `seed + i` (`MarsPipeline.draw_candidates`), so parts
     do not depend on `part_size` or on which run made them. `judge` "self" scores the candidates
     as `generate(rerank=N)` does (`drawing_weight` None = the model's rerank setting), "checker"
-    by SHAPES_SPEC's checker (canonical prompts only). Returns `out_dir`.
+    by SHAPES_SPEC's checker (canonical prompts only; `mirror_fact`: see `checker_scores`). Returns
+    `out_dir`.
     """
     if candidates < 2:
         raise MarsError(f"--candidates must be >= 2 to make a pair, got {candidates}")
@@ -137,31 +147,44 @@ def make_preferences(pipeline, prompts: list[str], out_dir: str | Path, candidat
         raise MarsError(f"unknown judge {judge!r}; choose from {', '.join(JUDGES)}")
     if judge == "checker":
         _check_canonical(prompts)
+        if mirror_fact is not None:
+            check_fact(mirror_fact, tuple(sorted({parse_canonical(p).category for p in prompts})))
+    elif mirror_fact is not None:
+        raise MarsError("--mirror needs --judge checker: the model's own judge cannot tell a mirror image")
     weight = pipeline.rerank_settings(drawing_weight).drawing_weight if judge == "self" else None
     grid = pipeline.model.config.image_grid
     check_fits(pipeline.model, pipeline.tokenizer, prompts, grid * grid)
     settings = {"candidates": candidates, "seed": seed, "judge": judge, "drawing_weight": weight,
-                "sampling": pipeline.sampling_settings()}
+                "mirror_fact": mirror_fact, "sampling": pipeline.sampling_settings()}
 
     def judged_part(start: int, chunk: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         codes = pipeline.draw_candidates(chunk, candidates, seed=seed + start, batch_size=batch_size)
         if judge == "self":
             scores = candidate_scores(pipeline.model, pipeline.tokenizer, chunk, codes, candidates, weight)
         else:
-            scores = checker_scores(pipeline, chunk, codes, candidates, batch_size)  # (P, N)
+            scores = checker_scores(pipeline, chunk, codes, candidates, batch_size, mirror_fact)  # (P, N)
         return chunk, codes.view(len(chunk), candidates, grid, grid), scores
 
     return _write_parts(pipeline, out_dir, settings, prompts, part_size, judged_part, "prompts", progress)
 
 
 def checker_scores(pipeline, prompts: list[str], codes: torch.Tensor, candidates: int,
-                   batch_size: int = 32) -> torch.Tensor:
+                   batch_size: int = 32, mirror_fact: str | None = None) -> torch.Tensor:
     """(P, N) 1.0 where SHAPES_SPEC's checker finds candidate k of prompt i (codes (P * N, h, w), each
-    prompt's candidates one after the other) showing prompt i, else 0.0."""
+    prompt's candidates one after the other) showing prompt i, -1.0 where it shows prompt i with
+    `mirror_fact` made false instead (None: never), else 0.0."""
     parsed = [parse_canonical(prompt) for prompt in prompts]
+    mirrors = [falsify_prompt(p, mirror_fact) if mirror_fact else None for p in parsed]
     images = [image for start in range(0, len(codes), batch_size)
               for image in pipeline.decode_codes(codes[start : start + batch_size])]
-    marks = [float(check_prompt(image, parsed[k // candidates]).correct) for k, image in enumerate(images)]
+    marks = []
+    for k, image in enumerate(images):
+        objects = detect_objects(image)
+        mirror = mirrors[k // candidates]
+        if check_detected(objects, parsed[k // candidates]).correct:
+            marks.append(1.0)
+        else:
+            marks.append(-1.0 if mirror is not None and check_detected(objects, mirror).correct else 0.0)
     return torch.tensor(marks).view(len(prompts), candidates)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from mars.data.captions import canonical_caption, parse_canonical
 from mars.data.checker import check_prompt
-from mars.data.counterfactual_scenes import FACT_CATEGORIES, check_fact, falsify
+from mars.data.counterfactual_scenes import FACT_CATEGORIES, check_fact, falsify, falsify_prompt
 from mars.data.shapes import boxes_apart, fits_canvas, render_scene, sample_scene
 from mars.errors import MarsError
 
@@ -39,6 +39,25 @@ def test_the_counterfactual_fails_its_caption_for_that_fact_alone(fact, category
         assert sorted(o.colour for o in counterfactual.objects) == sorted(o.colour for o in scene.objects)
         assert sorted(o.size for o in counterfactual.objects) == sorted(o.size for o in scene.objects)
     assert falsified >= 20
+
+
+@pytest.mark.parametrize("fact,category", CASES)
+def test_the_falsified_prompt_is_what_the_counterfactual_scene_shows(fact, category):
+    """The checker accepts the counterfactual's render for the falsified prompt and rejects the scene's own
+    render for it: prompt and scene are made false alike, in both languages."""
+    checked = 0
+    for scene in scenes(category):
+        counterfactual = falsify(scene, fact)
+        for lang in ("en", "zh"):
+            mirror = falsify_prompt(parse_canonical(canonical_caption(scene, lang)), fact)
+            assert (mirror is None) == (fact == "binding" and counterfactual is None)
+            if counterfactual is None:
+                continue
+            assert mirror.lang == lang and mirror.category == category
+            assert check_prompt(render_scene(counterfactual), mirror).correct
+            assert not check_prompt(render_scene(scene), mirror).correct
+            checked += 1
+    assert checked >= 40
 
 
 def test_only_scenes_the_fact_can_be_made_false_in_are_falsified():

@@ -136,6 +136,40 @@ def test_the_checker_judge_pairs_the_first_right_with_the_first_wrong_candidate(
         make_preferences(pipe, prompts, tmp_path / "x", judge="clip")
 
 
+def test_with_a_mirror_fact_the_checker_scores_the_image_wrong_in_that_fact_alone_minus_one(pipe, tmp_path,
+                                                                                            monkeypatch):
+    """Code value 3i decodes to a blank canvas (wrong), 3i + 1 to prompt i's scene (right), 3i + 2 to that
+    scene with its relation mirrored (the prompt's mirror image): only the last scores -1."""
+    scenes = [sample_scene(random.Random(f"mirror/{i}"), "position") for i in range(3)]
+    prompts = [canonical_caption(scene, lang) for scene, lang in zip(scenes, ["en", "zh", "en"])]
+    kinds = [[0, 2, 1, 2], [1, 0, 1, 0], [2, 2, 0, 0]]  # 0 blank, 1 right, 2 mirrored
+    grid = pipe.model.config.image_grid
+
+    def draw_candidates(chunk, n, seed, batch_size):
+        values = [3 * prompts.index(p) + kinds[prompts.index(p)][k] for p in chunk for k in range(n)]
+        return torch.tensor(values).view(-1, 1, 1).expand(-1, grid, grid).clone()
+
+    renders = {0: lambda scene: render_scene(Scene((), "single")), 1: render_scene,
+               2: lambda scene: render_scene(falsify(scene, "relation"))}
+    monkeypatch.setattr(pipe, "draw_candidates", draw_candidates)
+    monkeypatch.setattr(pipe, "decode_codes", lambda codes: [renders[int(v) % 3](scenes[int(v) // 3])
+                                                             for v in codes[:, 0, 0]])
+    folder = make_preferences(pipe, prompts, tmp_path / "order", candidates=4, part_size=2, batch_size=5,
+                              judge="checker", mirror_fact="relation", progress=False)
+    pairs = PreferencePairs(folder)
+    assert pairs.settings["mirror_fact"] == "relation"
+    assert [p.score_gap for p in pairs] == [2.0, 1.0, 1.0]
+    assert [(int(p.chosen[0, 0]), int(p.rejected[0, 0])) for p in pairs] == [(1, 2), (4, 3), (6, 8)]
+    mirror_pairs = PreferencePairs(folder, min_score_gap=2.0)
+    assert [p.prompt for p in mirror_pairs] == [prompts[0]] and mirror_pairs.dropped == 2
+    with pytest.raises(MarsError, match="--mirror needs --judge checker"):
+        make_preferences(pipe, prompts, tmp_path / "x", mirror_fact="relation")
+    size_prompt = canonical_caption(sample_scene(random.Random(0), "size"), "en")
+    with pytest.raises(MarsError, match="the relation counterfactual needs .*; not size"):
+        make_preferences(pipe, [prompts[0], size_prompt], tmp_path / "x", judge="checker", mirror_fact="relation")
+    assert not (tmp_path / "x").exists()
+
+
 def test_canonical_prompts_take_the_categories_in_turn_and_leave_out_every_benchmark_prompt():
     prompts = canonical_prompts_outside_benchmark("canonical:400:3", ("position", "position", "size"))
     asked = {item.prompt for seed in (0, 1) for item in shapes_items(50, seed)}
@@ -158,6 +192,14 @@ def test_the_cli_judges_canonical_prompts_with_the_checker(tiny_model_dir, tmp_p
     pairs = PreferencePairs(out)
     assert pairs.settings["judge"] == "checker" and pairs.settings["drawing_weight"] is None
     assert [parse_canonical(p.prompt).category for p in pairs] == ["size"] * 3
+    mirrored = tmp_path / "mirrored"
+    assert main(["preferences", "--model", str(tiny_model_dir), "--data", "canonical:3:1", "--categories", "size",
+                 "--judge", "checker", "--mirror", "size", "--candidates", "2", "--out", str(mirrored),
+                 "--device", "cpu"]) == 0
+    assert PreferencePairs(mirrored).settings["mirror_fact"] == "size"
+    assert main(["preferences", "--model", str(tiny_model_dir), "--data", "canonical:3:1", "--categories", "size",
+                 "--mirror", "size", "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "--mirror needs --judge checker" in capsys.readouterr().err
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\nsomething red\n")
     assert main(["preferences", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--judge", "checker",
@@ -197,7 +239,8 @@ def test_the_cli_renders_counterfactual_pairs_and_refuses_what_they_do_not_take(
     assert [parse_canonical(p.prompt).category for p in pairs] == ["position"] * 3
     base = ["preferences", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--device", "cpu"]
     for extra, message in [(["--data", "shapes:3:1"], "give them as --data canonical:N:SEED"),
-                           (["--data", "canonical:3:1", "--judge", "checker"], "drop --judge, --candidates"),
+                           (["--data", "canonical:3:1", "--judge", "checker"], "drop --judge, --mirror"),
+                           (["--data", "canonical:3:1", "--mirror", "relation"], "drop --judge, --mirror"),
                            (["--data", "canonical:3:1", "--categories", "two"], "state a relation (position); not two")]:
         assert main(base + ["--counterfactual", "relation"] + extra) == 2
         assert message in capsys.readouterr().err
