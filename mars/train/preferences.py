@@ -35,7 +35,8 @@ With `--mirror FACT` the checker also scores -1 a candidate that shows the promp
 made false (`mars.data.counterfactual_scenes.falsify_prompt`: the pair in the other order, the
 colours exchanged, the sizes exchanged), so a pair with a score gap of 2 (`dpo_min_score_gap: 2`)
 is a right image against one of the model's own that is wrong in that fact alone: on-policy, where
-`--counterfactual` pairs are renders the model rarely draws.
+`--counterfactual` pairs are renders the model rarely draws. (A gap of 1 also keeps right against
+otherwise wrong, and otherwise wrong against mirrored, where neither image shows the prompt.)
 
     mars preferences --judge checker --mirror relation --data canonical:1200:11 --categories position \\
         --candidates 4 --out runs/prefs-order
