@@ -57,7 +57,7 @@ def falsify(scene: Scene, fact: str) -> Scene | None:
     check_fact(fact, (scene.category,))
     a, b = scene.objects
     if fact == "binding":
-        if a.colour == b.colour or a.shape == b.shape:
+        if not _colours_exchangeable((a.colour, a.shape), (b.colour, b.shape)):
             return None
         changed = (dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour))
     elif fact == "relation":
@@ -72,16 +72,22 @@ def falsify(scene: Scene, fact: str) -> Scene | None:
 
 def falsify_prompt(parsed: ParsedPrompt, fact: str) -> ParsedPrompt | None:
     """What `parsed` asks with `fact` made false (module docstring), or None when the fact cannot be
-    (binding with a colour or a shape shared, as `falsify`)."""
+    (binding with a colour or a shape shared, as for `falsify`)."""
     check_fact(fact, (parsed.category,))
     (colour_a, shape_a), (colour_b, shape_b) = parsed.objects
     if fact == "binding":
-        if colour_a == colour_b or shape_a == shape_b:
+        if not _colours_exchangeable(*parsed.objects):
             return None
         return dataclasses.replace(parsed, objects=((colour_b, shape_a), (colour_a, shape_b)))
     if fact == "relation":
         return dataclasses.replace(parsed, relation=INVERSE_RELATION[parsed.relation])
     return dataclasses.replace(parsed, objects=parsed.objects[::-1])
+
+
+def _colours_exchangeable(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Whether exchanging the colours of two (colour, shape) objects changes what a caption states:
+    only when they differ in both."""
+    return a[0] != b[0] and a[1] != b[1]
 
 
 def _mirrored(obj: ShapeObject, axis: int) -> ShapeObject:
