@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mars.config import from_dict, read_config_file
+from mars.data.captions import reading_order_prompt
 from mars.data.images import UnusableImage, load_image, pil_to_tensor, resize_center_crop, tensor_to_pil
 from mars.errors import MarsError
 from mars.generate import (
@@ -51,6 +52,8 @@ RERANK_SEED_STRIDE = 1_000_003  # seed of candidate k of an image: its seed + k 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 ImageInput = Image.Image | str | os.PathLike
+AS_WRITTEN, READING = "as-written", "reading"  # how prompts are restated (`MarsPipeline.model_prompt`)
+PROMPT_ORDERS = (AS_WRITTEN, READING)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -82,7 +85,7 @@ class MarsPipeline:
 
     def __init__(self, model: SemVIE, text_tokenizer: TextTokenizer, vq: VQModel,
                  generation_config: SampleConfig | None = None, caption_config: CaptionConfig | None = None,
-                 rerank_config: RerankConfig | None = None) -> None:
+                 rerank_config: RerankConfig | None = None, prompt_order: str = AS_WRITTEN) -> None:
         config = model.config
         if vq.config.codebook_size != config.image_vocab_size:
             raise MarsError(f"the VQ-GAN has {vq.config.codebook_size} codes but the model "
@@ -102,6 +105,8 @@ class MarsPipeline:
         self.caption_config = caption_config or CaptionConfig()
         # ... and how candidate images are judged with rerank > 1
         self.rerank_config = rerank_config or RerankConfig()
+        # how prompts are restated before the model reads them (the convention of its training captions)
+        self.prompt_order = _check_prompt_order(prompt_order)
 
     @classmethod
     def from_pretrained(
@@ -124,7 +129,7 @@ class MarsPipeline:
         text_tokenizer = load_model_text_tokenizer(path, model.config.text_tokenizer)
         vq = load_tokenizer(path / VQ_DIR, device=device)
         return cls(model, text_tokenizer, vq, load_generation_config(path), load_caption_config(path),
-                   load_rerank_config(path))
+                   load_rerank_config(path), load_prompt_order(path))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write a folder `from_pretrained` reads: config + weights, tokenizer/, vq/."""
@@ -132,9 +137,10 @@ class MarsPipeline:
         self.model.save_pretrained(directory)
         self.tokenizer.save(directory / "tokenizer")
         self.vq.save_pretrained(directory / VQ_DIR)
-        if (self.generation_config, self.caption_config, self.rerank_config) != (SampleConfig(), CaptionConfig(),
-                                                                                   RerankConfig()):
-            save_generation_config(directory, self.generation_config, self.caption_config, self.rerank_config)
+        if (self.generation_config, self.caption_config, self.rerank_config, self.prompt_order) != (
+                SampleConfig(), CaptionConfig(), RerankConfig(), AS_WRITTEN):
+            save_generation_config(directory, self.generation_config, self.caption_config, self.rerank_config,
+                                   self.prompt_order)
 
     def sampling_settings(self, cfg_scale: float | None = None, top_k: int | None = None,
                           top_p: float | None = None, temperature: float | None = None) -> dict[str, float | int]:
@@ -154,6 +160,12 @@ class MarsPipeline:
     @property
     def device(self) -> torch.device:
         return self.model.norm.weight.device
+
+    def model_prompt(self, prompt: str) -> str:
+        """`prompt` as the model reads it: as written, or, for a model whose training captions state
+        relations in reading order (`prompt_order` "reading"), a MARS-Shapes position prompt restated
+        that way ("A right of B" -> "B left of A"; `mars.data.captions.reading_order_prompt`)."""
+        return reading_order_prompt(prompt) if self.prompt_order == READING and isinstance(prompt, str) else prompt
 
     # --- text to image ---------------------------------------------------------------------------
     def generate(
@@ -193,7 +205,7 @@ class MarsPipeline:
         candidate k of the image with seed s uses seed `s + k * RERANK_SEED_STRIDE`, so candidate 0
         is the image that `rerank=1` makes.
         """
-        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompt_list = [self.model_prompt(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
         sampling = SampleConfig(**self.sampling_settings(cfg_scale, top_k, top_p, temperature))
         grid = self._grid(image_size)
         ids = self.encode_prompts(prompt_list, grid * grid)
@@ -224,7 +236,7 @@ class MarsPipeline:
         _check_count("per_prompt", per_prompt)
         _check_count("batch_size", batch_size)
         grid = self._grid(None)
-        ids = self.encode_prompts(list(prompts), grid * grid)
+        ids = self.encode_prompts([self.model_prompt(p) for p in prompts], grid * grid)
         sampling = SampleConfig(**self.sampling_settings())
         return self._draw_codes(ids, per_prompt, _image_seeds(seed, len(ids)), sampling, grid, batch_size, progress)
 
@@ -267,7 +279,7 @@ class MarsPipeline:
                                      cfg_scale=1.0)
         grid = self._grid(image_size)
         _check_count("max_new_tokens", max_new_tokens)
-        ids = self.encode_prompts([prompt], grid * grid + max_new_tokens)
+        ids = self.encode_prompts([self.model_prompt(prompt)], grid * grid + max_new_tokens)
         codes, texts = generate_image_and_text(
             self.model, ids, make_generators([seed], self.device), grid * grid, self.tokenizer.eos_id,
             self.tokenizer.vocab_size, max_new_tokens, sampling, text_sampling)
@@ -424,6 +436,13 @@ class MarsPipeline:
 
 CAPTION_KEY = "caption"  # generation_config.json entry of the caption defaults (CaptionConfig fields)
 RERANK_KEY = "rerank"  # ... and of how candidate images are judged (RerankConfig fields)
+PROMPT_ORDER_KEY = "prompt_order"  # ... and of how prompts are restated (AS_WRITTEN or READING)
+
+
+def _check_prompt_order(order: str) -> str:
+    if order not in PROMPT_ORDERS:
+        raise MarsError(f"{PROMPT_ORDER_KEY} must be one of {', '.join(PROMPT_ORDERS)}, got {order!r}")
+    return order
 
 
 def _read_generation_config(model_dir: str | os.PathLike) -> tuple[Path, dict]:
@@ -434,8 +453,8 @@ def _read_generation_config(model_dir: str | os.PathLike) -> tuple[Path, dict]:
 def load_generation_config(model_dir: str | os.PathLike) -> SampleConfig:
     """A model folder's default sampling settings (its generation_config.json), else SampleConfig()."""
     path, data = _read_generation_config(model_dir)
-    data.pop(CAPTION_KEY, None)
-    data.pop(RERANK_KEY, None)
+    for key in (CAPTION_KEY, RERANK_KEY, PROMPT_ORDER_KEY):
+        data.pop(key, None)
     try:
         return from_dict(SampleConfig, data)
     except MarsError as err:
@@ -463,14 +482,26 @@ def load_rerank_config(model_dir: str | os.PathLike) -> RerankConfig:
     return _load_section(model_dir, RERANK_KEY, RerankConfig)
 
 
+def load_prompt_order(model_dir: str | os.PathLike) -> str:
+    """How a model folder restates prompts (generation_config.json's "prompt_order"), else "as-written"."""
+    path, data = _read_generation_config(model_dir)
+    try:
+        return _check_prompt_order(data.get(PROMPT_ORDER_KEY, AS_WRITTEN))
+    except MarsError as err:
+        raise MarsError(f"{path}: {err}") from None
+
+
 def save_generation_config(model_dir: str | os.PathLike, config: SampleConfig, caption: CaptionConfig | None = None,
-                           rerank: RerankConfig | None = None) -> None:
-    """Write a model folder's generation_config.json: `config`, and `caption` and `rerank` unless they
-    are the defaults (what `load_generation_config`, `load_caption_config`, `load_rerank_config` read)."""
+                           rerank: RerankConfig | None = None, prompt_order: str = AS_WRITTEN) -> None:
+    """Write a model folder's generation_config.json: `config`, and `caption`, `rerank` and
+    `prompt_order` unless they are the defaults (what `load_generation_config`, `load_caption_config`,
+    `load_rerank_config`, `load_prompt_order` read)."""
     data = dataclasses.asdict(config)
     for key, section in ((CAPTION_KEY, caption), (RERANK_KEY, rerank)):
         if section is not None and section != type(section)():
             data[key] = dataclasses.asdict(section)
+    if _check_prompt_order(prompt_order) != AS_WRITTEN:
+        data[PROMPT_ORDER_KEY] = prompt_order
     (Path(model_dir) / GENERATION_CONFIG).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 

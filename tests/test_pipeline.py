@@ -233,3 +233,26 @@ def test_pipeline_on_cuda_in_bf16(tiny_model_dir):
     options = [np.asarray(im, dtype=np.int16) for im in
                pipe.generate(["a red circle"] * 3, seed=[4 + k * RERANK_SEED_STRIDE for k in range(3)])]
     assert min(np.abs(kept - o).max() for o in options) <= 1
+
+
+def test_prompt_order_reading_restates_position_prompts_before_the_model_reads_them(tmp_path, tiny_model_dir, pipe):
+    folder = tmp_path / "reading"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "generation_config.json").write_text('{"cfg_scale": 2.0, "prompt_order": "reading"}')
+    reading = MarsPipeline.from_pretrained(folder, device="cpu")
+    assert (pipe.prompt_order, reading.prompt_order) == ("as-written", "reading")
+    asked = ["a red circle to the right of a blue square", "一个红色的圆形在一个蓝色的正方形的下方", "a red circle"]
+    restated = ["a blue square to the left of a red circle", "一个蓝色的正方形在一个红色的圆形的上方", "a red circle"]
+    assert [reading.model_prompt(p) for p in asked] == restated
+    assert [pipe.model_prompt(p) for p in asked] == asked
+    # the same images as the restated prompts written out, and a different one for the prompt as written
+    via_reading = pixels(reading.generate(asked, seed=5, cfg_scale=2.0))
+    written_out = pixels(pipe.generate(restated, seed=5, cfg_scale=2.0))
+    as_written = pixels(pipe.generate(asked[:1], seed=5, cfg_scale=2.0))
+    assert all(np.array_equal(a, b) for a, b in zip(via_reading, written_out))
+    assert not np.array_equal(via_reading[0], as_written[0])
+    reading.save_pretrained(tmp_path / "copy")  # the convention travels with the model
+    assert MarsPipeline.from_pretrained(tmp_path / "copy", device="cpu").prompt_order == "reading"
+    (folder / "generation_config.json").write_text('{"prompt_order": "alphabetical"}')
+    with pytest.raises(MarsError, match="prompt_order must be one of as-written, reading"):
+        MarsPipeline.from_pretrained(folder, device="cpu")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from mars.data.shapes import (
     COLOURS, COLOURS_ZH, EVAL_CATEGORIES, INVERSE_RELATION, SHAPE_PLURALS, SHAPES, SHAPES_ZH,
-    HELD_OUT, Scene, sample_scene, scene_for_index,
+    HELD_OUT, READING_ORDER_RELATIONS, Scene, sample_scene, scene_for_index,
 )
 from mars.errors import MarsError
 
@@ -61,7 +61,7 @@ def canonical_caption(scene: Scene, lang: str = "en") -> str:
             c, s = pairs[0]
             return f"{COUNT_WORDS_EN[len(pairs)]} {c} {SHAPE_PLURALS[s]}"
         if cat == "position":
-            return f"{_a_en(*pairs[0])} {RELATION_EN[scene.relation]} {_a_en(*pairs[1])}"
+            return _position_caption(pairs[0], pairs[1], scene.relation, lang)
         if cat == "size":
             return f"{_a_en(*pairs[0], 'small')} and {_a_en(*pairs[1], 'large')}"
     elif lang == "zh":
@@ -73,11 +73,18 @@ def canonical_caption(scene: Scene, lang: str = "en") -> str:
             c, s = pairs[0]
             return f"{COUNT_WORDS_ZH[len(pairs)]}个{COLOURS_ZH[c]}的{SHAPES_ZH[s]}"
         if cat == "position":
-            return f"{_a_zh(*pairs[0])}在{_a_zh(*pairs[1])}的{RELATION_ZH[scene.relation]}"
+            return _position_caption(pairs[0], pairs[1], scene.relation, lang)
         if cat == "size":
             (c1, s1), (c2, s2) = pairs
             return f"一个小的{COLOURS_ZH[c1]}{SHAPES_ZH[s1]}和一个大的{COLOURS_ZH[c2]}{SHAPES_ZH[s2]}"
     raise ValueError(f"no canonical caption for category {cat!r} in language {lang!r}")
+
+
+def _position_caption(a: tuple[str, str], b: tuple[str, str], relation: str, lang: str) -> str:
+    """The canonical "A <relation> B" of either language."""
+    if lang == "en":
+        return f"{_a_en(*a)} {RELATION_EN[relation]} {_a_en(*b)}"
+    return f"{_a_zh(*a)}在{_a_zh(*b)}的{RELATION_ZH[relation]}"
 
 
 # --------------------------------------------------------------------------- paraphrases
@@ -126,11 +133,12 @@ _SECOND_SENTENCE_EN = ["The background is white.", "Nothing else is in the pictu
 _SECOND_SENTENCE_ZH = ["背景是白色的。", "画面中没有别的东西。", "图形都是平涂的。"]
 
 
-def _relation_sentence(scene: Scene, lang: str, rng: random.Random, phrases: list[str]) -> str:
-    """'A is to the left of B' or, inverted, 'B is to the right of A'."""
+def _relation_sentence(scene: Scene, lang: str, rng: random.Random, phrases: list[str],
+                       reading_order: bool = False) -> str:
+    """'A is to the left of B' or, inverted, 'B is to the right of A' (never inverted in reading order)."""
     a, b = phrases
     relation = scene.relation
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 and not reading_order:
         a, b, relation = b, a, INVERSE_RELATION[relation]
     if lang == "en":
         verb = rng.choice(["is", "sits", "appears"])
@@ -139,13 +147,15 @@ def _relation_sentence(scene: Scene, lang: str, rng: random.Random, phrases: lis
     return f"{a}{rng.choice(['在', '位于'])}{b}的{word}"
 
 
-def paraphrase(scene: Scene, lang: str, rng: random.Random) -> str:
-    """A free-form caption of the scene that names every object once (count, colour, shape)."""
+def paraphrase(scene: Scene, lang: str, rng: random.Random, reading_order: bool = False) -> str:
+    """A free-form caption of the scene that names every object once (count, colour, shape).
+
+    `reading_order`: a relation is stated as the scene states it (see `caption_scene`)."""
     phrases = _object_phrases(scene, lang, rng)
     if scene.category not in ("counting", "position") and len(phrases) > 1 and rng.random() < 0.5:
         phrases = phrases[::-1]  # "a large B and a small A" says the same
     if scene.category == "position" and rng.random() < 0.7:
-        body = _relation_sentence(scene, lang, rng, phrases)
+        body = _relation_sentence(scene, lang, rng, phrases, reading_order)
         frame = "{x}"
     else:
         body = _join(phrases, lang, rng)
@@ -163,16 +173,22 @@ def paraphrase(scene: Scene, lang: str, rng: random.Random) -> str:
     return text
 
 
-def caption_scene(scene: Scene, rng: random.Random, lang: str = "en", canonical_fraction: float = 0.5) -> str:
+def caption_scene(scene: Scene, rng: random.Random, lang: str = "en", canonical_fraction: float = 0.5,
+                  reading_order: bool = False) -> str:
     """A training caption: canonical with probability `canonical_fraction`, else a paraphrase.
 
-    The spec asks for >= 30% canonical captions; the default gives 50%.
+    The spec asks for >= 30% canonical captions; the default gives 50%. With `reading_order` a
+    relation always names first the object met first in reading order ("A left of B", "A above B";
+    `Scene.in_reading_order`), so the order in which a caption names a position pair is the order
+    in which a raster-order model draws it (pair with `reading_order_prompt` at generation).
     """
     if lang not in LANGS:
         raise ValueError(f"lang must be one of {LANGS}, not {lang!r}")
+    if reading_order:
+        scene = scene.in_reading_order()
     if rng.random() < canonical_fraction:
         return canonical_caption(scene, lang)
-    return paraphrase(scene, lang, rng)
+    return paraphrase(scene, lang, rng, reading_order)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -289,16 +305,38 @@ def canonical_prompts(category: str, lang: str, rng: random.Random, n: int = 1) 
     return [canonical_caption(sample_scene(rng, category, split="eval"), lang) for _ in range(n)]
 
 
-def shapes_example(seed: int, index: int, split: str = "train") -> tuple[Scene, str, str]:
+def shapes_example(seed: int, index: int, split: str = "train",
+                   reading_order: bool = False) -> tuple[Scene, str, str]:
     """Sample `index` of a seeded MARS-Shapes stream: (scene, English caption, Chinese caption).
 
     Training captions mix canonical forms and paraphrases; evaluation captions are canonical.
     `mars data shapes` and the `shapes:N[:SEED]` data source both use this, so they agree.
+    `reading_order` states relations in reading order (`caption_scene`); the scene and image are
+    the same either way.
     """
     scene = scene_for_index(seed, index, split)
     rng = random.Random(f"mars-shapes-caption/{split}/{seed}/{index}")
     fraction = 1.0 if split == "eval" else 0.5
-    return scene, caption_scene(scene, rng, "en", fraction), caption_scene(scene, rng, "zh", fraction)
+    return (scene, caption_scene(scene, rng, "en", fraction, reading_order),
+            caption_scene(scene, rng, "zh", fraction, reading_order))
+
+
+def reading_order_prompt(prompt: str) -> str:
+    """A canonical position prompt restated so that it names first the object met first in
+    reading order ("a red circle to the right of a blue square" -> "a blue square to the left
+    of a red circle"); the same picture satisfies both. Any other prompt is returned unchanged.
+
+    The prompt rewrite of a model trained on `reading_order` captions (generation_config.json
+    `prompt_order: "reading"`).
+    """
+    try:
+        parsed = parse_canonical(prompt)
+    except MarsError:
+        return prompt
+    if parsed.category != "position" or parsed.relation in READING_ORDER_RELATIONS:
+        return prompt
+    a, b = parsed.objects
+    return _position_caption(b, a, INVERSE_RELATION[parsed.relation], parsed.lang)
 
 
 def caption_pair(index: int, en: str, zh: str) -> str:

@@ -2,6 +2,8 @@
 
 A spec is one of
 - `shapes:N[:SEED]`       N MARS-Shapes training scenes, drawn on the fly;
+- `shapes:N:SEED:reading-order`  the same scenes with relations stated in reading order
+                          (`mars.data.captions.caption_scene`);
 - `DIR` with captions.jsonl  a `mars data shapes` output (or any folder with that manifest);
 - `FILE.jsonl`            a manifest of {"image": PATH, "text": ..., "text_zh": ...} lines
                           (relative paths are relative to the manifest's folder);
@@ -342,15 +344,20 @@ def _tar_paths(spec: str) -> list[str]:
 
 # --------------------------------------------------------------------------- MARS-Shapes on the fly
 
+READING_ORDER_SUFFIX = ":reading-order"
+
+
 class ShapesSource(ImageTextSource):
     """Records are indices of the seeded training stream (same samples as `mars data shapes`)."""
 
-    def __init__(self, n: int, data_seed: int, resolution: int, **kwargs):
-        super().__init__(f"shapes:{n}:{data_seed}", list(range(n)), resolution, **kwargs)
+    def __init__(self, n: int, data_seed: int, resolution: int, reading_order: bool = False, **kwargs):
+        name = f"shapes:{n}:{data_seed}" + (READING_ORDER_SUFFIX if reading_order else "")
+        super().__init__(name, list(range(n)), resolution, **kwargs)
         self.data_seed = data_seed
+        self.reading_order = reading_order
 
     def read(self, index):
-        scene, text, text_zh = shapes_example(self.data_seed, index, "train")
+        scene, text, text_zh = shapes_example(self.data_seed, index, "train", self.reading_order)
         return f"shapes-{self.data_seed}-{index:08d}", render_scene(scene, self.resolution), text, text_zh
 
     def record_name(self, record) -> str:
@@ -361,7 +368,7 @@ def parse_shapes_spec(spec: str, prefix: str = "shapes") -> tuple[int, int]:
     """(N, SEED) of a `shapes:N[:SEED]` spec (SEED defaults to 0); `prefix` names other sources of
     the same form (`canonical:N:SEED` prompts of `mars preferences`)."""
     parts = spec.split(":")
-    form = f"{prefix}:N or {prefix}:N:SEED"
+    form = f"{prefix}:N or {prefix}:N:SEED" + (f" (or {prefix}:N:SEED{READING_ORDER_SUFFIX})" if prefix == "shapes" else "")
     try:
         n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
     except (ValueError, IndexError):
@@ -383,8 +390,9 @@ def open_source(spec: str, resolution: int, *, rank: int = 0, world_size: int = 
     """
     options = dict(rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, min_side=min_side)
     if spec.startswith("shapes:"):
-        n, data_seed = parse_shapes_spec(spec)
-        return ShapesSource(n, data_seed, resolution, **options)
+        reading_order = spec.endswith(READING_ORDER_SUFFIX)
+        n, data_seed = parse_shapes_spec(spec.removesuffix(READING_ORDER_SUFFIX))
+        return ShapesSource(n, data_seed, resolution, reading_order=reading_order, **options)
     if os.path.isdir(spec):
         manifest = os.path.join(spec, "captions.jsonl")
         if os.path.isfile(manifest):

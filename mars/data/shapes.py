@@ -58,6 +58,8 @@ RELATIONS: dict[str, tuple[int, int]] = {
     "below": (1, -1),
 }
 INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# The relations that name the object met first in reading order (left before right, top before bottom).
+READING_ORDER_RELATIONS = ("left of", "above")
 RELATION_MIN_OFFSET = 16  # the judging rule
 PLACEMENT_MIN_OFFSET = 48  # how clearly training images show a stated relation
 
@@ -110,6 +112,14 @@ class Scene:
         """A JSON-ready description (the `objects`/`category`/`relation` of captions.jsonl)."""
         return {"category": self.category, "relation": self.relation,
                 "objects": [asdict(o) for o in self.objects]}
+
+    def in_reading_order(self) -> Scene:
+        """The same picture stated the other way round where needed, so that a position scene's
+        first-named object is the one met first in reading order: "A right of B" -> "B left of A",
+        "A below B" -> "B above A". Other scenes are returned unchanged."""
+        if self.category != "position" or self.relation in READING_ORDER_RELATIONS:
+            return self
+        return Scene(self.objects[::-1], self.category, INVERSE_RELATION[self.relation])
 
     @classmethod
     def from_dict(cls, d: dict) -> Scene:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mars.data.captions import shapes_example
 from mars.data.cli import run_shapes
 from mars.data.datasets import expand_braces, open_source
 from mars.data.images import UnusableImage, load_image, pil_to_tensor, resize_center_crop, tensor_to_pil
@@ -167,6 +168,16 @@ def test_shapes_sources_agree(tmp_path):
         assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
 
 
+def test_reading_order_source_draws_the_same_images_with_reading_order_captions():
+    plain = list(open_source("shapes:40:3", RES))
+    reading = list(open_source("shapes:40:3:reading-order", RES))
+    assert_samples(reading, 40)
+    for i, (a, b) in enumerate(zip(plain, reading)):
+        assert a["key"] == b["key"] and np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+        assert (b["text"], b["text_zh"]) == shapes_example(3, i, reading_order=True)[1:]
+    assert any((a["text"], a["text_zh"]) != (b["text"], b["text_zh"]) for a, b in zip(plain, reading))  # restated
+
+
 def test_sharding_covers_every_sample_once():
     spec = "shapes:23:1"
     keys = [s["key"] for s in open_source(spec, 16)]
@@ -189,7 +200,7 @@ def test_sharding_covers_every_sample_once():
 
 def test_bad_specs(tmp_path):
     for spec in (str(tmp_path / "nope"), str(tmp_path / "x.jsonl"), str(tmp_path / "*.tar"),
-                 str(tmp_path / "s-{0..3}.tar"), "shapes:ten", "shapes:0"):
+                 str(tmp_path / "s-{0..3}.tar"), "shapes:ten", "shapes:0", "shapes:4:0:reading"):
         with pytest.raises(MarsError, match="nope|x.jsonl|matches nothing|not found|shapes"):
             open_source(spec, RES)
     (tmp_path / "empty").mkdir()

@@ -11,8 +11,9 @@ import pytest
 
 from mars.data.captions import (
     canonical_caption, canonical_prompts, caption_objects, caption_pair, caption_scene, paraphrase,
-    parse_canonical, shapes_example,
+    parse_canonical, reading_order_prompt, shapes_example,
 )
+from mars.data.checker import check_prompt
 from mars.data.cli import add_commands
 from mars.data.shapes import (
     COLOURS, COLOURS_ZH, HELD_OUT, SHAPES_ZH, SIZE_RANGES, Scene, ShapeObject, render_scene, sample_scene,
@@ -226,3 +227,61 @@ def test_cli_is_deterministic(tmp_path):
         run_cli("--n", "5", "--out", str(a))
     run_cli("--n", "5", "--out", str(a), "--overwrite", "--split", "eval")
     assert len(list((a / "images").iterdir())) == 5
+
+
+def test_reading_order_captions_name_the_first_object_in_reading_order():
+    """Every relation a reading-order caption states is left of / above, the first-named object is the
+    one met first on the relation's axis, and the spec's checker accepts the canonical ones on the
+    scene's own render; scenes without a relation are captioned exactly as without the option."""
+    last_words = ("to the right of", "below", "右边", "右侧", "下方", "下面")
+    relations_seen = Counter()
+    for i in range(300):
+        scene, en, zh = shapes_example(4, i, reading_order=True)
+        plain = shapes_example(4, i)
+        assert plain[0] == scene  # the same picture
+        if scene.category != "position":
+            assert (en, zh) == plain[1:]
+            continue
+        for text in (en, zh):
+            assert not any(w in text for w in last_words), text
+            assert caption_objects(text) == Counter(scene.pairs())
+            try:
+                parsed = parse_canonical(text)
+            except MarsError:
+                continue  # a paraphrase: checked by its words above
+            assert parsed.relation in ("left of", "above")
+            relations_seen[parsed.relation] += 1
+            assert check_prompt(render_scene(scene), text).correct, text
+            a, b = (next(o for o in scene.objects if (o.colour, o.shape) == pair) for pair in parsed.objects)
+            axis_a, axis_b = ((a.cx, b.cx) if parsed.relation == "left of" else (a.cy, b.cy))
+            assert axis_a < axis_b
+    assert relations_seen["left of"] > 10 and relations_seen["above"] > 10
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_reading_order_prompt_restates_a_position_prompt_for_the_same_picture(lang):
+    rng = random.Random(6)
+    restated = 0
+    for _ in range(200):
+        scene = sample_scene(rng, "position", split="eval")
+        prompt = canonical_caption(scene, lang)
+        new = reading_order_prompt(prompt)
+        assert parse_canonical(new).relation in ("left of", "above")
+        assert check_prompt(render_scene(scene), new).correct, (prompt, new)  # the same picture satisfies both
+        if scene.relation in ("right of", "below"):
+            restated += 1
+            assert new != prompt and reading_order_prompt(new) == new
+            assert parse_canonical(new).objects == parse_canonical(prompt).objects[::-1]
+        else:
+            assert new == prompt
+    assert restated > 50
+    for other in ("a red circle", "two red circles", "一个小的红色圆形和一个大的蓝色正方形", "a cat to the right of a dog"):
+        assert reading_order_prompt(other) == other
+
+
+def test_the_english_and_chinese_restatements_agree():
+    assert reading_order_prompt("A red circle to the right of a blue square.") == \
+        "a blue square to the left of a red circle"
+    assert reading_order_prompt("an orange star below a green circle") == "a green circle above an orange star"
+    assert reading_order_prompt("一个红色的圆形在一个蓝色的正方形的右边") == "一个蓝色的正方形在一个红色的圆形的左边"
+    assert reading_order_prompt("一个红色的圆形在一个蓝色的正方形的下方") == "一个蓝色的正方形在一个红色的圆形的上方"
