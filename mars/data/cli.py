@@ -34,18 +34,24 @@ def add_commands(subparsers) -> None:
                         help="train: no held-out pairs, paraphrased captions; eval: all categories "
                              "including novel, canonical captions (default train)")
     shapes.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    shapes.add_argument("--reading-order", action="store_true",
+                        help="state every relation in reading order, naming first the object on the left "
+                             "or on top (\"A right of B\" becomes \"B left of A\"); the same images")
     shapes.add_argument("--workers", type=int, default=1, help="processes that draw images (default 1)")
     shapes.add_argument("--overwrite", action="store_true",
                         help="replace DIR/images and DIR/captions.jsonl if DIR is not empty")
     shapes.set_defaults(func=run_shapes)
 
 
-def _write_one(index: int, *, out: str, seed: int, split: str, size: int, width: int) -> dict:
-    """Render sample `index`, save its PNG and return its captions.jsonl entry."""
-    scene, text, text_zh = shapes_example(seed, index, split)
+def _write_one(index: int, *, out: str, seed: int, split: str, size: int, width: int,
+               reading_order: bool = False) -> dict:
+    """Render sample `index`, save its PNG and return its captions.jsonl entry (the scene as its
+    captions state it)."""
+    scene, text, text_zh = shapes_example(seed, index, split, reading_order)
     image = f"images/{index:0{width}d}.png"
     render_scene(scene, size).save(os.path.join(out, image))
-    return {"image": image, "text": text, "text_zh": text_zh, **scene.to_dict()}
+    stated = scene.in_reading_order() if reading_order else scene
+    return {"image": image, "text": text, "text_zh": text_zh, **stated.to_dict()}
 
 
 def run_shapes(args: argparse.Namespace) -> None:
@@ -63,7 +69,7 @@ def run_shapes(args: argparse.Namespace) -> None:
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
 
     write = partial(_write_one, out=args.out, seed=args.seed, split=args.split, size=args.size,
-                    width=max(5, len(str(args.n - 1))))
+                    width=max(5, len(str(args.n - 1))), reading_order=args.reading_order)
     manifest = os.path.join(args.out, "captions.jsonl")
     tmp = manifest + ".tmp"
     pool = Pool(args.workers) if args.workers > 1 else None

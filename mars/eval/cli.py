@@ -293,13 +293,16 @@ def run_prompt_probe_cli(args: argparse.Namespace) -> int:
 
     pipe, model_path = _load_pipeline(args)
     result = run_prompt_probe(pipe.model, pipe.tokenizer, pipe.vq, n=args.n, langs=_langs(args.lang),
-                              seed=args.seed, batch_size=args.batch_size)
+                              seed=args.seed, batch_size=args.batch_size, restate=pipe.model_prompt)
+    if pipe.prompt_order != "as-written":
+        print(f"prompts read as the model reads them (prompt_order {pipe.prompt_order!r})")
     rows = [[probe, lang, r["gap"], r["median_gap"], r["preferred"], r["read_gap"], r["read_preferred"]]
             for probe, by_lang in result["summary"].items() for lang, r in by_lang.items()]
     print(format_table(["probe", "lang", "draws: gap (nats/image)", "median gap", "own prompt preferred",
                         "reads: gap (nats/caption)", "own caption preferred"], rows))
     if args.json:
-        write_json_atomic(args.json, {"model": model_path, "n": args.n, "seed": args.seed, **result})
+        write_json_atomic(args.json, {"model": model_path, "n": args.n, "seed": args.seed,
+                                      "prompt_order": pipe.prompt_order, **result})
     return 0
 
 

@@ -23,12 +23,18 @@ Both directions of the model are probed on the same scenes:
   nats per caption: whether the model, looking at the image, can tell the fact. A reader that
   cannot tell a relation cannot pick the right one among candidate images either (`--rerank`).
 
+A model whose training captions state relations in reading order (`prompt_order` "reading") reads
+both prompts restated that way (`restate`, the pipeline's `model_prompt`): its relation probe then
+compares "A left of B" with "B left of A", the same words in the other order.
+
 `preferred` / `read_preferred` is the fraction of scenes whose own prompt is the likelier one (0.5
 = chance). The images are exact renders encoded with the model's own VQ, so the probe measures how
 the model reads a prompt or an image, not how well it draws, and costs four forwards per scene.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -101,9 +107,11 @@ def _caption_log_likelihood(model, text_tokenizer, prompts: list[str], codes: to
 
 @torch.inference_mode()
 def run_prompt_probe(model, text_tokenizer, vq, n: int = 48, langs: tuple[str, ...] = ("en", "zh"),
-                     probes: tuple[str, ...] = tuple(PROBES), seed: int = 0, batch_size: int = 16) -> dict:
+                     probes: tuple[str, ...] = tuple(PROBES), seed: int = 0, batch_size: int = 16,
+                     restate: Callable[[str], str] = lambda prompt: prompt) -> dict:
     """{"summary": {probe: {lang: {"gap", "median_gap", "preferred", "read_gap", "read_preferred", "n"}}},
-    "examples": [{"probe", "lang", "prompt", "counterfactual", "gap", "read_gap"}, ...]}."""
+    "examples": [{"probe", "lang", "prompt", "counterfactual", "gap", "read_gap"}, ...]}; both prompts
+    of a scene are read as `restate` gives them."""
     if n < 1 or batch_size < 1:
         raise MarsError(f"need n >= 1 and batch_size >= 1, got {n} and {batch_size}")
     device = next(model.parameters()).device
@@ -112,7 +120,7 @@ def run_prompt_probe(model, text_tokenizer, vq, n: int = 48, langs: tuple[str, .
     for probe in probes:
         summary[probe] = {}
         for lang in langs:
-            triples = probe_prompts(probe, lang, n, seed)
+            triples = [(scene, restate(own), restate(other)) for scene, own, other in probe_prompts(probe, lang, n, seed)]
             gaps, read_gaps = [], []
             for start in range(0, n, batch_size):
                 chunk = triples[start:start + batch_size]

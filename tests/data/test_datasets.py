@@ -156,11 +156,12 @@ def test_webdataset_tars(tmp_path):
     assert len(list(open_source(str(tmp_path / "s-000.tar"), RES))) == 3
 
 
-def test_shapes_sources_agree(tmp_path):
-    samples = list(open_source("shapes:6:3", RES))
+@pytest.mark.parametrize("reading_order", [False, True])
+def test_shapes_sources_agree(tmp_path, reading_order):
+    samples = list(open_source("shapes:6:3" + (":reading-order" if reading_order else ""), RES))
     assert_samples(samples, 6)
     run_shapes(argparse.Namespace(n=6, out=str(tmp_path / "ds"), seed=3, split="train", size=RES,
-                                  workers=1, overwrite=False))
+                                  workers=1, overwrite=False, reading_order=reading_order))
     on_disk = list(open_source(str(tmp_path / "ds"), RES))
     assert_samples(on_disk, 6)
     for a, b in zip(samples, on_disk):

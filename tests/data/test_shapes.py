@@ -229,6 +229,16 @@ def test_cli_is_deterministic(tmp_path):
     assert len(list((a / "images").iterdir())) == 5
 
 
+def test_cli_reading_order_writes_the_scene_as_its_captions_state_it(tmp_path):
+    run_cli("--n", "30", "--out", str(tmp_path / "r"), "--seed", "3", "--reading-order")
+    lines = [json.loads(x) for x in (tmp_path / "r" / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
+    positions = [line for line in lines if line["category"] == "position"]
+    assert positions and all(line["relation"] in ("left of", "above") for line in positions)
+    for i, line in enumerate(lines):
+        assert Scene.from_dict(line) == scene_for_index(3, i).in_reading_order()
+        assert (line["text"], line["text_zh"]) == shapes_example(3, i, reading_order=True)[1:]
+
+
 def test_reading_order_captions_name_the_first_object_in_reading_order():
     """Every relation a reading-order caption states is left of / above, the first-named object is the
     one met first on the relation's axis, and the spec's checker accepts the canonical ones on the

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mars.cli import main
-from mars.data.captions import parse_canonical
+from mars.data.captions import parse_canonical, reading_order_prompt
 from mars.data.images import pil_to_tensor
 from mars.data.sequences import build_t2i, collate_t2i
 from mars.data.shapes import INVERSE_RELATION, RELATIONS, render_scene
@@ -85,3 +85,18 @@ def test_cli_prints_every_probe_and_writes_json(tiny_model_dir, tmp_path, capsys
     assert all(probe in printed for probe in PROBES) and "reads: gap" in printed
     saved = json.loads(out.read_text(encoding="utf-8"))
     assert set(saved["summary"]) == set(PROBES) and len(saved["examples"]) == 2 * len(PROBES)
+
+
+def test_a_reading_order_model_is_probed_on_its_restated_prompts(tiny_model_dir):
+    """restate = the pipeline's model_prompt: the relation probe compares the same words in the
+    other order ("B left of A" vs "A left of B")."""
+    pipe = MarsPipeline.from_pretrained(tiny_model_dir)
+    kwargs = dict(n=6, langs=("en", "zh"), probes=("relation",), batch_size=3)
+    plain = run_prompt_probe(pipe.model, pipe.tokenizer, pipe.vq, **kwargs)["examples"]
+    restated = run_prompt_probe(pipe.model, pipe.tokenizer, pipe.vq, restate=reading_order_prompt, **kwargs)["examples"]
+    for before, after in zip(plain, restated):
+        own, other = parse_canonical(after["prompt"]), parse_canonical(after["counterfactual"])
+        assert own.relation == other.relation in ("left of", "above")
+        assert own.objects == other.objects[::-1]
+        assert (after["prompt"], after["counterfactual"]) == (reading_order_prompt(before["prompt"]),
+                                                              reading_order_prompt(before["counterfactual"]))
