@@ -368,7 +368,9 @@ def parse_shapes_spec(spec: str, prefix: str = "shapes") -> tuple[int, int]:
     """(N, SEED) of a `shapes:N[:SEED]` spec (SEED defaults to 0); `prefix` names other sources of
     the same form (`canonical:N:SEED` prompts of `mars preferences`)."""
     parts = spec.split(":")
-    form = f"{prefix}:N or {prefix}:N:SEED" + (f" (or {prefix}:N:SEED{READING_ORDER_SUFFIX})" if prefix == "shapes" else "")
+    form = f"{prefix}:N or {prefix}:N:SEED"
+    if prefix == "shapes":
+        form += f" (or {prefix}:N:SEED{READING_ORDER_SUFFIX})"
     try:
         n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
     except (ValueError, IndexError):

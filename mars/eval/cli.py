@@ -78,6 +78,7 @@ def _generator(args: argparse.Namespace):
     """(GenerateFn, settings recorded next to the images) from the sampling arguments."""
     from mars.eval.runner import pipeline_generate_fn
     from mars.generate import RerankConfig, with_given
+    from mars.pipeline import AS_WRITTEN
 
     if args.rerank < 1:  # before the model loads or the output folder is made
         raise MarsError(f"--rerank must be >= 1, got {args.rerank}")
@@ -88,6 +89,8 @@ def _generator(args: argparse.Namespace):
     settings = {"model": model_path, **sampling, "seed": args.seed}
     if args.rerank > 1:  # absent when off, so earlier runs' settings.json still match
         settings |= {"rerank": args.rerank, "rerank_drawing_weight": judging.drawing_weight}
+    if pipe.prompt_order != AS_WRITTEN:  # absent for the default, for the same reason
+        settings["prompt_order"] = pipe.prompt_order
     return pipeline_generate_fn(pipe, **sampling, rerank=args.rerank,
                                 rerank_drawing_weight=judging.drawing_weight), settings
 
@@ -290,11 +293,12 @@ def run_loss(args: argparse.Namespace) -> int:
 def run_prompt_probe_cli(args: argparse.Namespace) -> int:
     from mars.eval.io import format_table, write_json_atomic
     from mars.eval.prompt_probe import run_prompt_probe
+    from mars.pipeline import AS_WRITTEN
 
     pipe, model_path = _load_pipeline(args)
     result = run_prompt_probe(pipe.model, pipe.tokenizer, pipe.vq, n=args.n, langs=_langs(args.lang),
                               seed=args.seed, batch_size=args.batch_size, restate=pipe.model_prompt)
-    if pipe.prompt_order != "as-written":
+    if pipe.prompt_order != AS_WRITTEN:
         print(f"prompts read as the model reads them (prompt_order {pipe.prompt_order!r})")
     rows = [[probe, lang, r["gap"], r["median_gap"], r["preferred"], r["read_gap"], r["read_preferred"]]
             for probe, by_lang in result["summary"].items() for lang, r in by_lang.items()]

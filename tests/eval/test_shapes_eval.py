@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -196,3 +197,21 @@ def test_shapes_cli_records_rerank_and_refuses_to_mix_it(tiny_model_dir, tmp_pat
     assert "other settings" in capsys.readouterr().err
     assert main(args + ["--rerank", "2", "--rerank-drawing-weight", "-1", "--out-dir", str(tmp_path / "bad")]) == 2
     assert "drawing_weight must be" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_shapes_cli_records_a_reading_order_model_and_judges_the_prompt_as_asked(tiny_model_dir, tmp_path, capsys):
+    model = tmp_path / "reading"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "generation_config.json").write_text('{"cfg_scale": 2.0, "prompt_order": "reading"}')
+    out = tmp_path / "shapes"
+    args = ["eval", "shapes", "--model", str(model), "--n-per-category", "4", "--lang", "en",
+            "--out-dir", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["settings"]["prompt_order"] == "reading"
+    asked = [r["prompt"] for r in results["images"] if r["category"] == "position"]
+    assert any(parse_canonical(p).relation in ("right of", "below") for p in asked)  # recorded as asked
+    (model / "generation_config.json").write_text('{"cfg_scale": 2.0}')
+    capsys.readouterr()
+    assert main(args) == 2  # the same folder with the prompts as written: other settings
+    assert "other settings" in capsys.readouterr().err
