@@ -78,6 +78,7 @@ from mars.data.shapes import TRAIN_CATEGORIES, Scene, render_scene, sample_scene
 from mars.errors import MarsError
 from mars.eval.io import write_json_atomic
 from mars.eval.shapes_eval import shapes_items
+from mars.pipeline import AS_WRITTEN
 from mars.rerank import candidate_scores, check_fits
 
 SETTINGS_FILE = "preferences.json"
@@ -152,11 +153,16 @@ def make_preferences(pipeline, prompts: list[str], out_dir: str | Path, candidat
             check_fact(mirror_fact, tuple(sorted({parse_canonical(p).category for p in prompts})))
     elif mirror_fact is not None:
         raise MarsError("--mirror needs --judge checker: the model's own judge cannot tell a mirror image")
+    # the pairs hold each prompt as the model reads it (`MarsPipeline.model_prompt`): a DPO stage then
+    # trains on the words the model is given, and the checker judges a restated prompt as the original
+    prompts = [pipeline.model_prompt(p) for p in prompts]
     weight = pipeline.rerank_settings(drawing_weight).drawing_weight if judge == "self" else None
     grid = pipeline.model.config.image_grid
     check_fits(pipeline.model, pipeline.tokenizer, prompts, grid * grid)
     settings = {"candidates": candidates, "seed": seed, "judge": judge, "drawing_weight": weight,
                 "mirror_fact": mirror_fact, "sampling": pipeline.sampling_settings()}
+    if pipeline.prompt_order != AS_WRITTEN:  # absent for the default, so earlier folders still resume
+        settings["prompt_order"] = pipeline.prompt_order
 
     def judged_part(start: int, chunk: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         codes = pipeline.draw_candidates(chunk, candidates, seed=seed + start, batch_size=batch_size)
@@ -200,12 +206,14 @@ def make_counterfactual_preferences(pipeline, spec: str, categories: tuple[str, 
     scenes, passed_over = canonical_scenes_outside_benchmark(spec, categories,
                                                              keep=lambda scene: falsify(scene, fact) is not None)
     settings = {"judge": f"counterfactual:{fact}", "data": spec, "categories": list(categories), "candidates": 2}
+    if pipeline.prompt_order != AS_WRITTEN:
+        settings["prompt_order"] = pipeline.prompt_order
 
     def rendered_part(start: int, chunk: list[tuple[Scene, str]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         chosen = pipeline.encode_images([render_scene(scene) for scene, _ in chunk])  # (P, h, w)
         rejected = pipeline.encode_images([render_scene(falsify(scene, fact)) for scene, _ in chunk])
         scores = torch.tensor([[1.0, 0.0]]).expand(len(chunk), 2)
-        return [prompt for _, prompt in chunk], torch.stack([chosen, rejected], 1), scores
+        return [pipeline.model_prompt(prompt) for _, prompt in chunk], torch.stack([chosen, rejected], 1), scores
 
     out = _write_parts(pipeline, out_dir, settings, scenes, part_size, rendered_part, "pairs", progress)
     return out, passed_over

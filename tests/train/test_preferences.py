@@ -3,6 +3,7 @@ DPO stage that trains on them."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -407,3 +408,18 @@ def test_pairs_from_another_vq_gan_are_refused(model_copy, prefs, tmp_path, tiny
     with pytest.raises(MarsError, match="codes of another VQ-GAN"):
         run_stage("stage2", tmp_path / "run", *DPO, f"init_from={model_copy}", f"data.preferences={prefs}",
                   "max_steps=1")
+
+
+def test_pairs_of_a_reading_order_model_hold_its_restated_prompts(pipe, tmp_path, monkeypatch):
+    """With prompt_order "reading" the pairs hold each prompt as the model reads it (a DPO stage trains
+    on those words), the checker judges them (the same picture either way), and settings record it."""
+    reading = MarsPipeline(pipe.model, pipe.tokenizer, pipe.vq, pipe.generation_config, prompt_order="reading")
+    asked = ["a red circle to the right of a blue square", "一个红色的圆形在一个蓝色的正方形的下方", "a red circle"]
+    restated = ["a blue square to the left of a red circle", "一个蓝色的正方形在一个红色的圆形的上方", "a red circle"]
+    folder = make_preferences(reading, asked, tmp_path / "reading", candidates=2, part_size=2, batch_size=4,
+                              judge="checker", progress=False)
+    assert [p.prompt for p in PreferencePairs(folder, min_score_gap=0.0)] == restated
+    assert json.loads((folder / "preferences.json").read_text(encoding="utf-8"))["prompt_order"] == "reading"
+    pairs, _ = make_counterfactual_preferences(reading, "canonical:6:3", ("position",), "relation",
+                                               tmp_path / "rendered", part_size=4, progress=False)
+    assert all(parse_canonical(p.prompt).relation in ("left of", "above") for p in PreferencePairs(pairs))
