@@ -161,6 +161,11 @@ class MarsPipeline:
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
+    def prompt_order_settings(self) -> dict[str, str]:
+        """{"prompt_order": ...} for a run's recorded settings; empty for the default, so that settings
+        recorded before prompt orders existed still match."""
+        return {} if self.prompt_order == AS_WRITTEN else {"prompt_order": self.prompt_order}
+
     def model_prompt(self, prompt: str) -> str:
         """`prompt` as the model reads it: as written, or, for a model whose training captions state
         relations in reading order (`prompt_order` "reading"), a MARS-Shapes position prompt restated

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from mars.data.shapes import (
     COLOURS, COLOURS_ZH, EVAL_CATEGORIES, INVERSE_RELATION, SHAPE_PLURALS, SHAPES, SHAPES_ZH,
-    HELD_OUT, READING_ORDER_RELATIONS, Scene, sample_scene, scene_for_index,
+    HELD_OUT, Scene, relation_in_reading_order, sample_scene, scene_for_index,
 )
 from mars.errors import MarsError
 
@@ -333,10 +333,12 @@ def reading_order_prompt(prompt: str) -> str:
         parsed = parse_canonical(prompt)
     except MarsError:
         return prompt
-    if parsed.category != "position" or parsed.relation in READING_ORDER_RELATIONS:
+    if parsed.category != "position":
         return prompt
-    a, b = parsed.objects
-    return _position_caption(b, a, INVERSE_RELATION[parsed.relation], parsed.lang)
+    (a, b), relation = relation_in_reading_order(parsed.objects, parsed.relation)
+    if relation == parsed.relation:
+        return prompt  # already in reading order: as written, not respelled
+    return _position_caption(a, b, relation, parsed.lang)
 
 
 def caption_pair(index: int, en: str, zh: str) -> str:

@@ -89,6 +89,15 @@ class ShapeObject:
         return (self.cx - h, self.cy - h, self.cx + h, self.cy + h)
 
 
+def relation_in_reading_order(objects: tuple, relation: str) -> tuple[tuple, str]:
+    """"A <relation> B" as (objects, relation) stated so that the object named first is the one met
+    first in reading order: "A right of B" -> "B left of A", "A below B" -> "B above A"; a relation
+    already in reading order is returned as it is."""
+    if relation in READING_ORDER_RELATIONS:
+        return objects, relation
+    return objects[::-1], INVERSE_RELATION[relation]
+
+
 @dataclass(frozen=True)
 class Scene:
     """A picture and what its canonical caption states.
@@ -114,12 +123,12 @@ class Scene:
                 "objects": [asdict(o) for o in self.objects]}
 
     def in_reading_order(self) -> Scene:
-        """The same picture stated the other way round where needed, so that a position scene's
-        first-named object is the one met first in reading order: "A right of B" -> "B left of A",
-        "A below B" -> "B above A". Other scenes are returned unchanged."""
-        if self.category != "position" or self.relation in READING_ORDER_RELATIONS:
+        """The same picture, a position scene stated in reading order (`relation_in_reading_order`);
+        other scenes are returned unchanged."""
+        if self.category != "position":
             return self
-        return Scene(self.objects[::-1], self.category, INVERSE_RELATION[self.relation])
+        objects, relation = relation_in_reading_order(self.objects, self.relation)
+        return Scene(objects, self.category, relation)
 
     @classmethod
     def from_dict(cls, d: dict) -> Scene:

@@ -78,7 +78,6 @@ def _generator(args: argparse.Namespace):
     """(GenerateFn, settings recorded next to the images) from the sampling arguments."""
     from mars.eval.runner import pipeline_generate_fn
     from mars.generate import RerankConfig, with_given
-    from mars.pipeline import AS_WRITTEN
 
     if args.rerank < 1:  # before the model loads or the output folder is made
         raise MarsError(f"--rerank must be >= 1, got {args.rerank}")
@@ -89,8 +88,7 @@ def _generator(args: argparse.Namespace):
     settings = {"model": model_path, **sampling, "seed": args.seed}
     if args.rerank > 1:  # absent when off, so earlier runs' settings.json still match
         settings |= {"rerank": args.rerank, "rerank_drawing_weight": judging.drawing_weight}
-    if pipe.prompt_order != AS_WRITTEN:  # absent for the default, for the same reason
-        settings["prompt_order"] = pipe.prompt_order
+    settings |= pipe.prompt_order_settings()
     return pipeline_generate_fn(pipe, **sampling, rerank=args.rerank,
                                 rerank_drawing_weight=judging.drawing_weight), settings
 

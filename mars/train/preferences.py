@@ -78,7 +78,6 @@ from mars.data.shapes import TRAIN_CATEGORIES, Scene, render_scene, sample_scene
 from mars.errors import MarsError
 from mars.eval.io import write_json_atomic
 from mars.eval.shapes_eval import shapes_items
-from mars.pipeline import AS_WRITTEN
 from mars.rerank import candidate_scores, check_fits
 
 SETTINGS_FILE = "preferences.json"
@@ -161,8 +160,7 @@ def make_preferences(pipeline, prompts: list[str], out_dir: str | Path, candidat
     check_fits(pipeline.model, pipeline.tokenizer, prompts, grid * grid)
     settings = {"candidates": candidates, "seed": seed, "judge": judge, "drawing_weight": weight,
                 "mirror_fact": mirror_fact, "sampling": pipeline.sampling_settings()}
-    if pipeline.prompt_order != AS_WRITTEN:  # absent for the default, so earlier folders still resume
-        settings["prompt_order"] = pipeline.prompt_order
+    settings |= pipeline.prompt_order_settings()
 
     def judged_part(start: int, chunk: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         codes = pipeline.draw_candidates(chunk, candidates, seed=seed + start, batch_size=batch_size)
@@ -206,8 +204,7 @@ def make_counterfactual_preferences(pipeline, spec: str, categories: tuple[str, 
     scenes, passed_over = canonical_scenes_outside_benchmark(spec, categories,
                                                              keep=lambda scene: falsify(scene, fact) is not None)
     settings = {"judge": f"counterfactual:{fact}", "data": spec, "categories": list(categories), "candidates": 2}
-    if pipeline.prompt_order != AS_WRITTEN:
-        settings["prompt_order"] = pipeline.prompt_order
+    settings |= pipeline.prompt_order_settings()
 
     def rendered_part(start: int, chunk: list[tuple[Scene, str]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         chosen = pipeline.encode_images([render_scene(scene) for scene, _ in chunk])  # (P, h, w)
