@@ -510,6 +510,12 @@ def save_generation_config(model_dir: str | os.PathLike, config: SampleConfig, c
     (Path(model_dir) / GENERATION_CONFIG).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def save_prompt_order(model_dir: str | os.PathLike, order: str) -> None:
+    """Set a model folder's "prompt_order", keeping its other generation settings (or the defaults)."""
+    save_generation_config(model_dir, load_generation_config(model_dir), load_caption_config(model_dir),
+                           load_rerank_config(model_dir), order)
+
+
 def _image_seeds(seed: int | Sequence[int], count: int) -> list[int]:
     """The seed of each of `count` images: `seed + i`, or a list given one per image."""
     if isinstance(seed, Sequence):

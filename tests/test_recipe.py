@@ -70,6 +70,18 @@ def test_ship_model_stores_fp16_weights_that_load_in_the_running_dtype(tmp_path,
         assert b.dtype == torch.float32 and torch.equal(b, a.half().float()), name
 
 
+def test_ship_model_with_new_sampling_defaults_keeps_the_models_judge_and_prompt_order(tmp_path, tiny_model_dir):
+    from mars.pipeline import load_caption_config, load_generation_config, load_prompt_order, load_rerank_config
+
+    source = Path(shutil.copytree(tiny_model_dir, tmp_path / "source"))
+    (source / "generation_config.json").write_text(json.dumps(
+        {"cfg_scale": 2.0, "rerank": {"drawing_weight": 0.25}, "prompt_order": "reading"}))
+    sampling, caption = SampleConfig(cfg_scale=3.0, top_k=2), CaptionConfig(refine=1)
+    shipped = ship_model(source, tmp_path / "shipped", generation=sampling, caption=caption)
+    assert (load_generation_config(shipped), load_caption_config(shipped)) == (sampling, caption)
+    assert load_rerank_config(shipped).drawing_weight == 0.25 and load_prompt_order(shipped) == "reading"
+
+
 def test_generate_without_model_writes_a_256px_png(tmp_path):
     out = tmp_path / "demo.png"
     prompt = "a red circle to the left of a blue square"

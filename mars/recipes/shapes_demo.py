@@ -51,7 +51,7 @@ from mars.config import load_config
 from mars.errors import MarsError
 from mars.generate import CaptionConfig, SampleConfig
 from mars.model.weights import load_weights, save_weights
-from mars.pipeline import save_generation_config
+from mars.pipeline import load_prompt_order, load_rerank_config, save_generation_config
 
 logger = logging.getLogger("mars.recipes")
 
@@ -378,8 +378,9 @@ def ship_model(src: str | Path, dst: str | Path, vq: str | Path | None = None, m
                generation: SampleConfig | None = None, weights_dtype: torch.dtype | None = None,
                caption: CaptionConfig | None = None) -> Path:
     """Copy a model folder to `dst` (replacing it; `vq` replaces its vq/; `generation` and `caption`
-    become its generation_config.json; `weights_dtype`, e.g. fp16, stores the model's floating-point weights in
-    that type: loaders cast them to the dtype they run in), refusing more than `max_bytes`."""
+    replace its sampling and caption defaults; `weights_dtype`, e.g. fp16, stores the model's
+    floating-point weights in that type: loaders cast them to the dtype they run in), refusing more
+    than `max_bytes`."""
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise MarsError(f"{src} is not a model folder (no config.json)")
@@ -393,8 +394,8 @@ def ship_model(src: str | Path, dst: str | Path, vq: str | Path | None = None, m
     if vq is not None:
         shutil.rmtree(tmp / "vq", ignore_errors=True)
         shutil.copytree(vq, tmp / "vq", ignore=shutil.ignore_patterns("eval.json"))
-    if generation is not None:
-        save_generation_config(tmp, generation, caption)
+    if generation is not None:  # the source's rerank judge and prompt order stay
+        save_generation_config(tmp, generation, caption, load_rerank_config(tmp), load_prompt_order(tmp))
     size = folder_bytes(tmp)
     if size > max_bytes:
         shutil.rmtree(tmp)

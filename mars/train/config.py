@@ -14,6 +14,7 @@ from typing import Any
 from mars.config import load_config
 from mars.data.negatives import check_swap_groups
 from mars.errors import MarsError
+from mars.pipeline import PROMPT_ORDERS
 
 STAGES = ("stage0", "stage1", "stage2", "stage3")
 TASKS = ("lm", "t2i", "i2t", "dpo")
@@ -60,6 +61,11 @@ class TrainConfig:
     tokenizer: str | None = None  # text tokenizer for a scratch model (default: the config's kind)
     vq: str | None = None  # VQ-GAN folder copied into final/vq (default: init_from/vq)
     data: DataConfig = field(default_factory=lambda: DataConfig(synthetic=64))
+    # How the trained model's captions state relations, written to final/generation_config.json
+    # ("prompt_order", read by MarsPipeline): as-written | reading (captions of shapes:N:SEED:reading-order
+    # or `mars data shapes --reading-order`). None: the data's own when data.shards were preprocessed from a
+    # shapes:N:SEED[:reading-order] spec, else init_from's, else as-written
+    prompt_order: str | None = None
     tasks: dict[str, float] = field(default_factory=lambda: {"t2i": 0.5, "i2t": 0.5})  # task of each step ~ weights
 
     # optimisation
@@ -170,6 +176,8 @@ class TrainConfig:
                             "set t2i_contrast_swaps, in a stage with a t2i task")
         if self.t2i_contrast_steps < 0:
             raise MarsError(f"t2i_contrast_steps must be >= 0 (0 = every step), got {self.t2i_contrast_steps}")
+        if self.prompt_order is not None and self.prompt_order not in PROMPT_ORDERS:
+            raise MarsError(f"prompt_order must be one of {', '.join(PROMPT_ORDERS)}, got {self.prompt_order!r}")
         if self.precision not in ("bf16", "fp32"):
             raise MarsError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):

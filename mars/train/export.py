@@ -4,8 +4,9 @@
 
 A model folder (mars/model_dir.py) is the weights (`save_pretrained`) with the run's text tokenizer
 in `tokenizer/`, its VQ-GAN in `vq/` and, when the run started from a model that has one, that
-model's `generation_config.json` (its sampling defaults: a fine-tune keeps them). The folder is
-written under a temporary name and renamed, so an interrupted export leaves nothing half-written.
+model's `generation_config.json` (its sampling defaults: a fine-tune keeps them), with the prompt
+order of the run's captions (`run_prompt_order`). The folder is written under a temporary name and
+renamed, so an interrupted export leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import shutil
 from pathlib import Path
 
 from mars.config import from_dict
+from mars.data.datasets import READING_ORDER_SUFFIX
+from mars.data.shards import CodeShardDataset
 from mars.errors import MarsError
 from mars.model_dir import GENERATION_CONFIG, TOKENIZER_DIR, VQ_DIR, load_model_text_tokenizer
+from mars.pipeline import AS_WRITTEN, READING, load_prompt_order, save_prompt_order
 from mars.text_tokenizer import TextTokenizer, load_text_tokenizer
 from mars.train.checkpoint import load_checkpoint_model, read_meta
 from mars.train.config import TrainConfig
@@ -43,6 +47,19 @@ def run_vq_dir(cfg: TrainConfig) -> Path | None:
     return None
 
 
+def run_prompt_order(cfg: TrainConfig) -> str:
+    """How the trained model's captions state relations (its generation_config.json "prompt_order"):
+    `prompt_order:`, else the data's when data.shards were preprocessed from a `shapes:N:SEED` spec
+    (reading with its `:reading-order` suffix), else init_from's, else as-written."""
+    if cfg.prompt_order is not None:
+        return cfg.prompt_order
+    if cfg.data.shards:
+        spec = CodeShardDataset(cfg.data.shards).index.get("data", "")
+        if spec.startswith("shapes:"):
+            return READING if spec.endswith(READING_ORDER_SUFFIX) else AS_WRITTEN
+    return load_prompt_order(cfg.init_from) if cfg.init_from is not None else AS_WRITTEN
+
+
 def write_model_folder(model, out: str | Path, cfg: TrainConfig, text_tokenizer: TextTokenizer) -> Path:
     """`model` (stage 0: its visual side copied from the text side first) as a complete model folder."""
     out = Path(out)
@@ -61,6 +78,9 @@ def write_model_folder(model, out: str | Path, cfg: TrainConfig, text_tokenizer:
         logger.info("no VQ-GAN (set vq: or init_from with a vq/ folder): %s has no vq/", out)
     if cfg.init_from is not None and (Path(cfg.init_from) / GENERATION_CONFIG).is_file():
         shutil.copy(Path(cfg.init_from) / GENERATION_CONFIG, tmp / GENERATION_CONFIG)
+    prompt_order = run_prompt_order(cfg)
+    if prompt_order != load_prompt_order(tmp):
+        save_prompt_order(tmp, prompt_order)
     if out.is_dir():
         shutil.rmtree(out)
     elif out.exists():

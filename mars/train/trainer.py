@@ -38,7 +38,7 @@ from mars.train import checkpoint, parallel
 from mars.train.config import TrainConfig
 from mars.train.data import (PreferenceMixData, PreferenceStepData, StepData, TextCorpus, read_text_corpus,
                              synthetic_shards)
-from mars.train.export import run_text_tokenizer, run_vq_dir, write_model_folder
+from mars.train.export import run_prompt_order, run_text_tokenizer, run_vq_dir, write_model_folder
 from mars.train.losses import dpo_loss, t2i_contrast_loss, task_loss
 from mars.train.parallel import DistEnv
 from mars.train.preferences import PreferencePairs
@@ -104,6 +104,9 @@ class Trainer:
         self.reference = self._load_reference()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.data = self._build_data()
+        # resolved once, so checkpoints (and `mars export` of them) record it
+        cfg.prompt_order = run_prompt_order(cfg)
+        logger.info("prompt order of the trained model: %s", cfg.prompt_order)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.start_step = self._maybe_resume()

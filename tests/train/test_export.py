@@ -81,3 +81,48 @@ def test_a_checkpoint_taken_during_a_positions_ramp_is_refused(model_copy, tmp_p
     assert not (tmp_path / "m1").exists()
     exported = export_checkpoint(out / "checkpoints" / "step_00000002", tmp_path / "m2")
     assert SemVIE.from_pretrained(exported).config.image_positions == "2d"
+
+
+def _shapes_shards(model_dir: Path, spec: str, out: Path) -> Path:
+    """`spec` (a shapes:N:SEED data spec) preprocessed into code shards by the model in `model_dir`."""
+    from mars.data.preprocess import preprocess
+    from mars.model_dir import load_model_text_tokenizer
+    from mars.vq import load_tokenizer
+
+    config = SemVIE.from_pretrained(model_dir).config
+    preprocess(load_tokenizer(model_dir / "vq"), load_model_text_tokenizer(model_dir, config.text_tokenizer), spec, out,
+               resolution=config.image_size, shard_size=8, batch_size=8, progress=False)
+    return out
+
+
+def _prompt_order(folder: Path) -> str:
+    from mars.pipeline import load_prompt_order
+
+    return load_prompt_order(folder)
+
+
+def test_a_run_on_reading_order_captions_saves_a_model_that_restates_prompts(model_copy, tmp_path):
+    (model_copy / "generation_config.json").write_text(json.dumps(SAMPLING))  # an as-written model
+    shards = _shapes_shards(model_copy, "shapes:8:0:reading-order", tmp_path / "codes")
+    data = [f"init_from={model_copy}", f"data.shards={shards}", "data.synthetic=0", "max_steps=2", "save_every=1"]
+    final, _ = run_stage("stage2", tmp_path / "run", *data)
+    settings = json.loads((final / "generation_config.json").read_text())
+    assert settings["prompt_order"] == "reading"
+    assert {key: settings[key] for key in SAMPLING} == SAMPLING  # the sampling defaults stay
+    exported = export_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000001", tmp_path / "m1")
+    assert _prompt_order(exported) == "reading"
+    # stated in the config, it wins; as-written captions make an as-written model of a reading-order one
+    final, _ = run_stage("stage2", tmp_path / "asked", *data, "prompt_order=as-written")
+    assert json.loads((final / "generation_config.json").read_text()) == SAMPLING
+    plain = _shapes_shards(model_copy, "shapes:8:0", tmp_path / "plain-codes")
+    final, _ = run_stage("stage2", tmp_path / "plain", f"init_from={tmp_path / 'run' / 'final'}",
+                         f"data.shards={plain}", "data.synthetic=0", "max_steps=1")
+    assert _prompt_order(final) == "as-written"
+
+
+def test_other_data_keep_the_start_models_prompt_order_and_a_bad_one_is_refused(model_copy, tmp_path):
+    (model_copy / "generation_config.json").write_text(json.dumps({**SAMPLING, "prompt_order": "reading"}))
+    final, _ = run_stage("stage2", tmp_path / "run", f"init_from={model_copy}", "max_steps=1")  # synthetic data
+    assert _prompt_order(final) == "reading"
+    with pytest.raises(MarsError, match="prompt_order must be one of as-written, reading, got 'sideways'"):
+        run_stage("stage2", tmp_path / "bad", f"init_from={model_copy}", "prompt_order=sideways")
