@@ -319,14 +319,15 @@ def test_recipe_rejects_bad_arguments(tmp_path):
         Recipe(tmp_path, vq=tmp_path)
 
 
-def test_the_reading_order_stages_follow_each_other_from_the_built_in_model():
-    """configs/shapes-demo/reading-order*.yaml: the first starts from the built-in model on reading-order
-    codes, the second from the first's final model, both with the shipped T2I vocabulary setting."""
+def test_the_reading_order_stages_follow_each_other_from_the_stop_35_model():
+    """configs/shapes-demo/reading-order*.yaml: the first starts from the stop-35 built-in model on
+    reading-order codes, the second from the first's final model, both with the shipped T2I vocabulary
+    setting."""
     from mars.train.config import load_train_config
 
     first = load_train_config(REPO_CONFIGS / "reading-order.yaml", [])
     second = load_train_config(REPO_CONFIGS / "reading-order-position.yaml", [])
-    assert str(first.init_from) == "mars/assets/shapes-demo"
+    assert str(first.init_from) == "runs/stop35/shapes-demo"
     assert str(second.init_from) == str(Path(first.out_dir) / "final") and second.out_dir != first.out_dir
     assert first.data.shards != second.data.shards
     assert first.t2i_loss_vocab == second.t2i_loss_vocab == "visual" and first.tasks == second.tasks
