@@ -46,6 +46,9 @@ def test_shipped_model_loads_by_name():
         ids = pipe.tokenizer.encode(text)
         assert max(ids) < cfg.text_vocab_size and len(ids) < len(text.encode("utf-8")) // 2
         assert pipe.tokenizer.decode(ids) == text
+    # It was trained on captions in reading order, and reads a position prompt restated that way.
+    assert pipe.prompt_order == "reading"
+    assert pipe.model_prompt("a red circle to the right of a blue square") == "a blue square to the left of a red circle"
 
 
 def test_shipped_model_captions_with_default_length():
