@@ -1,4 +1,5 @@
-"""`mars data ...` verbs: `mars data shapes` writes a MARS-Shapes data set to disk."""
+"""`mars data ...` verbs: `mars data shapes` writes a MARS-Shapes data set to disk, `mars data mix`
+a manifest of it that gives chosen categories a share."""
 
 from __future__ import annotations
 
@@ -42,6 +43,20 @@ def add_commands(subparsers) -> None:
                         help="replace DIR/images and DIR/captions.jsonl if DIR is not empty")
     shapes.set_defaults(func=run_shapes)
 
+    mix = verbs.add_parser(
+        "mix", help="a manifest that gives chosen categories a share (oversampling them)",
+        description="Write OUT (a jsonl manifest for `mars preprocess --data`) from a `mars data shapes` "
+                    "captions.jsonl: every record of the scarcest part, and of each other part as many as "
+                    "its --share asks; categories without a share fill the rest. Drawn without repetition "
+                    "and shuffled with --seed; image paths are rewritten relative to OUT's folder.")
+    mix.add_argument("manifest", help="captions.jsonl of `mars data shapes`")
+    mix.add_argument("--share", action="append", default=[], metavar="CATEGORY=FRACTION",
+                     help="a category's fraction of the output, e.g. position=0.5 (repeatable)")
+    mix.add_argument("--out", required=True, help="output manifest (.jsonl)")
+    mix.add_argument("--seed", type=int, default=0, help="seed of the draw and the shuffle (default 0)")
+    mix.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    mix.set_defaults(func=run_mix)
+
 
 def _write_one(index: int, *, out: str, seed: int, split: str, size: int, width: int,
                reading_order: bool = False) -> dict:
@@ -84,3 +99,12 @@ def run_shapes(args: argparse.Namespace) -> None:
             pool.terminate()
     os.replace(tmp, manifest)  # a killed run leaves no half-written manifest
     print(f"wrote {args.n} images and captions.jsonl to {args.out}")
+
+
+def run_mix(args: argparse.Namespace) -> None:
+    """Handler of `mars data mix`."""
+    from mars.data.mix import mix_manifest, parse_shares
+
+    counts = mix_manifest(args.manifest, parse_shares(args.share), args.out, args.seed, args.overwrite)
+    per_category = ", ".join(f"{category} {n}" for category, n in sorted(counts.items()))
+    print(f"wrote {sum(counts.values())} records to {args.out} ({per_category})")
