@@ -321,24 +321,47 @@ def shapes_example(seed: int, index: int, split: str = "train",
             caption_scene(scene, rng, "zh", fraction, reading_order))
 
 
+# One object of a position caption, canonical or paraphrased ("a red circle", "One blue square",
+# "一个红色的圆形", "1个蓝色正方形"; a size word allowed), and the relation phrases of either language.
+_PHRASE_EN = rf"(?:an?|one|1) (?:(?:small|large|big) )?(?:{_C_EN}) (?:{_S_EN})"
+_PHRASE_ZH = rf"[一1]个(?:[小大]的)?(?:{_C_ZH})的?(?:{_S_ZH})"
+_RELATION_OF_EN = {phrase: relation for relation, phrase in RELATION_EN.items()}
+_RELATION_OF_ZH = {word: relation for table in (RELATION_ZH, RELATION_ZH_ALT) for relation, word in table.items()}
+_RELATION_SENTENCE_EN = re.compile(
+    rf"(?P<a>{_PHRASE_EN}) (?P<verb>(?:is|sits|appears) )?(?P<relation>{_alt(_RELATION_OF_EN)}) "
+    rf"(?P<b>{_PHRASE_EN})(?P<tail>\..*)?", re.IGNORECASE | re.DOTALL)
+_RELATION_SENTENCE_ZH = re.compile(
+    rf"(?P<a>{_PHRASE_ZH})(?P<verb>在|位于)(?P<b>{_PHRASE_ZH})的(?P<relation>{_alt(_RELATION_OF_ZH)})(?P<tail>。.*)?",
+    re.DOTALL)
+
+
 def reading_order_prompt(prompt: str) -> str:
-    """A canonical position prompt restated so that it names first the object met first in
-    reading order ("a red circle to the right of a blue square" -> "a blue square to the left
-    of a red circle"); the same picture satisfies both. Any other prompt is returned unchanged.
+    """A position prompt restated so that it names first the object met first in reading order
+    ("a red circle to the right of a blue square" -> "a blue square to the left of a red circle";
+    "One red circle sits below a blue square." -> "A blue square sits above one red circle."); the
+    same picture satisfies both. It reads the relation sentences of `caption_scene`, canonical or
+    paraphrased, in English and Chinese, keeping their words; any other prompt is returned unchanged.
 
     The prompt rewrite of a model trained on `reading_order` captions (generation_config.json
     `prompt_order: "reading"`).
     """
-    try:
-        parsed = parse_canonical(prompt)
-    except MarsError:
+    text = prompt.strip()
+    english = _RELATION_SENTENCE_EN.fullmatch(text)
+    match = english or _RELATION_SENTENCE_ZH.fullmatch(text)
+    if match is None:
         return prompt
-    if parsed.category != "position":
-        return prompt
-    (a, b), relation = relation_in_reading_order(parsed.objects, parsed.relation)
-    if relation == parsed.relation:
-        return prompt  # already in reading order: as written, not respelled
-    return _position_caption(a, b, relation, parsed.lang)
+    a, b, word = match["a"], match["b"], match["relation"]
+    relation = _RELATION_OF_EN[word.lower()] if english else _RELATION_OF_ZH[word]
+    (first, second), restated = relation_in_reading_order((a, b), relation)
+    if restated == relation:
+        return prompt  # already in reading order: as written
+    tail = match["tail"] or ""
+    if english:
+        if a[0].isupper():  # the sentence's capital moves with its first word
+            first, second = first[0].upper() + first[1:], second[0].lower() + second[1:]
+        return f"{first} {match['verb'] or ''}{RELATION_EN[restated]} {second}{tail}"
+    table = RELATION_ZH if word in RELATION_ZH.values() else RELATION_ZH_ALT
+    return f"{first}{match['verb']}{second}的{table[restated]}{tail}"
 
 
 def caption_pair(index: int, en: str, zh: str) -> str:

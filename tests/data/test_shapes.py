@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import random
+import re
 from collections import Counter
 
 import numpy as np
@@ -289,9 +290,42 @@ def test_reading_order_prompt_restates_a_position_prompt_for_the_same_picture(la
         assert reading_order_prompt(other) == other
 
 
+RELATION_WORDS = {"en": ("left of", "right of", "above", "below"),
+                  "zh": ("左边", "右边", "上方", "下方", "左侧", "右侧", "上面", "下面")}
+
+
+def _without_article_choice(caption: str) -> str:
+    """A caption with the per-object choices of `caption_scene` undone: "a" / "an" / "one", and
+    Chinese 的 (optional inside a phrase), so two captions that differ only in them compare equal."""
+    return re.sub(r"\b(an?|one)\b", "a", caption.lower()).replace("的", "")
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_a_paraphrased_relation_is_restated_as_the_reading_order_captions_state_it(lang):
+    """Restating a training paraphrase gives the caption that `caption_scene(..., reading_order=True)`
+    writes for the same scene and random draws (the same verb, relation word and second sentence),
+    up to which object got "a" or "one"."""
+    restated = 0
+    for k in range(300):
+        scene = sample_scene(random.Random(k), "position")
+        as_written = caption_scene(scene, random.Random(k), lang, canonical_fraction=0.0)
+        in_reading_order = caption_scene(scene, random.Random(k), lang, canonical_fraction=0.0, reading_order=True)
+        new = reading_order_prompt(as_written)
+        if not any(word in as_written for word in RELATION_WORDS[lang]):
+            assert new == as_written  # "A and B" (a listing, 3 in 10) states no relation
+            continue
+        assert _without_article_choice(new) == _without_article_choice(in_reading_order), (as_written, new)
+        assert reading_order_prompt(new) == new and caption_objects(new) == caption_objects(as_written)
+        restated += new != as_written
+    assert restated > 50
+
+
 def test_the_english_and_chinese_restatements_agree():
     assert reading_order_prompt("A red circle to the right of a blue square.") == \
-        "a blue square to the left of a red circle"
+        "A blue square to the left of a red circle."  # the writer's capital and full stop stay
+    assert reading_order_prompt("One red circle sits below a blue square. The background is white.") == \
+        "A blue square sits above one red circle. The background is white."
+    assert reading_order_prompt("一个红色圆形位于一个蓝色的正方形的右侧。") == "一个蓝色的正方形位于一个红色圆形的左侧。"
     assert reading_order_prompt("an orange star below a green circle") == "a green circle above an orange star"
     assert reading_order_prompt("一个红色的圆形在一个蓝色的正方形的右边") == "一个蓝色的正方形在一个红色的圆形的左边"
     assert reading_order_prompt("一个红色的圆形在一个蓝色的正方形的下方") == "一个蓝色的正方形在一个红色的圆形的上方"
