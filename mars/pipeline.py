@@ -106,7 +106,7 @@ class MarsPipeline:
         # ... and how candidate images are judged with rerank > 1
         self.rerank_config = rerank_config or RerankConfig()
         # how prompts are restated before the model reads them (the convention of its training captions)
-        self.prompt_order = _check_prompt_order(prompt_order)
+        self.prompt_order = check_prompt_order(prompt_order)
 
     @classmethod
     def from_pretrained(
@@ -444,7 +444,8 @@ RERANK_KEY = "rerank"  # ... and of how candidate images are judged (RerankConfi
 PROMPT_ORDER_KEY = "prompt_order"  # ... and of how prompts are restated (AS_WRITTEN or READING)
 
 
-def _check_prompt_order(order: str) -> str:
+def check_prompt_order(order: str) -> str:
+    """`order` if it is one of PROMPT_ORDERS, else a MarsError naming them."""
     if order not in PROMPT_ORDERS:
         raise MarsError(f"{PROMPT_ORDER_KEY} must be one of {', '.join(PROMPT_ORDERS)}, got {order!r}")
     return order
@@ -491,7 +492,7 @@ def load_prompt_order(model_dir: str | os.PathLike) -> str:
     """How a model folder restates prompts (generation_config.json's "prompt_order"), else "as-written"."""
     path, data = _read_generation_config(model_dir)
     try:
-        return _check_prompt_order(data.get(PROMPT_ORDER_KEY, AS_WRITTEN))
+        return check_prompt_order(data.get(PROMPT_ORDER_KEY, AS_WRITTEN))
     except MarsError as err:
         raise MarsError(f"{path}: {err}") from None
 
@@ -505,7 +506,7 @@ def save_generation_config(model_dir: str | os.PathLike, config: SampleConfig, c
     for key, section in ((CAPTION_KEY, caption), (RERANK_KEY, rerank)):
         if section is not None and section != type(section)():
             data[key] = dataclasses.asdict(section)
-    if _check_prompt_order(prompt_order) != AS_WRITTEN:
+    if check_prompt_order(prompt_order) != AS_WRITTEN:
         data[PROMPT_ORDER_KEY] = prompt_order
     (Path(model_dir) / GENERATION_CONFIG).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 

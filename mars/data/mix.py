@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from mars.errors import MarsError
+from mars.jsonl import read_jsonl
 
 OTHERS = "others"  # the records of every category not given a share
 
@@ -26,18 +27,11 @@ def read_manifest(path: str | Path) -> list[dict]:
     """The entries of a jsonl manifest, each with its "image" and "category" (refused otherwise,
     naming the line)."""
     entries = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MarsError(f"{path}:{lineno}: not JSON ({err.msg})") from None
-            if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("image", "category")):
-                raise MarsError(f"{path}:{lineno}: no \"image\" or \"category\" (a `mars data shapes` manifest "
-                                "has both on every line)")
-            entries.append(entry)
+    for number, entry in read_jsonl(path, "manifest"):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("image", "category")):
+            raise MarsError(f"{path}:{number}: no \"image\" or \"category\" (a `mars data shapes` manifest "
+                            "has both on every line)")
+        entries.append(entry)
     if not entries:
         raise MarsError(f"{path} holds no records")
     return entries

@@ -41,6 +41,7 @@ from mars.data.images import load_image, resize_center_crop
 from mars.errors import MarsError
 from mars.eval.io import PARTIAL_DIR, save_image_atomic, write_text_atomic
 from mars.eval.runner import WHOLE, GenerateFn, ImageJob, Shard, run_image_jobs
+from mars.jsonl import read_jsonl
 
 # --------------------------------------------------------------------------- COCO-30K
 
@@ -113,18 +114,8 @@ def write_coco_reference(selection: list[dict], coco_images: str | Path, ref_dir
 
 def read_geneval_metadata(path: str | Path) -> list[dict]:
     """The lines of GenEval's evaluation_metadata.jsonl (each needs a `prompt`)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise MarsError(f"metadata file not found: {path}") from None
     metadatas = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            metadata = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MarsError(f"{path}:{number}: not JSON ({err})") from None
+    for number, metadata in read_jsonl(path, "metadata file"):
         if not isinstance(metadata, dict) or not isinstance(metadata.get("prompt"), str):
             raise MarsError(f"{path}:{number}: a GenEval metadata line needs a string 'prompt'")
         metadatas.append(metadata)

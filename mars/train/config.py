@@ -14,7 +14,7 @@ from typing import Any
 from mars.config import load_config
 from mars.data.negatives import check_swap_groups
 from mars.errors import MarsError
-from mars.pipeline import PROMPT_ORDERS
+from mars.pipeline import check_prompt_order
 
 STAGES = ("stage0", "stage1", "stage2", "stage3")
 TASKS = ("lm", "t2i", "i2t", "dpo")
@@ -176,8 +176,8 @@ class TrainConfig:
                             "set t2i_contrast_swaps, in a stage with a t2i task")
         if self.t2i_contrast_steps < 0:
             raise MarsError(f"t2i_contrast_steps must be >= 0 (0 = every step), got {self.t2i_contrast_steps}")
-        if self.prompt_order is not None and self.prompt_order not in PROMPT_ORDERS:
-            raise MarsError(f"prompt_order must be one of {', '.join(PROMPT_ORDERS)}, got {self.prompt_order!r}")
+        if self.prompt_order is not None:
+            check_prompt_order(self.prompt_order)
         if self.precision not in ("bf16", "fp32"):
             raise MarsError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -81,5 +81,10 @@ def test_bad_shares_and_manifests_are_refused_by_name(shapes_set, tmp_path, caps
     plain.write_text('{"image": "a.png", "text": "a red circle"}\n')
     with pytest.raises(MarsError, match="plain.jsonl:1: no \"image\" or \"category\""):
         mix_manifest(plain, {"position": 0.5}, tmp_path / "x.jsonl")
+    with pytest.raises(MarsError, match="manifest not found: .*missing.jsonl"):
+        mix_manifest(tmp_path / "missing.jsonl", {"position": 0.5}, tmp_path / "y.jsonl")
+    (tmp_path / "broken.jsonl").write_text('{"image": "a.png", "category": "position"}\n{"image": \n')
+    with pytest.raises(MarsError, match="broken.jsonl:2: not JSON"):
+        mix_manifest(tmp_path / "broken.jsonl", {"position": 0.5}, tmp_path / "y.jsonl")
     with pytest.raises(MarsError, match="is the manifest being read"):
         mix_manifest(shapes_set, {"position": 0.5}, shapes_set, overwrite=True)

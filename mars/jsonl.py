@@ -1,0 +1,27 @@
+"""Reading JSON-lines files strictly: every non-blank line one JSON value, errors naming file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mars.errors import MarsError
+
+
+def read_jsonl(path: str | Path, what: str = "file") -> list[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of `path`. A missing file ("{what} not
+    found: PATH") or a line that is not JSON ("PATH:N: not JSON (...)") raises MarsError; what each
+    value must hold is the caller's to check."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise MarsError(f"{what} not found: {path}") from None
+    values = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            values.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise MarsError(f"{path}:{number}: not JSON ({err})") from None
+    return values
