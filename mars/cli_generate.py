@@ -14,6 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mars.errors import MarsError
+from mars.jsonl import read_jsonl
 from mars.model_dir import DEFAULT_MODEL
 
 MANIFEST = "manifest.jsonl"
@@ -122,20 +123,13 @@ class Job:
 def read_prompts(file: str) -> list[str]:
     """Prompts from a text file (one per non-empty line) or a .jsonl file (`prompt` or `text` key)."""
     path = Path(file)
-    if not path.is_file():
-        raise MarsError(f"prompts file not found: {file}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     if path.suffix != ".jsonl":
-        prompts = [line for line in lines if line]
+        if not path.is_file():
+            raise MarsError(f"prompts file not found: {file}")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         prompts = []
-        for n, line in enumerate(lines, 1):
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MarsError(f"{file}:{n} is not valid JSON: {err}") from None
+        for n, row in read_jsonl(path, "prompts file"):
             text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
             if not isinstance(text, str):
                 raise MarsError(f"{file}:{n} has no 'prompt' (or 'text') string")

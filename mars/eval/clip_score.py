@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mars.data.images import load_image
 from mars.errors import MarsError
+from mars.jsonl import read_jsonl
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -87,19 +88,11 @@ class ClipScorer:
 def read_manifest(path: str | Path) -> list[tuple[Path, str]]:
     """(image path, prompt) per line of a JSONL manifest; files are relative to the manifest's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise MarsError(f"manifest not found: {path}")
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            prompt = entry.get("prompt", entry.get("caption"))
-            file = entry["file"]
-        except (json.JSONDecodeError, KeyError, AttributeError):
-            raise MarsError(f"{path}:{number}: need a JSON object with 'file' and 'prompt' (or 'caption')") from None
-        if not isinstance(prompt, str):
+    for number, entry in read_jsonl(path, "manifest"):
+        prompt = entry.get("prompt", entry.get("caption")) if isinstance(entry, dict) else None
+        file = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(prompt, str) or not isinstance(file, str):
             raise MarsError(f"{path}:{number}: need a JSON object with 'file' and 'prompt' (or 'caption')")
         pairs.append((path.parent / file, prompt))
     if not pairs:

@@ -10,7 +10,6 @@ at column P; I2T and LM right-padded; `targets` already shifted, -100 = no loss)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ import torch
 
 from mars.data.sequences import IGNORE, EpochOrder, I2TBatch, LMBatch, SequenceBuilder, T2IBatch, build_t2i, collate_t2i
 from mars.errors import MarsError
+from mars.jsonl import read_jsonl
 from mars.rerank import prompt_language
 from mars.train.losses import PreferenceBatch
 
@@ -192,18 +192,16 @@ class TextCorpus:
 def read_text_corpus(path: str | Path, text_tokenizer) -> list[list[int]]:
     """Documents of a .txt (one per non-empty line) or .jsonl ({"text": ...} per line) file, tokenized."""
     path = Path(path)
-    if not path.is_file():
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, entry in read_jsonl(path, "text corpus"):
+            if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
+                raise MarsError(f"{path}:{n}: expected a JSON object with a \"text\" string")
+            texts.append(entry["text"])
+    elif path.is_file():
+        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
         raise MarsError(f"text corpus not found: {path}")
-    docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                line = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise MarsError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
-        docs.append(text_tokenizer.encode(line))
-    if not docs:
+    if not texts:
         raise MarsError(f"text corpus {path} holds no documents")
-    return docs
+    return [text_tokenizer.encode(text) for text in texts]
