@@ -12,10 +12,9 @@ def read_jsonl(path: str | Path, what: str = "file") -> list[tuple[int, object]]
     """(line number, parsed value) of each non-blank line of `path`. A missing file ("{what} not
     found: PATH") or a line that is not JSON ("PATH:N: not JSON (...)") raises MarsError; what each
     value must hold is the caller's to check."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise MarsError(f"{what} not found: {path}") from None
+    if not Path(path).is_file():  # missing, or a folder
+        raise MarsError(f"{what} not found: {path}")
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
     values = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -51,6 +51,9 @@ def test_clip_score_manifest(tmp_path):
             read_manifest(write(tmp_path / name, text))
     with pytest.raises(MarsError, match=r"manifest not found: .*missing.jsonl"):
         read_manifest(tmp_path / "missing.jsonl")
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(MarsError, match=r"manifest not found: .*folder.jsonl"):
+        read_manifest(tmp_path / "folder.jsonl")
 
 
 def test_text_corpus(tmp_path):
