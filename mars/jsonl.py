@@ -9,9 +9,10 @@ from mars.errors import MarsError
 
 
 def read_jsonl(path: str | Path, what: str = "file") -> list[tuple[int, object]]:
-    """(line number, parsed value) of each non-blank line of `path`. A missing file or a folder
-    ("{what} not found: PATH") or a line that is not JSON ("PATH:N: not JSON (...)") raises MarsError; what each
-    value must hold is the caller's to check."""
+    """(line number, parsed value) of each non-blank line of `path`.
+
+    A missing file or a folder ("{what} not found: PATH") or a line that is not JSON ("PATH:N: not
+    JSON (...)") raises MarsError; what each value must hold is the caller's to check."""
     if not Path(path).is_file():  # missing, or a folder
         raise MarsError(f"{what} not found: {path}")
     lines = Path(path).read_text(encoding="utf-8").splitlines()

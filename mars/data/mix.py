@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from mars.errors import MarsError
+from mars.eval.io import write_text_atomic
 from mars.jsonl import read_jsonl
 
 OTHERS = "others"  # the records of every category not given a share
@@ -88,12 +89,8 @@ def mix_manifest(manifest: str | Path, shares: dict[str, float], out: str | Path
     if out.resolve() == manifest.resolve():
         raise MarsError(f"--out {out} is the manifest being read; choose another file")
     mixed = mix_entries(read_manifest(manifest), shares, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
     source, target = manifest.resolve().parent, out.resolve().parent
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for entry in mixed:
-            image = os.path.relpath(source / entry["image"], target)
-            f.write(json.dumps({**entry, "image": image}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)  # never a half-written manifest
+    lines = [json.dumps({**entry, "image": os.path.relpath(source / entry["image"], target)}, ensure_ascii=False)
+             for entry in mixed]
+    write_text_atomic(out, "".join(line + "\n" for line in lines))  # never a half-written manifest
     return Counter(entry["category"] for entry in mixed)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -49,6 +48,7 @@ import torch
 
 from mars.config import load_config
 from mars.errors import MarsError
+from mars.eval.io import write_text_atomic
 from mars.generate import CaptionConfig, SampleConfig
 from mars.model.weights import load_weights, save_weights
 from mars.pipeline import load_prompt_order, load_rerank_config, save_generation_config
@@ -261,9 +261,7 @@ class Recipe:
             entry = times.get(step, {"seconds": 0.0, "runs": 0})
             entry = {"seconds": round(entry["seconds"] + seconds, 1), "runs": entry["runs"] + 1}
             times[step] = entry
-            tmp = file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(times, indent=1) + "\n")
-            os.replace(tmp, file)
+            write_text_atomic(file, json.dumps(times, indent=1) + "\n")
 
     # --- steps -------------------------------------------------------------------------------
     def write_captions(self) -> None:
@@ -278,8 +276,8 @@ class Recipe:
             _, en, zh = shapes_example(cfg.caption_seed, i, "train")
             lines += [en, zh]
             pairs.append(caption_pair(i, en, zh))
-        _write_text_atomic(self.caption_pairs, "".join(line + "\n" for line in pairs))
-        _write_text_atomic(self.captions, "".join(line + "\n" for line in lines))
+        write_text_atomic(self.caption_pairs, "".join(line + "\n" for line in pairs))
+        write_text_atomic(self.captions, "".join(line + "\n" for line in lines))
 
     def train_vq(self) -> None:
         """Train the VQ stages in turn (each resumes from OUT/<stage>/ckpt.pt; each later stage
@@ -410,8 +408,3 @@ def folder_bytes(folder: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
