@@ -104,6 +104,9 @@ def add_commands(subparsers) -> None:
                                      "counting, position, size, novel), judge each image with the spec's checker "
                                      "and print accuracy per category and language (overall = mean of categories). "
                                      "Writes OUT/images/{lang}/{category}/NNNN.png and OUT/results.json.")
+    p.add_argument("--categories", default=None,
+                   help="comma-separated categories to run (default all; e.g. position): the same prompts and seeds "
+                        "as in the whole benchmark, no overall score")
     _add_sampling_args(p, "seed of the prompts and of the images (default 0)")
     p.add_argument("--lang", choices=("en", "zh", "both"), default="both", help="prompt language (default both)")
     p.add_argument("--n-per-category", type=int, default=50, help="prompts per category and language (default 50)")
@@ -233,16 +236,26 @@ def run_shapes(args: argparse.Namespace) -> int:
     from mars.eval.shapes_eval import RESULTS_FILE, diagnostics_table, run_shapes_eval, shapes_items, summary_table
 
     shard = resolve_shard(args.shard)
-    shapes_items(args.n_per_category, args.seed, _langs(args.lang))  # argument errors before loading
+    categories = _shapes_categories(args.categories)
+    shapes_items(args.n_per_category, args.seed, _langs(args.lang), categories)  # argument errors before loading
     generate, settings = _generator(args)
     check_settings(args.out_dir, settings)
     results = run_shapes_eval(generate, args.out_dir, args.n_per_category, args.seed, _langs(args.lang),
-                              args.batch_size, shard, settings)
+                              args.batch_size, shard, settings, categories)
     if results is not None:
         print(summary_table(results["summary"]))
         print(diagnostics_table(results["diagnostics"]))
         print(f"verdicts of every image: {Path(args.out_dir) / RESULTS_FILE}")
     return 0
+
+
+def _shapes_categories(given: str | None) -> tuple[str, ...]:
+    """--categories "a,b" -> ("a", "b"); not given -> every benchmark category."""
+    from mars.data.shapes import EVAL_CATEGORIES
+
+    if given is None:
+        return EVAL_CATEGORIES
+    return tuple(c.strip() for c in given.split(",") if c.strip())
 
 
 def run_captions(args: argparse.Namespace) -> int:

@@ -5,7 +5,9 @@ prompts are drawn from a seeded stream of evaluation scenes; the English and Chi
 index i describe the same scene and get the same generator seed, so the two languages are
 compared on identical requests. Every image is saved and judged by the spec's checker
 (`mars.data.checker.check_prompt`); the score of a category is the fraction of correct images and
-the overall score the mean of the categories (GenEval style), per language.
+the overall score the mean of the categories (GenEval style), per language. A run may be limited
+to some categories (`categories`): their prompts and seeds are those of the whole benchmark, and no
+overall score is given.
 
 Layout of the output folder:
 
@@ -56,15 +58,23 @@ class ShapesItem:
     seed: int
 
 
-def shapes_items(n_per_category: int, seed: int = 0, langs: tuple[str, ...] = LANGS) -> list[ShapesItem]:
-    """The benchmark's prompts: `n_per_category` per category and language, fixed by `seed`."""
+def shapes_items(n_per_category: int, seed: int = 0, langs: tuple[str, ...] = LANGS,
+                 categories: tuple[str, ...] = EVAL_CATEGORIES) -> list[ShapesItem]:
+    """The benchmark's prompts: `n_per_category` per category and language, fixed by `seed`.
+
+    `categories` keeps only those categories' items, each with the prompt and seed it has in the
+    whole benchmark, so a run on some categories measures exactly what the whole one would there.
+    """
     if n_per_category < 1:
         raise MarsError(f"--n-per-category must be >= 1, got {n_per_category}")
     for lang in langs:
         if lang not in LANGS:
             raise MarsError(f"unknown language {lang!r}; choose from {', '.join(LANGS)}")
+    check_categories(categories)
     items = []
     for c, category in enumerate(EVAL_CATEGORIES):
+        if category not in categories:
+            continue
         for lang in langs:
             # one stream per (seed, category), the same for every language: paired prompts
             rng = random.Random(f"mars-eval-shapes/{seed}/{category}")
@@ -74,8 +84,21 @@ def shapes_items(n_per_category: int, seed: int = 0, langs: tuple[str, ...] = LA
     return items
 
 
+def check_categories(categories: tuple[str, ...]) -> None:
+    """Refuse an empty, repeated or unknown category (the benchmark's are EVAL_CATEGORIES)."""
+    unknown = [c for c in categories if c not in EVAL_CATEGORIES]
+    if unknown:
+        raise MarsError(f"unknown category {unknown[0]!r}; choose from {', '.join(EVAL_CATEGORIES)}")
+    if not categories:
+        raise MarsError(f"no category given; choose from {', '.join(EVAL_CATEGORIES)}")
+    if len(set(categories)) != len(categories):
+        raise MarsError(f"a category is named twice in {', '.join(categories)}")
+
+
 def score_items(out_dir: str | Path, items: list[ShapesItem]) -> dict:
-    """Judge every saved image -> {"summary": {lang: {category: acc, "overall": mean}}, "images": [...]}."""
+    """Judge every saved image -> {"summary": {lang: {category: acc, "overall": mean}}, "images": [...]}.
+
+    "overall" (the mean of the categories) is there only when the items cover every category."""
     out_dir = Path(out_dir)
     records = []
     for item in tqdm(items, desc="check", unit="img"):
@@ -86,12 +109,14 @@ def score_items(out_dir: str | Path, items: list[ShapesItem]) -> dict:
                         "correct": verdict.correct, "reason": verdict.reason,
                         "detected": [asdict(o) for o in verdict.detected]})
     summary: dict[str, dict[str, float]] = {}
+    categories = [c for c in EVAL_CATEGORIES if any(r["category"] == c for r in records)]
     for lang in dict.fromkeys(r["lang"] for r in records):
         per_category = {}
-        for category in EVAL_CATEGORIES:
+        for category in categories:
             marks = [r["correct"] for r in records if r["lang"] == lang and r["category"] == category]
             per_category[category] = sum(marks) / len(marks)
-        per_category["overall"] = sum(per_category.values()) / len(EVAL_CATEGORIES)
+        if len(categories) == len(EVAL_CATEGORIES):
+            per_category["overall"] = sum(per_category.values()) / len(EVAL_CATEGORIES)
         summary[lang] = per_category
     return {"summary": summary, "diagnostics": diagnostics(records), "images": records}
 
@@ -165,23 +190,23 @@ def _cell(value: float | None) -> float | str:
 
 
 def summary_table(summary: dict[str, dict[str, float]]) -> str:
-    """Categories as rows, languages as columns."""
+    """Categories as rows (those measured, then overall if there), languages as columns."""
     langs = list(summary)
-    rows = [[category] + [summary[lang][category] for lang in langs]
-            for category in (*EVAL_CATEGORIES, "overall")]
+    rows = [[category] + [summary[lang][category] for lang in langs] for category in summary[langs[0]]]
     return format_table(["category", *langs], rows)
 
 
 def run_shapes_eval(generate: GenerateFn | None, out_dir: str | Path, n_per_category: int = 50,
                     seed: int = 0, langs: tuple[str, ...] = LANGS, batch_size: int = 8,
-                    shard: Shard = WHOLE, settings: dict | None = None) -> dict | None:
-    """Generate the missing images of this shard, then score the whole benchmark.
+                    shard: Shard = WHOLE, settings: dict | None = None,
+                    categories: tuple[str, ...] = EVAL_CATEGORIES) -> dict | None:
+    """Generate the missing images of this shard, then score the whole benchmark (or `categories`).
 
     Returns the results (also written to DIR/results.json), or None while images of other
     shards are still missing. `generate` may be None to only (re-)score images on disk.
     """
     out_dir = Path(out_dir)
-    items = shapes_items(n_per_category, seed, langs)
+    items = shapes_items(n_per_category, seed, langs, categories)
     if generate is not None:
         jobs = [ImageJob(out_dir / it.file, it.prompt, it.seed) for it in items]
         run_image_jobs(generate, jobs, out_dir, shard, batch_size, desc="shapes")
@@ -191,6 +216,6 @@ def run_shapes_eval(generate: GenerateFn | None, out_dir: str | Path, n_per_cate
               "score once every shard is done")
         return None
     results = {"settings": settings or {}, "n_per_category": n_per_category, "seed": seed,
-               **score_items(out_dir, items)}
+               "categories": list(categories), **score_items(out_dir, items)}
     write_json_atomic(out_dir / RESULTS_FILE, results)
     return results

@@ -163,6 +163,24 @@ def test_resume_generates_only_missing_images(tmp_path):
     assert victim.is_file() and result["summary"]["en"]["overall"] == 1.0
 
 
+def test_some_categories_ask_what_the_whole_benchmark_asks_there(tmp_path):
+    whole = [it for it in shapes_items(3, seed=4) if it.category in ("position", "counting")]
+    assert shapes_items(3, seed=4, categories=("position", "counting")) == whole  # same prompts, seeds, files
+    generator = FakeGenerator(drawn_as(INVERSE_RELATION.get))
+    result = run_shapes_eval(generator, tmp_path, n_per_category=3, seed=4, categories=("position",))
+    assert [len(prompts) for prompts, _ in generator.calls] == [6]  # 3 per language, nothing else drawn
+    assert result["categories"] == ["position"]
+    for lang in ("en", "zh"):
+        assert result["summary"][lang] == {"position": 0.0}  # no overall of one category
+        assert result["diagnostics"][lang]["position_order"] == 0.0
+    with pytest.raises(MarsError, match="unknown category 'colour'; choose from single, two"):
+        shapes_items(3, categories=("colour",))
+    with pytest.raises(MarsError, match="named twice"):
+        shapes_items(3, categories=("position", "position"))
+    with pytest.raises(MarsError, match="no category given"):
+        shapes_items(3, categories=())
+
+
 def test_shapes_cli_with_tiny_model(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "shapes"
     args = ["eval", "shapes", "--model", str(tiny_model_dir), "--n-per-category", "1", "--lang", "en",
@@ -179,6 +197,12 @@ def test_shapes_cli_with_tiny_model(tiny_model_dir, tmp_path, capsys):
     # a resumed run with other settings is refused instead of mixing two experiments
     assert main(args + ["--cfg-scale", "2.0"]) == 2
     assert "other settings" in capsys.readouterr().err
+    # one category: scored alone from the images already there, without an overall score
+    assert main(args + ["--categories", "novel"]) == 0
+    table = capsys.readouterr().out
+    assert "novel" in table and "overall" not in table and "single" not in table
+    assert main(args + ["--categories", "novel,colour"]) == 2
+    assert "unknown category 'colour'" in capsys.readouterr().err
 
 
 def test_shapes_cli_records_rerank_and_refuses_to_mix_it(tiny_model_dir, tmp_path, capsys):
