@@ -105,8 +105,8 @@ def add_commands(subparsers) -> None:
                                      "and print accuracy per category and language (overall = mean of categories). "
                                      "Writes OUT/images/{lang}/{category}/NNNN.png and OUT/results.json.")
     p.add_argument("--categories", default=None,
-                   help="comma-separated categories to run (default all; e.g. position): the same prompts and seeds "
-                        "as in the whole benchmark, no overall score")
+                   help="comma-separated categories to run (default all; e.g. position): the prompts and seeds a "
+                        "whole run of the same --n-per-category and --seed gives them; no overall score")
     _add_sampling_args(p, "seed of the prompts and of the images (default 0)")
     p.add_argument("--lang", choices=("en", "zh", "both"), default="both", help="prompt language (default both)")
     p.add_argument("--n-per-category", type=int, default=50, help="prompts per category and language (default 50)")

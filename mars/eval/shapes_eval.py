@@ -6,8 +6,8 @@ index i describe the same scene and get the same generator seed, so the two lang
 compared on identical requests. Every image is saved and judged by the spec's checker
 (`mars.data.checker.check_prompt`); the score of a category is the fraction of correct images and
 the overall score the mean of the categories (GenEval style), per language. A run may be limited
-to some categories (`categories`): their prompts and seeds are those of the whole benchmark, and no
-overall score is given.
+to some categories (`categories`): their prompts and seeds are those a whole run (same `n` and
+seed) gives them, and no overall score is given.
 
 Layout of the output folder:
 
@@ -63,7 +63,8 @@ def shapes_items(n_per_category: int, seed: int = 0, langs: tuple[str, ...] = LA
     """The benchmark's prompts: `n_per_category` per category and language, fixed by `seed`.
 
     `categories` keeps only those categories' items, each with the prompt and seed it has in the
-    whole benchmark, so a run on some categories measures exactly what the whole one would there.
+    whole run of the same `n_per_category` and `seed`, so a run on some categories measures exactly
+    what the whole one would there.
     """
     if n_per_category < 1:
         raise MarsError(f"--n-per-category must be >= 1, got {n_per_category}")
