@@ -27,6 +27,11 @@ COMMAND_MODULES = [
 ]
 
 
+def comma_list(text: str) -> tuple[str, ...]:
+    """An argparse `type` for comma-separated names: "a, b,," -> ("a", "b")."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mars",

@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mars.errors import MarsError
-from mars.jsonl import read_jsonl
+from mars.jsonl import read_jsonl, read_lines
 from mars.model_dir import DEFAULT_MODEL
 
 MANIFEST = "manifest.jsonl"
@@ -124,9 +124,7 @@ def read_prompts(file: str) -> list[str]:
     """Prompts from a text file (one per non-empty line) or a .jsonl file (`prompt` or `text` key)."""
     path = Path(file)
     if path.suffix != ".jsonl":
-        if not path.is_file():
-            raise MarsError(f"prompts file not found: {file}")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for _, line in read_lines(path, "prompts file")]
     else:
         prompts = []
         for n, row in read_jsonl(path, "prompts file"):

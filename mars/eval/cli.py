@@ -22,6 +22,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+from mars.cli import comma_list
+from mars.data.shapes import EVAL_CATEGORIES
 from mars.errors import MarsError
 
 
@@ -104,7 +106,7 @@ def add_commands(subparsers) -> None:
                                      "counting, position, size, novel), judge each image with the spec's checker "
                                      "and print accuracy per category and language (overall = mean of categories). "
                                      "Writes OUT/images/{lang}/{category}/NNNN.png and OUT/results.json.")
-    p.add_argument("--categories", default=None,
+    p.add_argument("--categories", type=comma_list, default=EVAL_CATEGORIES,
                    help="comma-separated categories to run (default all; e.g. position): the prompts and seeds a "
                         "whole run of the same --n-per-category and --seed gives them; no overall score")
     _add_sampling_args(p, "seed of the prompts and of the images (default 0)")
@@ -140,7 +142,7 @@ def add_commands(subparsers) -> None:
     _add_model_args(p)
     p.add_argument("--shards", required=True, help="folder of code shards (mars preprocess --out)")
     p.add_argument("--n", type=int, default=512, help="samples used, from the first (default 512)")
-    p.add_argument("--tasks", default="t2i,t2i-null,i2t",
+    p.add_argument("--tasks", type=comma_list, default="t2i,t2i-null,i2t",
                    help="comma-separated: t2i, t2i-null (the same images after the null prompt), i2t "
                         "(default all three)")
     p.add_argument("--max-text-len", type=int, default=40, help="text tokens kept per caption (default 40, "
@@ -236,26 +238,16 @@ def run_shapes(args: argparse.Namespace) -> int:
     from mars.eval.shapes_eval import RESULTS_FILE, diagnostics_table, run_shapes_eval, shapes_items, summary_table
 
     shard = resolve_shard(args.shard)
-    categories = _shapes_categories(args.categories)
-    shapes_items(args.n_per_category, args.seed, _langs(args.lang), categories)  # argument errors before loading
+    shapes_items(args.n_per_category, args.seed, _langs(args.lang), args.categories)  # argument errors before loading
     generate, settings = _generator(args)
     check_settings(args.out_dir, settings)
     results = run_shapes_eval(generate, args.out_dir, args.n_per_category, args.seed, _langs(args.lang),
-                              args.batch_size, shard, settings, categories)
+                              args.batch_size, shard, settings, args.categories)
     if results is not None:
         print(summary_table(results["summary"]))
         print(diagnostics_table(results["diagnostics"]))
         print(f"verdicts of every image: {Path(args.out_dir) / RESULTS_FILE}")
     return 0
-
-
-def _shapes_categories(given: str | None) -> tuple[str, ...]:
-    """--categories "a,b" -> ("a", "b"); not given -> every benchmark category."""
-    from mars.data.shapes import EVAL_CATEGORIES
-
-    if given is None:
-        return EVAL_CATEGORIES
-    return tuple(c.strip() for c in given.split(",") if c.strip())
 
 
 def run_captions(args: argparse.Namespace) -> int:
@@ -288,8 +280,7 @@ def run_loss(args: argparse.Namespace) -> int:
     pipe, _ = _load_pipeline(args)
     dataset = open_shards(args.shards, expect_text_tokenizer=pipe.tokenizer,
                           expect_image_tokens=pipe.model.config.image_tokens)
-    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    results = heldout_loss(pipe.model, pipe.tokenizer, dataset, args.n, args.batch_size, tasks,
+    results = heldout_loss(pipe.model, pipe.tokenizer, dataset, args.n, args.batch_size, args.tasks,
                            max_text_len=args.max_text_len)
     print(format_table(["task", "loss (nats/token)", "perplexity", "tokens"],
                        [[t, r["loss"], r["perplexity"], r["tokens"]] for t, r in results.items()]))

@@ -10,6 +10,7 @@ import sys
 
 from mars.data.counterfactual_scenes import FACT_CATEGORIES, FACTS
 from mars.data.shapes import TRAIN_CATEGORIES
+from mars.cli import comma_list
 from mars.errors import MarsError
 
 
@@ -47,7 +48,7 @@ def add_commands(subparsers) -> None:
     source.add_argument("--data", help="shapes:N:SEED: the captions of N training scenes (English and Chinese "
                                        "alternately; use a seed other than the training data's); canonical:N:SEED: "
                                        "N canonical prompts of training scenes that the shapes benchmark never asks")
-    prefs.add_argument("--categories",
+    prefs.add_argument("--categories", type=comma_list,
                        help="canonical:N:SEED prompts of these categories, in turn; one named twice gets twice the "
                             "prompts (default: all training ones; with --counterfactual all that state the fact)")
     prefs.add_argument("--judge",
@@ -105,7 +106,7 @@ def run_preferences(args: argparse.Namespace) -> int:
     elif args.data.startswith("shapes:"):
         prompts = shapes_prompts(args.data)
     elif args.data.startswith("canonical:"):
-        prompts = canonical_prompts_outside_benchmark(args.data, _categories(args) or TRAIN_CATEGORIES)
+        prompts = canonical_prompts_outside_benchmark(args.data, args.categories or TRAIN_CATEGORIES)
     else:
         raise MarsError(f"--data takes shapes:N:SEED or canonical:N:SEED, got {args.data!r}; pass other prompts "
                         "with --prompts FILE")
@@ -127,7 +128,7 @@ def run_counterfactual_preferences(args: argparse.Namespace) -> int:
     if args.judge or args.mirror or args.candidates or args.drawing_weight is not None:
         raise MarsError("--counterfactual pairs are renders, not judged candidates: drop --judge, --mirror, "
                         "--candidates and --drawing-weight")
-    categories = _categories(args) or FACT_CATEGORIES[args.counterfactual]
+    categories = args.categories or FACT_CATEGORIES[args.counterfactual]
     pipeline = MarsPipeline.from_pretrained(args.model, device=args.device)
     out, passed_over = make_counterfactual_preferences(pipeline, args.data, categories, args.counterfactual, args.out,
                                                        part_size=args.part_size)
@@ -137,6 +138,3 @@ def run_counterfactual_preferences(args: argparse.Namespace) -> int:
     return 0
 
 
-def _categories(args: argparse.Namespace) -> tuple[str, ...]:
-    """--categories as a tuple (empty when not given)."""
-    return tuple(c.strip() for c in (args.categories or "").split(",") if c.strip())

@@ -19,7 +19,7 @@ import torch
 
 from mars.data.sequences import IGNORE, EpochOrder, I2TBatch, LMBatch, SequenceBuilder, T2IBatch, build_t2i, collate_t2i
 from mars.errors import MarsError
-from mars.jsonl import read_jsonl
+from mars.jsonl import read_jsonl, read_lines
 from mars.rerank import prompt_language
 from mars.train.losses import PreferenceBatch
 
@@ -198,10 +198,8 @@ def read_text_corpus(path: str | Path, text_tokenizer) -> list[list[int]]:
             if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
                 raise MarsError(f"{path}:{n}: expected a JSON object with a \"text\" string")
             texts.append(entry["text"])
-    elif path.is_file():
-        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
-        raise MarsError(f"text corpus not found: {path}")
+        texts = [line for _, line in read_lines(path, "text corpus")]
     if not texts:
         raise MarsError(f"text corpus {path} holds no documents")
     return [text_tokenizer.encode(text) for text in texts]
