@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from mars.data.sequences import INSTRUCTION_EN, INSTRUCTION_ZH
 from mars.errors import MarsError
+from mars.model.cpu_decode import CPUImageStep, uses_cpu_step
 from mars.model.semvie import KVCache, SemVIE
 
 # Instruction that follows `</img>` in image-to-text sequences: the strings training used.
@@ -302,6 +303,11 @@ def image_step(model: SemVIE, ids: torch.Tensor, input_pos: torch.Tensor, cache:
     """
     hidden = model.forward_hidden(ids, True, input_pos, cache)  # (R, 1, C)
     logits = model.logits(hidden[:, -1], rows=model.vocab.image_ids).float()  # (R, K)
+    return guided(logits, cfg_scale)
+
+
+def guided(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """`guide` the stacked rows, unless `cfg_scale` is 1 (no guidance: rows are images)."""
     return guide(logits, cfg_scale) if cfg_scale != 1.0 else logits
 
 
@@ -347,11 +353,15 @@ def make_step(model: SemVIE, cache: KVCache, slot: int, rows: int, cfg_scale: fl
 
     On CUDA (with `cuda_graph`) the step is captured once and replayed as a CUDA graph over the
     static cache; `compile` runs it through torch.compile first. Otherwise, uncompiled, each step
-    attends over the filled slots only.
+    attends over the filled slots only: on the CPU in fp32 as `CPUImageStep`, the same computation
+    in fewer ops.
     """
     positions = torch.arange(slot, cache.max_len, device=cache.k[0].device)  # positions[t - 1]: slot of code t
     graph = cuda_graph and cache.k[0].device.type == "cuda"
     if not (compile or graph):
+        if uses_cpu_step(model, cache):
+            cpu_step = CPUImageStep(model, cache, slot)
+            return lambda ids, t: guided(cpu_step(ids, t), cfg_scale)
         return lambda ids, t: image_step(model, ids, positions[t - 1 : t], cache_window(cache, slot + t), cfg_scale)
     step = compiled_image_step() if compile else image_step
     if graph:

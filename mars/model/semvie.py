@@ -386,18 +386,28 @@ class SemVIE(nn.Module):
         if pad_lengths is not None:  # always set with a cache
             attn_mask = self._attention_mask(input_pos, key_slots, pad_lengths)
         x = self.embed.embed(input_ids)  # (B, T, C)
-        rope_of = functools.partial(rope_cos_sin, head_dim=self.config.head_dim, theta=self.config.rope_theta,
-                                    dtype=x.dtype)
-        if self.config.image_positions == "2d":
-            start = self._image_start(input_ids, positions, kv_cache)
-            rope = rope_of(image_positions_2d(positions, start, self.config.image_grid))  # (B, T, 2) positions
-            if self.image_position_blend < 1.0:
-                rope = blend_rope(rope_of(positions), rope, self.image_position_blend)
-        else:
-            rope = rope_of(positions)
+        start = self._image_start(input_ids, positions, kv_cache) if self.config.image_positions == "2d" else None
+        rope = self.rotary(positions, start, x.dtype)
         for block in self.layers:
             x = block(x, image_mask, rope, attn_mask, kv_cache, input_pos)
         return self.norm(x)
+
+    def rotary(self, positions: torch.Tensor, image_start: torch.Tensor | None,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables (cos, signed sin), each (B, 1, T, head_dim), of 1-D `positions` (B, T).
+
+        With 2-D image positions, `image_start` (B,) (each row's `<img>` position, NO_IMAGE if
+        none) places the image codes on their grid (`image_positions_2d`), `image_position_blend`
+        of the way from their 1-D rotations.
+        """
+        rope_of = functools.partial(rope_cos_sin, head_dim=self.config.head_dim, theta=self.config.rope_theta,
+                                    dtype=dtype)
+        if self.config.image_positions != "2d":
+            return rope_of(positions)
+        rope = rope_of(image_positions_2d(positions, image_start, self.config.image_grid))  # (B, T, 2) positions
+        if self.image_position_blend < 1.0:
+            rope = blend_rope(rope_of(positions), rope, self.image_position_blend)
+        return rope
 
     def _image_start(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache | None):
         """(B,) position of each row's `<img>`: in this input, else remembered by the cache, else NO_IMAGE.
