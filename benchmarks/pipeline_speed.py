@@ -4,20 +4,25 @@
     python benchmarks/pipeline_speed.py --model DIR --batch 1 8 --threads 2
     python benchmarks/pipeline_speed.py --rerank 4 --rerank-drawing-weight 0 --no-compile   # best of 4
 
-Uses the model's own sampling settings (its generation_config.json). For each batch size, eager and
-compiled (`compile=True`) runs alternate in one process, so a machine whose speed drifts affects
-both alike; after one warm-up call each (the compiled one includes compiling, reported apart) it
-prints the best and the median of `--repeats` runs, in wall and CPU seconds per image.
+Uses the model's own sampling settings (its generation_config.json). For each batch size, the
+modes run in turn in one process, so a machine whose speed drifts affects them alike: on the CPU
+first the baseline "eager, model step" (the model's own forward for each decode step, as before
+`mars.model.cpu_decode.CPUImageStep`), then eager (`CPUImageStep` on the CPU) and compiled
+(`compile=True`). After one warm-up call each (the compiled one includes compiling, reported
+apart) it prints the best and the median of `--repeats` runs, in wall and CPU seconds per image.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from unittest import mock
 
 import torch
 
+import mars.generate
 from mars.pipeline import MarsPipeline
 
 PROMPT = "a red circle to the left of a blue square"
@@ -28,6 +33,18 @@ def timed(fn) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def model_step() -> contextlib.AbstractContextManager:
+    """Decode with the model's own forward per step: the baseline of the CPU step."""
+    return mock.patch.object(mars.generate, "uses_cpu_step", lambda model, cache: False)
+
+
+MODES = {  # name -> (compile, context)
+    "eager, model step": (False, model_step),
+    "eager": (False, contextlib.nullcontext),
+    "compiled": (True, contextlib.nullcontext),
+}
 
 
 def main() -> None:
@@ -43,7 +60,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = MarsPipeline.from_pretrained(args.model)
-    modes = [False] if args.no_compile else [False, True]
+    modes = [m for m in MODES if not (args.no_compile and MODES[m][0])]
+    if pipe.device.type != "cpu":
+        modes.remove("eager, model step")
     judging = f", best of {args.rerank} ({pipe.rerank_settings(args.rerank_drawing_weight)})" if args.rerank > 1 else ""
     print(f"{args.model} on {pipe.device}, {args.threads} thread(s), torch {torch.__version__}, "
           f"sampling {pipe.sampling_settings()}{judging}")
@@ -52,18 +71,22 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for batch in args.batch:
         prompts = [PROMPT] * batch
-        first = {c: timed(lambda c=c: pipe.generate(prompts, seed=0, batch_size=batch, compile=c, **options))[0]
-                 for c in modes}
-        runs: dict[bool, list[tuple[float, float]]] = {c: [] for c in modes}
+
+        def run(mode: str, seed: int) -> tuple[float, float]:
+            compile, context = MODES[mode]
+            with context():
+                return timed(lambda: pipe.generate(prompts, seed=seed, batch_size=batch, compile=compile, **options))
+
+        first = {m: run(m, 0)[0] for m in modes}
+        runs: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
         for r in range(args.repeats):
-            for c in modes:
-                runs[c].append(timed(lambda c=c: pipe.generate(prompts, seed=r + 1, batch_size=batch, compile=c,
-                                                               **options)))
-        for c in modes:
-            walls = [w / batch for w, _ in runs[c]]
-            cpus = [u / batch for _, u in runs[c]]
-            print(f"| {batch} | {'compiled' if c else 'eager'} | {min(walls):.3f} | {statistics.median(walls):.3f} | "
-                  f"{min(cpus):.3f} | {first[c]:.1f} |", flush=True)
+            for m in modes:
+                runs[m].append(run(m, r + 1))
+        for m in modes:
+            walls = [w / batch for w, _ in runs[m]]
+            cpus = [u / batch for _, u in runs[m]]
+            print(f"| {batch} | {m} | {min(walls):.3f} | {statistics.median(walls):.3f} | "
+                  f"{min(cpus):.3f} | {first[m]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ How the engine is fast:
   captions can be guided the same way, by the image against the instruction alone (`guide_text`);
 - the loop keeps every token on the device (no host sync per image step);
 - optionally the decode step is compiled (`torch.compile`) and, on CUDA, captured once and
-  replayed as a CUDA graph (one launch per token).
+  replayed as a CUDA graph (one launch per token); uncompiled on the CPU it is `CPUImageStep`
+  (`mars.model.cpu_decode`), the same computation in fewer ops.
 
 Reproducibility: each image has its own `torch.Generator` (seeded from its seed), and every random
 number of row i comes from generator i, so an image is the same whether made alone or in a batch.
