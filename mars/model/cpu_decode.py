@@ -12,7 +12,7 @@ head) in fewer ops:
 - attention of one query per row is written out (two batched products and a softmax), which costs
   a fraction of SDPA's general kernel at this size;
 - each product is one `mm` / `addmm` (bias and residual included) in the layout that is faster for
-  few rows on this CPU (`mars.model.semvie.FEW_ROWS`).
+  few rows on this CPU (`WEIGHT_FIRST_ROWS`).
 
 It is the model's computation up to float rounding: tests/model/test_cpu_decode.py checks the
 logits and the cache against the model's step.
@@ -38,6 +38,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, add: torch.Tensor | None, weig
         product = torch.mm(weight, x.t()) if add is None else torch.addmm(add.t(), weight, x.t())  # (out, R)
         return product.t()
     return x @ weight.t() if add is None else torch.addmm(add, x, weight.t())
+
+
+# Rows up to which the step's products run weight-first: on AMD CPUs (`FEW_ROWS` > 0) they are
+# faster so up to 16 rows with two threads (ms per step of the built-in model, weight-first /
+# x @ W.T: 5.9 / 11.0 at 2 rows, 10.3 / 13.1 at 8, 13.1 / 16.2 at 16; even from 32 rows); with one
+# thread, 16 rows: 19.4 / 18.9. On Intel CPUs never.
+WEIGHT_FIRST_ROWS = 16 if FEW_ROWS else 0
 
 
 @dataclass
@@ -88,7 +95,7 @@ class CPUImageStep:
         self.head = (head.new_weight[image_rows].float() * model.norm.weight.float()).contiguous()  # (K, C)
 
         rows = cache.k[0].shape[0]
-        self.weight_first = rows <= FEW_ROWS
+        self.weight_first = rows <= WEIGHT_FIRST_ROWS
         slots = torch.arange(cache.max_len)
         positions = (slots[None] - cache.pad_lengths[:, None]).clamp(min=0)  # (R, S), as forward_hidden
         cos, sin = model.rotary(positions, cache.image_start)  # (R, 1, S, D) each

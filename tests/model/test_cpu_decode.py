@@ -38,7 +38,7 @@ def test_steps_give_the_models_logits_and_cache(tiny_builders, monkeypatch, over
     blend = overrides.pop("blend", 1.0)
     model = with_random_norms(tiny_builders.model(**overrides))
     model.image_position_blend = blend
-    monkeypatch.setattr(mars.model.cpu_decode, "FEW_ROWS", 64 if weight_first else 0)
+    monkeypatch.setattr(mars.model.cpu_decode, "WEIGHT_FIRST_ROWS", 64 if weight_first else 0)
     rows = image_rows(model, [TOK.encode(p) for p in PROMPTS], guided=True)  # 2 prompts + 2 null rows
     cache, _, slot = prefill(model, rows, 12)
     own_cache = copy.deepcopy(cache)
