@@ -50,7 +50,8 @@ def add_commands(subparsers) -> None:
     gen.add_argument("--rerank-drawing-weight", type=float, metavar="W",
                      help="with --rerank: add W times the log-likelihood of a candidate's codes after the prompt "
                           "to its score (0 = reading alone; default: the model's)")
-    gen.add_argument("--batch-size", type=int, default=8, help="images generated at once (default 8)")
+    gen.add_argument("--batch-size", type=int, default=8,
+                     help="images drawn at once, candidates with --rerank (default 8)")
     gen.add_argument("--image-size", type=int, help="output side in pixels (default: the model's)")
     gen.add_argument("--grid", action="store_true", help="also write a contact sheet of all images")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -211,7 +212,8 @@ def run_generate(args: argparse.Namespace) -> int:
         manifest = stack.enter_context(open(manifest_path, "w", encoding="utf-8")) if manifest_path else None
         for start in range(0, len(jobs), args.batch_size):
             chunk = jobs[start : start + args.batch_size]
-            made = pipe.generate([j.prompt for j in chunk], seed=chunk[0].seed, batch_size=len(chunk),
+            # batch_size counts what is drawn at once: with --rerank, the chunk's candidates
+            made = pipe.generate([j.prompt for j in chunk], seed=chunk[0].seed, batch_size=args.batch_size,
                                  image_size=args.image_size, compile=args.compile,
                                  negative_prompt=args.negative_prompt, rerank=args.rerank,
                                  rerank_drawing_weight=judging.drawing_weight, **settings)
