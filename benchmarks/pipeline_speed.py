@@ -75,7 +75,9 @@ def main() -> None:
         def run(mode: str, seed: int) -> tuple[float, float]:
             compile, context = MODES[mode]
             with context():
-                return timed(lambda: pipe.generate(prompts, seed=seed, batch_size=batch, compile=compile, **options))
+                # with --rerank, a call draws its images' candidates together, as `mars generate` does
+                return timed(lambda: pipe.generate(prompts, seed=seed, batch_size=batch * args.rerank, compile=compile,
+                                                   **options))
 
         first = {m: run(m, 0)[0] for m in modes}
         runs: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
