@@ -32,7 +32,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, add: torch.Tensor | None, weig
     """x (R, in) @ weight (out, in).T, plus `add` (broadcast to (R, out)) when given, as one product.
 
     `weight_first` computes it as weight @ x.T (the result is then a transposed view): faster for a
-    few rows on AMD CPUs, slower on Intel ones (see `FEW_ROWS`).
+    few rows on AMD CPUs, slower on Intel ones (see `WEIGHT_FIRST_ROWS`).
     """
     if weight_first:
         product = torch.mm(weight, x.t()) if add is None else torch.addmm(add.t(), weight, x.t())  # (out, R)
@@ -67,7 +67,7 @@ def _visual_layer(block, query_width: int, head_dim: int) -> _VisualLayer:
         qkv=expert.qkv.weight.float() * attn_scale * query_scale[:, None],
         qkv_bias=None if bias is None else (bias.float() * query_scale)[None],
         o=expert.o_proj.weight.float(),
-        gate_up=(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float() * block.mlp_norm.weight.float()),
+        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float() * block.mlp_norm.weight.float(),
         down=mlp.down_proj.weight.float(),
     )
 
