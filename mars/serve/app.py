@@ -71,18 +71,19 @@ def error_response(status: int, message: str, type: str, headers: dict[str, str]
 # ---------------------------------------------------------------------------------------------
 
 
-def run_batch(pipeline, key: Hashable, rows: list[Any], compile: bool = False) -> list[Any]:
+def run_batch(pipeline, key: Hashable, rows: list[Any], compile: bool = False, batch_size: int = 8) -> list[Any]:
     """One batch on the worker thread: ("generate", cfg, top_k, top_p, temperature, rerank, drawing weight) with rows
     (prompt, seed, negative prompt or "") -> PIL images; ("caption", lang, cfg_scale, plausibility,
     rerank, refine) with rows PIL images -> strings. `compile`: the decode step runs compiled (each new batch
-    size compiles once, the first time it occurs)."""
+    size compiles once, the first time it occurs). `batch_size`: most images drawn at once (the server's
+    max_batch_size), so that with rerank the rows' candidates are drawn together."""
     if key[0] == "generate":
         _, cfg_scale, top_k, top_p, temperature, rerank, drawing_weight = key
         prompts = [prompt for prompt, _, _ in rows]
         seeds = [seed for _, seed, _ in rows]
         negatives = [negative for _, _, negative in rows]
         return pipeline.generate(prompts, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
-                                 temperature=temperature, seed=seeds, batch_size=len(prompts), compile=compile,
+                                 temperature=temperature, seed=seeds, batch_size=batch_size, compile=compile,
                                  negative_prompt=negatives if any(negatives) else None, rerank=rerank,
                                  rerank_drawing_weight=drawing_weight)
     if key[0] == "caption":
@@ -251,8 +252,8 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = Batcher(lambda key, rows: run_batch(pipeline, key, rows, compile), max_batch_size, max_queue,
-                          batch_wait_ms)
+        batcher = Batcher(lambda key, rows: run_batch(pipeline, key, rows, compile, max_batch_size), max_batch_size,
+                          max_queue, batch_wait_ms)
         batcher.start()
         app.state.batcher = batcher
         try:
