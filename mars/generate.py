@@ -21,7 +21,7 @@ How the engine is fast:
 - the loop keeps every token on the device (no host sync per image step);
 - optionally the decode step is compiled (`torch.compile`) and, on CUDA, captured once and
   replayed as a CUDA graph (one launch per token); uncompiled on the CPU it is `CPUImageStep`
-  (`mars.model.cpu_decode`), the same computation in fewer ops.
+  (`mars.model.cpu_decode`), the same computation with less work per step.
 
 Reproducibility: each image has its own `torch.Generator` (seeded from its seed), and every random
 number of row i comes from generator i, so an image is the same whether made alone or in a batch.
@@ -355,7 +355,7 @@ def make_step(model: SemVIE, cache: KVCache, slot: int, rows: int, cfg_scale: fl
     On CUDA (with `cuda_graph`) the step is captured once and replayed as a CUDA graph over the
     static cache; `compile` runs it through torch.compile first. Otherwise, uncompiled, each step
     attends over the filled slots only: on the CPU in fp32 as `CPUImageStep`, the same computation
-    in fewer ops.
+    with less work per step.
     """
     positions = torch.arange(slot, cache.max_len, device=cache.k[0].device)  # positions[t - 1]: slot of code t
     graph = cuda_graph and cache.k[0].device.type == "cuda"

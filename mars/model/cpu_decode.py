@@ -4,7 +4,7 @@ A decode step feeds one image code per row (an image and its CFG row) through ev
 CPU such a step is bound by the number of ops and by reading the weights, not by arithmetic
 (BENCHMARKS.md, "The image decode step on the CPU"). `CPUImageStep` computes what the model's
 cached step computes (`mars.generate.image_step`: the visual expert alone, the image rows of the
-head) in fewer ops:
+head) with less work per step:
 
 - the RMS norms' scales are folded into the products after them, the attention scale into the
   query rows, and the gate and up projections are stacked into one product;
