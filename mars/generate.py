@@ -304,10 +304,10 @@ def image_step(model: SemVIE, ids: torch.Tensor, input_pos: torch.Tensor, cache:
     """
     hidden = model.forward_hidden(ids, True, input_pos, cache)  # (R, 1, C)
     logits = model.logits(hidden[:, -1], rows=model.vocab.image_ids).float()  # (R, K)
-    return guided(logits, cfg_scale)
+    return guided_logits(logits, cfg_scale)
 
 
-def guided(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+def guided_logits(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     """`guide` the stacked rows, unless `cfg_scale` is 1 (no guidance: rows are images)."""
     return guide(logits, cfg_scale) if cfg_scale != 1.0 else logits
 
@@ -362,7 +362,7 @@ def make_step(model: SemVIE, cache: KVCache, slot: int, rows: int, cfg_scale: fl
     if not (compile or graph):
         if uses_cpu_step(model, cache):
             cpu_step = CPUImageStep(model, cache, slot)
-            return lambda ids, t: guided(cpu_step(ids, t), cfg_scale)
+            return lambda ids, t: guided_logits(cpu_step(ids, t), cfg_scale)
         return lambda ids, t: image_step(model, ids, positions[t - 1 : t], cache_window(cache, slot + t), cfg_scale)
     step = compiled_image_step() if compile else image_step
     if graph:
@@ -446,7 +446,7 @@ def _decode_image(model, prompts, generators, num_tokens, sampling, use_cache, c
         # codes 1..N-1 are fed (code N too with `extra_slots`, for joint generation)
         cache, hidden, slot = prefill(model, rows, num_tokens - 1 + extra_slots, round_to=128 if compile else 1)
         logits = model.logits(hidden, rows=vocab.image_ids).float()  # (R, K)
-        logits = guide(logits, sampling.cfg_scale) if guided else logits
+        logits = guided_logits(logits, sampling.cfg_scale)
         next_logits = make_step(model, cache, slot, len(rows), sampling.cfg_scale, compile, cuda_graph)
     else:
         cache, slot = None, None
@@ -458,7 +458,7 @@ def _decode_image(model, prompts, generators, num_tokens, sampling, use_cache, c
             seq = ids[:, :end]
             hidden = model.forward_hidden(seq, model.image_mask(seq), pad_lengths=pad)[:, -1]
             out = model.logits(hidden, rows=vocab.image_ids).float()
-            return guide(out, sampling.cfg_scale) if guided else out
+            return guided_logits(out, sampling.cfg_scale)
 
         def next_logits(new_ids: torch.Tensor, t: int) -> torch.Tensor:
             ids[:, length + t - 1] = new_ids[:, 0]

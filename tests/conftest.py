@@ -72,6 +72,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return write_model_dir(tmp_path_factory.mktemp("tiny-model"), random_tiny_model(), random_tiny_vq())
 
 
+@pytest.fixture
+def drawn_batches(monkeypatch) -> list[int]:
+    """The number of images in each batch the pipeline draws (`generate_image_tokens` calls,
+    candidates included), appended as they are drawn."""
+    import mars.pipeline
+
+    batches = []
+    draw = mars.pipeline.generate_image_tokens
+
+    def recorded(model, prompts, *args, **kwargs):
+        batches.append(len(prompts))
+        return draw(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(mars.pipeline, "generate_image_tokens", recorded)
+    return batches
+
+
 @pytest.fixture(scope="session")
 def tiny_builders() -> SimpleNamespace:
     """`.model(seed, **config_overrides)`, `.vq(seed, codebook_size)`, `.write_dir(path, model, vq)`."""

@@ -53,18 +53,12 @@ def test_prompts_file_writes_pngs_manifest_and_grid(tmp_path, capsys, tiny_model
     assert Image.open(out / "grid.png").size == (2 * 64, 2 * 64)
 
 
-def test_rerank_draws_the_candidates_of_a_prompt_in_one_batch(tmp_path, capsys, monkeypatch, tiny_model_dir, pipe):
-    import mars.pipeline
-
-    batches = []
-    draw = mars.pipeline.generate_image_tokens
-    monkeypatch.setattr(mars.pipeline, "generate_image_tokens",
-                        lambda model, prompts, *a, **k: batches.append(len(prompts)) or draw(model, prompts, *a, **k))
+def test_rerank_draws_the_candidates_of_a_prompt_in_one_batch(tmp_path, capsys, drawn_batches, tiny_model_dir, pipe):
     out = tmp_path / "out"
     code, _, _ = run(capsys, "generate", "a red circle", "--out-dir", out, "--seed", 3, "--top-k", 20,
                      "--rerank", 3, "--model", tiny_model_dir)
     assert code == 0
-    assert batches == [3]  # one prompt's 3 candidates at once (--batch-size 8), not one by one
+    assert drawn_batches == [3]  # one prompt's 3 candidates at once (--batch-size 8), not one by one
     (want,) = pipe.generate("a red circle", seed=3, top_k=20, rerank=3)
     (written,) = out.glob("*.png")
     assert np.abs(np.asarray(Image.open(written), np.int16) - np.asarray(want, np.int16)).max() <= 1

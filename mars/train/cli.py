@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mars.cli import comma_list
 from mars.data.counterfactual_scenes import FACT_CATEGORIES, FACTS
 from mars.data.shapes import TRAIN_CATEGORIES
-from mars.cli import comma_list
 from mars.errors import MarsError
 
 

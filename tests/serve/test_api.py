@@ -325,15 +325,9 @@ def test_rerank_reaches_the_pipeline_and_is_bounded(client, tiny_pipeline):
     assert client.post(GEN, json={**body, "rerank": 0}).status_code == 422
 
 
-def test_a_requests_candidates_are_drawn_together(client, tiny_pipeline, monkeypatch):
-    import mars.pipeline
-
-    batches = []
-    draw = mars.pipeline.generate_image_tokens
-    monkeypatch.setattr(mars.pipeline, "generate_image_tokens",
-                        lambda model, prompts, *a, **k: batches.append(len(prompts)) or draw(model, prompts, *a, **k))
+def test_a_requests_candidates_are_drawn_together(client, tiny_pipeline, drawn_batches):
     out = client.post(GEN, json={"prompt": "a red circle", "seed": 4, "top_k": 20, "rerank": 3}).json()
-    assert batches == [3]  # not three batches of one
+    assert drawn_batches == [3]  # not three batches of one
     (want,) = tiny_pipeline.generate("a red circle", seed=4, top_k=20, rerank=3)
     np.testing.assert_array_equal(pixels(png_image(out["data"][0]["b64_json"])), pixels(want))
 
