@@ -73,7 +73,8 @@ def _visual_layer(block, query_width: int, head_dim: int) -> _VisualLayer:
 
 
 class CPUImageStep:
-    """`(ids (R, 1), t) -> image logits (R, K)` for code t fed at slot `slot + t - 1` of `cache`.
+    """`(ids (R, 1), t) -> image logits (R, K)` for code t fed at slot `slot + t - 1` of `cache`;
+    `window(ids (R, T), t) -> (R, T, K)` feeds codes t .. t + T - 1 at once (causal among them).
 
     Built after the prefill (the cache holds the prompts, their padding and, for 2-D positions,
     each row's `<img>`); writes each step's keys and values into `cache`, as the model does, so
@@ -94,43 +95,52 @@ class CPUImageStep:
         image_rows = slice(model.vocab.image_ids.start - head.text_rows, model.vocab.image_ids.stop - head.text_rows)
         self.head = (head.new_weight[image_rows].float() * model.norm.weight.float()).contiguous()  # (K, C)
 
-        rows = cache.k[0].shape[0]
-        self.weight_first = rows <= WEIGHT_FIRST_ROWS
-        slots = torch.arange(cache.max_len)
-        positions = (slots[None] - cache.pad_lengths[:, None]).clamp(min=0)  # (R, S), as forward_hidden
+        self.slots = torch.arange(cache.max_len)
+        positions = (self.slots[None] - cache.pad_lengths[:, None]).clamp(min=0)  # (R, S), as forward_hidden
         cos, sin = model.rotary(positions, cache.image_start)  # (R, 1, S, D) each
         self.cos = cos[:, 0].transpose(0, 1).contiguous()  # (S, R, D): one slice per step
         self.sin = sin[:, 0].transpose(0, 1).contiguous()
-        padding = slots[None] < cache.pad_lengths[:, None]  # (R, S)
-        self.mask = torch.zeros(rows, 1, 1, cache.max_len).masked_fill(padding[:, None, None], float("-inf"))
+        padding = self.slots[None] < cache.pad_lengths[:, None]  # (R, S)
+        rows = cache.k[0].shape[0]
+        self.mask = torch.zeros(rows, 1, 1, 1, cache.max_len).masked_fill(padding[:, None, None, None], float("-inf"))
+
+    def __call__(self, ids: torch.Tensor, t: int) -> torch.Tensor:
+        return self.window(ids, t)[:, 0]
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, t: int) -> torch.Tensor:
-        H, Hkv, D, C, wf = self.heads, self.kv_heads, self.head_dim, self.hidden, self.weight_first
-        slot = self.slot + t - 1
-        keys = slot + 1  # the slots this step attends to, itself included
-        R = ids.shape[0]
-        cos, sin = self.cos[slot][:, None], self.sin[slot][:, None]  # (R, 1, D)
-        mask = self.mask[..., :keys]  # (R, 1, 1, keys)
-        x = F.embedding(ids[:, 0] - self.text_rows, self.embedding)  # (R, C)
+    def window(self, ids: torch.Tensor, t: int) -> torch.Tensor:
+        H, Hkv, D, C = self.heads, self.kv_heads, self.head_dim, self.hidden
+        R, T = ids.shape
+        first = self.slot + t - 1  # the slot of the first fed code
+        keys = first + T  # the slots this step attends to, its own included
+        wf = R * T <= WEIGHT_FIRST_ROWS
+        cos = self.cos[first:keys].transpose(0, 1)[:, :, None]  # (R, T, 1, D)
+        sin = self.sin[first:keys].transpose(0, 1)[:, :, None]
+        mask = self.mask[..., :keys]  # (R, 1, 1, 1, keys)
+        if T > 1:  # each fed code sees the codes before it, not those after
+            mask = mask.masked_fill(self.slots[first:keys, None] < self.slots[None, :keys], float("-inf"))
+        x = F.embedding(ids.reshape(R * T) - self.text_rows, self.embedding)  # (R T, C)
         for i, layer in enumerate(self.layers):
-            qkv = linear(F.rms_norm(x, (C,), eps=self.eps), layer.qkv, layer.qkv_bias, wf)  # (R, (H + 2Hkv) D)
-            heads = qkv.reshape(R, H + 2 * Hkv, D)
-            qk = heads[:, : H + Hkv]
+            qkv = linear(F.rms_norm(x, (C,), eps=self.eps), layer.qkv, layer.qkv_bias, wf)  # (R T, (H + 2Hkv) D)
+            heads = qkv.reshape(R, T, H + 2 * Hkv, D)
+            qk = heads[:, :, : H + Hkv]
             qk = qk * cos + qk.roll(D // 2, dims=-1) * sin  # RoPE, as `apply_rope`
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]  # (R, Hkv, S, D)
-            k_cache[:, :, slot] = qk[:, H:]
-            v_cache[:, :, slot] = heads[:, H + Hkv :]
-            q = qk[:, :H].reshape(R, Hkv, H // Hkv, D)  # query heads grouped by the key head they share
-            scores = q @ k_cache[:, :, :keys].transpose(-1, -2) + mask  # (R, Hkv, H / Hkv, keys)
-            attended = scores.softmax(dim=-1) @ v_cache[:, :, :keys]  # (R, Hkv, H / Hkv, D)
-            x = linear(attended.reshape(R, H * D), layer.o, x, wf)
-            gate_up = linear(F.rms_norm(x, (C,), eps=self.eps), layer.gate_up, None, wf)  # (R, 2I)
+            k_cache[:, :, first:keys] = qk[:, :, H:].transpose(1, 2)
+            v_cache[:, :, first:keys] = heads[:, :, H + Hkv :].transpose(1, 2)
+            # query heads grouped by the key head they share: (R, Hkv, G T, D), rows (g, t)
+            q = qk[:, :, :H].reshape(R, T, Hkv, H // Hkv, D).permute(0, 2, 3, 1, 4).reshape(R, Hkv, H // Hkv * T, D)
+            scores = q @ k_cache[:, :, :keys].transpose(-1, -2)  # (R, Hkv, G T, keys)
+            scores = (scores.view(R, Hkv, H // Hkv, T, keys) + mask).view(R, Hkv, H // Hkv * T, keys)
+            attended = scores.softmax(dim=-1) @ v_cache[:, :, :keys]  # (R, Hkv, G T, D)
+            attended = attended.view(R, Hkv, H // Hkv, T, D).permute(0, 3, 1, 2, 4).reshape(R * T, H * D)
+            x = linear(attended, layer.o, x, wf)
+            gate_up = linear(F.rms_norm(x, (C,), eps=self.eps), layer.gate_up, None, wf)  # (R T, 2I)
             width = gate_up.shape[1] // 2
             # contiguous rows: the next product reads them in its fast layout
-            act = (F.silu(gate_up[:, :width]) * gate_up[:, width:]).contiguous()  # (R, I)
+            act = (F.silu(gate_up[:, :width]) * gate_up[:, width:]).contiguous()  # (R T, I)
             x = linear(act, layer.down, x, wf)
-        return linear(F.rms_norm(x, (C,), eps=self.eps), self.head, None, wf)  # (R, K)
+        return linear(F.rms_norm(x, (C,), eps=self.eps), self.head, None, wf).view(R, T, -1)  # (R, T, K)
 
 
 def uses_cpu_step(model: SemVIE, cache: KVCache) -> bool:

@@ -43,7 +43,9 @@ def test_steps_give_the_models_logits_and_cache(tiny_builders, monkeypatch, over
     cache, _, slot = prefill(model, rows, 12)
     own_cache = copy.deepcopy(cache)
     step = CPUImageStep(model, own_cache, slot)
-    assert step.weight_first == weight_first
+    layouts = set()
+    linear = mars.model.cpu_decode.linear
+    monkeypatch.setattr(mars.model.cpu_decode, "linear", lambda *a: layouts.add(a[-1]) or linear(*a))
     positions = torch.arange(slot, cache.max_len)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.image_vocab_size, (len(rows), 1), generator=gen) + model.vocab.image_offset
@@ -52,6 +54,31 @@ def test_steps_give_the_models_logits_and_cache(tiny_builders, monkeypatch, over
         got = step(ids, t)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
         ids = torch.multinomial(expected.softmax(-1), 1, generator=gen) + model.vocab.image_offset
+    for ours, theirs in zip(own_cache.k + own_cache.v, cache.k + cache.v):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert layouts == {weight_first}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("image_positions", ["1d", "2d"])
+@pytest.mark.parametrize("weight_first", [False, True])
+def test_a_window_of_codes_gives_the_models_logits_for_each(tiny_builders, monkeypatch, image_positions, weight_first):
+    """Codes fed T at a time (speculative Jacobi decoding's drafts) see the codes before them only."""
+    model = with_random_norms(tiny_builders.model(image_positions=image_positions))
+    monkeypatch.setattr(mars.model.cpu_decode, "WEIGHT_FIRST_ROWS", 64 if weight_first else 0)
+    rows = image_rows(model, [TOK.encode(p) for p in PROMPTS], guided=True)
+    cache, _, slot = prefill(model, rows, 12)
+    own_cache = copy.deepcopy(cache)
+    step = CPUImageStep(model, own_cache, slot)
+    gen = torch.Generator().manual_seed(1)
+    t = 1
+    for width in (3, 1, 4):  # codes t .. t + width - 1, fed together
+        ids = torch.randint(0, model.config.image_vocab_size, (len(rows), width), generator=gen) + model.vocab.image_offset
+        positions = torch.arange(slot + t - 1, slot + t - 1 + width)
+        hidden = model.forward_hidden(ids, True, positions, cache)  # (R, T, C)
+        expected = model.logits(hidden, rows=model.vocab.image_ids).float()  # (R, T, K)
+        torch.testing.assert_close(step.window(ids, t), expected, atol=1e-4, rtol=1e-4)
+        t += width
     for ours, theirs in zip(own_cache.k + own_cache.v, cache.k + cache.v):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
