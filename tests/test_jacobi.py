@@ -1,0 +1,113 @@
+"""Speculative Jacobi decoding (`mars.jacobi`) against one-code-per-step decoding and exact probabilities."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+import mars.jacobi
+from mars.errors import MarsError
+from mars.generate import SampleConfig, generate_image_tokens, guide, image_rows, left_pad, make_generators
+from mars.jacobi import generate_image_tokens_jacobi, probabilities, verify
+from mars.text_tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+PROMPTS = [TOK.encode(p) for p in ("a red circle", "一个蓝色的正方形在左边", "two stars")]
+
+
+def exact_guided_logits(model, prompt, codes, cfg_scale):
+    """The guided logits (N, K) of each code of `codes` (N,) after the prompt and the codes before
+    it, from one uncached forward of the whole sequence."""
+    rows = image_rows(model, [prompt], guided=True)
+    ids, pad = left_pad(rows, "cpu")
+    fed = codes[:-1].expand(len(rows), -1) + model.vocab.image_offset
+    seq = torch.cat([ids, fed], dim=1)
+    hidden = model.forward_hidden(seq, model.image_mask(seq), pad_lengths=pad)[:, ids.shape[1] - 1 :]
+    return guide(model.logits(hidden, rows=model.vocab.image_ids).float(), cfg_scale)[0]
+
+
+def test_verify_yields_codes_distributed_as_p():
+    """Accepted drafts and residual draws together follow p, whatever q the drafts came from."""
+    p = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.1, 0.1, 0.7]])  # (L + 1, K): one draft
+    q = torch.tensor([[0.1, 0.2, 0.3, 0.4]])  # the guess the draft is drawn from
+    gen = torch.Generator().manual_seed(0)
+    n = 8000
+    drafts = torch.multinomial(q.expand(n, -1), 1, replacement=True, generator=gen)  # (n, 1)
+    firsts, lengths = Counter(), Counter()
+    for draft in drafts:
+        out = verify(draft, q, p, gen)
+        firsts[int(out[0])] += 1
+        lengths[len(out)] += 1
+    freq = torch.tensor([firsts[k] / n for k in range(4)])
+    torch.testing.assert_close(freq, p[0], atol=0.02, rtol=0)
+    assert firsts[3] == 0  # p gives code 3 nothing: never emitted, though q drafts it most
+    torch.testing.assert_close(lengths[2] / n, float(torch.minimum(p[0], q[0]).sum()), atol=0.02, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cpu_step", [True, False])
+@pytest.mark.parametrize("window", [1, 3, 8])
+def test_greedy_jacobi_decoding_is_the_greedy_image(tiny_builders, monkeypatch, cpu_step, window):
+    model = tiny_builders.model()
+    if not cpu_step:
+        monkeypatch.setattr(mars.jacobi, "uses_cpu_step", lambda model, cache: False)
+    greedy = SampleConfig(temperature=0.0, cfg_scale=2.0)
+    n = model.config.image_tokens
+    expected = generate_image_tokens(model, PROMPTS, make_generators([0, 1, 2]), n, greedy)
+    got = generate_image_tokens_jacobi(model, PROMPTS, make_generators([0, 1, 2]), n, greedy, window)
+    assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+def test_each_code_comes_from_its_exact_context_and_images_do_not_depend_on_the_batch(tiny_builders):
+    model = tiny_builders.model()
+    sampling = SampleConfig(temperature=1.0, top_k=4, cfg_scale=2.0)
+    n = model.config.image_tokens
+    codes, logits = generate_image_tokens_jacobi(model, PROMPTS, make_generators([5, 6, 7]), n, sampling, 4,
+                                                 return_logits=True)
+    for b, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(logits[b], exact_guided_logits(model, prompt, codes[b], 2.0), atol=1e-4, rtol=1e-4)
+        alone = generate_image_tokens_jacobi(model, [prompt], make_generators([5 + b]), n, sampling, 4)
+        assert torch.equal(alone[0], codes[b])
+    drawn = torch.topk(logits, 4, dim=-1).indices
+    assert bool((drawn == codes[..., None]).any(-1).all())  # every code is one of its top 4
+
+
+@torch.no_grad()
+def test_sequences_follow_the_models_distribution(tiny_builders):
+    """The first four codes of many seeds: their frequencies against the exact probability of
+    each sequence (top-k 2: at most 16 of them), which one-code-per-step sampling also follows."""
+    model = tiny_builders.model()
+    sampling = SampleConfig(temperature=1.5, top_k=2, cfg_scale=2.0)
+    prompt, n, draws = PROMPTS[0], 4, 600
+    codes = generate_image_tokens_jacobi(model, [prompt] * draws, make_generators(range(draws)), n, sampling, 3)
+    seen = Counter(tuple(row.tolist()) for row in codes)
+    first = probabilities(exact_guided_logits(model, prompt, codes[0], 2.0), sampling)[0]
+    exact = {}
+    for head in first.nonzero()[:, 0].tolist():
+        # every sequence of top-2 codes, its probability as the product of its codes' probabilities
+        stack = [((head,), float(first[head]))]
+        for _ in range(n - 1):
+            grown = []
+            for seq, prob in stack:
+                probs = probabilities(exact_guided_logits(model, prompt, torch.tensor(seq + (0,)), 2.0), sampling)[-1]
+                grown += [(seq + (c,), prob * float(probs[c])) for c in probs.nonzero()[:, 0].tolist()]
+            stack = grown
+        exact.update(stack)
+    assert set(seen) <= set(exact)
+    assert sum(exact.values()) == pytest.approx(1.0, abs=1e-5)
+    distance = 0.5 * sum(abs(seen[s] / draws - prob) for s, prob in exact.items())
+    assert distance < 0.08, distance
+
+
+def test_bad_settings_are_refused_by_name(tiny_builders):
+    model = tiny_builders.model()
+    sampling = SampleConfig(cfg_scale=2.0)
+    for window in (0, -1, True, 2.5):
+        with pytest.raises(MarsError, match="Jacobi window"):
+            generate_image_tokens_jacobi(model, PROMPTS[:1], make_generators([0]), 4, sampling, window)
+    with pytest.raises(MarsError, match="generators"):
+        generate_image_tokens_jacobi(model, PROMPTS[:2], make_generators([0]), 4, sampling, 2)
+    with pytest.raises(MarsError, match="negative prompts"):
+        generate_image_tokens_jacobi(model, PROMPTS[:2], make_generators([0, 1]), 4, sampling, 2,
+                                     negative_prompts=[[1]])
