@@ -3,12 +3,14 @@
     python benchmarks/pipeline_speed.py                         # the built-in model, 1 thread
     python benchmarks/pipeline_speed.py --model DIR --batch 1 8 --threads 2
     python benchmarks/pipeline_speed.py --rerank 4 --rerank-drawing-weight 0 --no-compile   # best of 4
+    python benchmarks/pipeline_speed.py --batch 1 --threads 2 --no-compile --jacobi-window 2 3 4
 
 Uses the model's own sampling settings (its generation_config.json). For each batch size, the
 modes run in turn in one process, so a machine whose speed drifts affects them alike: on the CPU
 first the baseline "eager, model step" (the model's own forward for each decode step, as before
 `mars.model.cpu_decode.CPUImageStep`), then eager (`CPUImageStep` on the CPU) and compiled
-(`compile=True`). After one warm-up call each (the compiled one includes compiling, reported
+(`compile=True`), and with `--jacobi-window N ..` speculative Jacobi decoding with N drafts per
+forward (`mars.jacobi`; images of the same distribution, not the same images). After one warm-up call each (the compiled one includes compiling, reported
 apart) it prints the best and the median of `--repeats` runs, in wall and CPU seconds per image.
 """
 
@@ -40,10 +42,10 @@ def model_step() -> contextlib.AbstractContextManager:
     return mock.patch.object(mars.generate, "uses_cpu_step", lambda model, cache: False)
 
 
-MODES = {  # name -> (compile, context)
-    "eager, model step": (False, model_step),
-    "eager": (False, contextlib.nullcontext),
-    "compiled": (True, contextlib.nullcontext),
+MODES = {  # name -> (compile, context, Jacobi window)
+    "eager, model step": (False, model_step, 0),
+    "eager": (False, contextlib.nullcontext, 0),
+    "compiled": (True, contextlib.nullcontext, 0),
 }
 
 
@@ -54,12 +56,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-compile", action="store_true", help="eager runs only")
+    parser.add_argument("--jacobi-window", type=int, nargs="*", default=[], metavar="N",
+                        help="also speculative Jacobi decoding with N drafts per forward, for each N")
     parser.add_argument("--rerank", type=int, default=1, metavar="N", help="best of N candidates per image")
     parser.add_argument("--rerank-drawing-weight", type=float, metavar="W",
                         help="with --rerank: the drawing term's weight (default: the model's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = MarsPipeline.from_pretrained(args.model)
+    for window in args.jacobi_window:
+        MODES[f"eager, Jacobi window {window}"] = (False, contextlib.nullcontext, window)
     modes = [m for m in MODES if not (args.no_compile and MODES[m][0])]
     if pipe.device.type != "cpu":
         modes.remove("eager, model step")
@@ -73,11 +79,11 @@ def main() -> None:
         prompts = [PROMPT] * batch
 
         def run(mode: str, seed: int) -> tuple[float, float]:
-            compile, context = MODES[mode]
+            compile, context, window = MODES[mode]
             with context():
                 # with --rerank, a call draws its images' candidates together, as `mars generate` does
                 return timed(lambda: pipe.generate(prompts, seed=seed, batch_size=batch * args.rerank, compile=compile,
-                                                   **options))
+                                                   jacobi_window=window, **options))
 
         first = {m: run(m, 0)[0] for m in modes}
         runs: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}

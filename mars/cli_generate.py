@@ -55,6 +55,10 @@ def add_commands(subparsers) -> None:
     gen.add_argument("--image-size", type=int, help="output side in pixels (default: the model's)")
     gen.add_argument("--grid", action="store_true", help="also write a contact sheet of all images")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    gen.add_argument("--jacobi-window", type=int, default=0, metavar="N",
+                     help="speculative Jacobi decoding: feed N drafted codes per forward and keep those the model "
+                          "accepts; images of the same distribution from fewer forwards, one image at a time "
+                          "(fastest at batch 1 on a CPU; 3 for the built-in model; default 0 = off)")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step (pays off on many batches; on CUDA the step "
                           "is replayed as a CUDA graph either way)")
@@ -187,7 +191,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.rerank < 1:
         raise MarsError(f"--rerank must be >= 1, got {args.rerank}")
     from mars.generate import RerankConfig, with_given
+    from mars.jacobi import check_jacobi_window
 
+    check_jacobi_window(args.jacobi_window, args.compile)
     with_given(RerankConfig(), drawing_weight=args.rerank_drawing_weight)  # its rule, before the model loads
     pipe = _load_pipeline(args)
     judging = pipe.rerank_settings(args.rerank_drawing_weight)
@@ -199,6 +205,8 @@ def run_generate(args: argparse.Namespace) -> int:
               "rerank": args.rerank}
     if args.rerank > 1:
         record["rerank_drawing_weight"] = judging.drawing_weight
+    if args.jacobi_window:
+        record["jacobi_window"] = args.jacobi_window
     if args.negative_prompt is not None:  # checked before any work, like the prompts above
         from mars.generate import SampleConfig
 
@@ -216,7 +224,8 @@ def run_generate(args: argparse.Namespace) -> int:
             made = pipe.generate([j.prompt for j in chunk], seed=chunk[0].seed, batch_size=args.batch_size,
                                  image_size=args.image_size, compile=args.compile,
                                  negative_prompt=args.negative_prompt, rerank=args.rerank,
-                                 rerank_drawing_weight=judging.drawing_weight, **settings)
+                                 rerank_drawing_weight=judging.drawing_weight, jacobi_window=args.jacobi_window,
+                                 **settings)
             for job, image in zip(chunk, made):
                 image.save(job.path)
                 if manifest:

@@ -42,6 +42,15 @@ from mars.model.cpu_decode import CPUImageStep, uses_cpu_step
 from mars.model.semvie import SemVIE
 
 
+def check_jacobi_window(window: int, compile: bool = False) -> None:
+    """Refuse, by name, a Jacobi window that is not an integer >= 0 (0 = off), or one with `compile`."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise MarsError(f"the Jacobi window (drafted codes per forward) must be an integer >= 0 (0 = off), "
+                        f"got {window!r}")
+    if window and compile:
+        raise MarsError("speculative Jacobi decoding runs eager window steps: it does not combine with compile")
+
+
 def probabilities(logits: torch.Tensor, sampling: SampleConfig) -> torch.Tensor:
     """(..., K) logits -> the distribution (..., K) that `mars.generate.sample` draws from:
     top-k -> temperature -> top-p; temperature 0 = all mass on the argmax. (A tie with the k-th
@@ -141,8 +150,9 @@ def generate_image_tokens_jacobi(
     codes per forward (>= 1): codes (B, num_tokens), and with `return_logits` the guided logits
     each code was drawn from (B, num_tokens, K). Each image is decoded on its own, from its own
     generator (one per prompt)."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise MarsError(f"the Jacobi window must be an integer >= 1 (drafted codes per forward), got {window!r}")
+    check_jacobi_window(window)
+    if window == 0:
+        raise MarsError("a Jacobi window of 0 drafts nothing: decode with mars.generate.generate_image_tokens")
     if num_tokens < 1:
         raise MarsError(f"num_tokens must be >= 1, got {num_tokens}")
     if len(generators) != len(prompts):

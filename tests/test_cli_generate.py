@@ -64,6 +64,29 @@ def test_rerank_draws_the_candidates_of_a_prompt_in_one_batch(tmp_path, capsys, 
     assert np.abs(np.asarray(Image.open(written), np.int16) - np.asarray(want, np.int16)).max() <= 1
 
 
+def test_jacobi_window_reaches_the_images_and_the_manifest(tmp_path, capsys, monkeypatch, tiny_model_dir, pipe):
+    import mars.pipeline
+
+    windows = []
+    decode = mars.pipeline.generate_image_tokens_jacobi
+    monkeypatch.setattr(mars.pipeline, "generate_image_tokens_jacobi",
+                        lambda *a, **k: windows.append(a[5]) or decode(*a, **k))
+    out = tmp_path / "out"
+    code, _, _ = run(capsys, "generate", "a red circle", "--out-dir", out, "--seed", 3, "--top-k", 20,
+                     "--jacobi-window", 3, "--model", tiny_model_dir)
+    assert code == 0 and windows == [3]
+    (line,) = [json.loads(x) for x in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert line["settings"]["jacobi_window"] == 3
+    (want,) = pipe.generate("a red circle", seed=3, top_k=20, jacobi_window=3)
+    image = Image.open(out / line["file"])
+    assert np.abs(np.asarray(image, np.int16) - np.asarray(want, np.int16)).max() <= 1
+    for bad, message in ((["--jacobi-window", -1], "must be an integer >= 0"),
+                         (["--jacobi-window", 2, "--compile"], "does not combine with compile")):
+        code, _, err = run(capsys, "generate", "a red circle", "-o", tmp_path / "bad.png", *bad,
+                           "--model", tiny_model_dir)
+        assert code == 2 and message in error_line(err) and not (tmp_path / "bad.png").exists()
+
+
 def test_negative_prompt_reaches_the_images_and_the_manifest(tmp_path, capsys, tiny_model_dir, pipe):
     out = tmp_path / "out"
     code, _, _ = run(capsys, "generate", "a red circle", "--out-dir", out, "--cfg-scale", 3,

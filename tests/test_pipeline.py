@@ -256,3 +256,10 @@ def test_prompt_order_reading_restates_position_prompts_before_the_model_reads_t
     (folder / "generation_config.json").write_text('{"prompt_order": "alphabetical"}')
     with pytest.raises(MarsError, match="prompt_order must be one of as-written, reading"):
         MarsPipeline.from_pretrained(folder, device="cpu")
+
+
+def test_greedy_images_by_jacobi_decoding_are_the_greedy_images(pipe):
+    prompts = ["a red circle", "一个蓝色的正方形"]
+    want = pipe.generate(prompts, temperature=0.0, cfg_scale=2.0, negative_prompt=["", "a red star"])
+    got = pipe.generate(prompts, temperature=0.0, cfg_scale=2.0, negative_prompt=["", "a red star"], jacobi_window=4)
+    assert [np.asarray(a).tolist() for a in got] == [np.asarray(b).tolist() for b in want]

@@ -63,6 +63,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, seed_help: str) -> None:
     p.add_argument("--rerank-drawing-weight", type=float, default=None, metavar="W",
                    help="with --rerank: add W times the log-likelihood of a candidate's codes after the prompt to "
                         "its score (0 = reading alone; default: the model's)")
+    p.add_argument("--jacobi-window", type=int, default=0, metavar="N",
+                   help="speculative Jacobi decoding with N drafted codes per forward (images of the same "
+                        "distribution from fewer forwards, one image at a time; default 0 = off)")
     p.add_argument("--shard", default=None, metavar="R/W",
                    help="make only images i with i %% W == R (default: torchrun's RANK/WORLD_SIZE, else all)")
 
@@ -80,9 +83,11 @@ def _generator(args: argparse.Namespace):
     """(GenerateFn, settings recorded next to the images) from the sampling arguments."""
     from mars.eval.runner import pipeline_generate_fn
     from mars.generate import RerankConfig, with_given
+    from mars.jacobi import check_jacobi_window
 
     if args.rerank < 1:  # before the model loads or the output folder is made
         raise MarsError(f"--rerank must be >= 1, got {args.rerank}")
+    check_jacobi_window(args.jacobi_window)
     with_given(RerankConfig(), drawing_weight=args.rerank_drawing_weight)  # its rule, before the model loads
     pipe, model_path = _load_pipeline(args)
     sampling = pipe.sampling_settings(args.cfg_scale, args.top_k, args.top_p, args.temperature)
@@ -90,9 +95,11 @@ def _generator(args: argparse.Namespace):
     settings = {"model": model_path, **sampling, "seed": args.seed}
     if args.rerank > 1:  # absent when off, so earlier runs' settings.json still match
         settings |= {"rerank": args.rerank, "rerank_drawing_weight": judging.drawing_weight}
+    if args.jacobi_window:  # absent when off, as rerank
+        settings["jacobi_window"] = args.jacobi_window
     settings |= pipe.prompt_order_settings()
-    return pipeline_generate_fn(pipe, **sampling, rerank=args.rerank,
-                                rerank_drawing_weight=judging.drawing_weight), settings
+    return pipeline_generate_fn(pipe, **sampling, rerank=args.rerank, rerank_drawing_weight=judging.drawing_weight,
+                                jacobi_window=args.jacobi_window), settings
 
 
 def add_commands(subparsers) -> None:

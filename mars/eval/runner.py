@@ -133,12 +133,13 @@ def check_settings(out_dir: str | Path, settings: dict) -> None:
 
 
 def pipeline_generate_fn(pipe, cfg_scale: float, top_k: int, top_p: float, temperature: float,
-                         rerank: int = 1, rerank_drawing_weight: float | None = None) -> GenerateFn:
+                         rerank: int = 1, rerank_drawing_weight: float | None = None,
+                         jacobi_window: int = 0) -> GenerateFn:
     """A `MarsPipeline` as a GenerateFn: one call per batch, seed[i] for image i, the same settings for all
-    (`rerank`: best of that many candidates per image, judged with `rerank_drawing_weight`,
-    `MarsPipeline.generate`)."""
+    (`rerank`: best of that many candidates per image, judged with `rerank_drawing_weight`;
+    `jacobi_window`: drafts per forward of speculative Jacobi decoding; `MarsPipeline.generate`)."""
     def run(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         return pipe.generate(prompts, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p, temperature=temperature,
                              seed=list(seeds), batch_size=len(prompts), rerank=rerank,
-                             rerank_drawing_weight=rerank_drawing_weight)
+                             rerank_drawing_weight=rerank_drawing_weight, jacobi_window=jacobi_window)
     return run

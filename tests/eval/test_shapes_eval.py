@@ -223,6 +223,20 @@ def test_shapes_cli_records_rerank_and_refuses_to_mix_it(tiny_model_dir, tmp_pat
     assert "drawing_weight must be" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
+def test_shapes_cli_records_the_jacobi_window(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "shapes"
+    args = ["eval", "shapes", "--model", str(tiny_model_dir), "--n-per-category", "1", "--lang", "en",
+            "--out-dir", str(out), "--device", "cpu", "--categories", "single"]
+    assert main(args + ["--jacobi-window", "2"]) == 0
+    settings = json.loads((out / "results.json").read_text(encoding="utf-8"))["settings"]
+    assert settings["jacobi_window"] == 2
+    capsys.readouterr()
+    assert main(args) == 2  # one code per forward: other settings, not mixed in
+    assert "other settings" in capsys.readouterr().err
+    assert main(args + ["--jacobi-window", "-2", "--out-dir", str(tmp_path / "bad")]) == 2
+    assert "Jacobi window" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_shapes_cli_records_a_reading_order_model_and_judges_the_prompt_as_asked(tiny_model_dir, tmp_path, capsys):
     model = tmp_path / "reading"
     shutil.copytree(tiny_model_dir, model)
