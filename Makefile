@@ -21,7 +21,7 @@ setup-dev: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev,serve]'
 
 demo: setup
-	$(BIN)/mars generate "$(PROMPT)" -o $(OUT) --overwrite  # demo output: re-running redraws it
+	$(BIN)/mars generate "$(PROMPT)" -o $(OUT) --overwrite --jacobi-window 3  # re-running redraws it
 
 test: setup-dev
 	$(BIN)/python -m pytest -q
