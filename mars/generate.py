@@ -388,6 +388,27 @@ def image_rows(model: SemVIE, prompts: list[list[int]], guided: bool,
     return rows + [list(n) + [boi] for n in negatives]
 
 
+def check_num_tokens(model: SemVIE, num_tokens: int) -> None:
+    """Refuse, by name, an image of fewer than one code or of more than a 2-D model's grid holds."""
+    if num_tokens < 1:
+        raise MarsError(f"num_tokens must be >= 1, got {num_tokens}")
+    if model.config.image_positions == "2d" and num_tokens > model.config.image_tokens:
+        raise MarsError(f"this model places image codes on a {model.config.image_grid} x {model.config.image_grid} "
+                        f"grid (image_positions 2d): it draws at most {model.config.image_tokens} codes, "
+                        f"not {num_tokens}")
+
+
+def check_negative_prompts(prompts: list[list[int]], negative_prompts: list[list[int]] | None,
+                           sampling: SampleConfig) -> None:
+    """Refuse negative prompts without guidance, or not one per prompt."""
+    if negative_prompts is None:
+        return
+    if not sampling.guided:
+        raise MarsError("a negative prompt works through guidance: set cfg_scale != 1")
+    if len(negative_prompts) != len(prompts):
+        raise MarsError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+
+
 @torch.inference_mode()
 def generate_image_tokens(
     model: SemVIE,
@@ -412,11 +433,7 @@ def generate_image_tokens(
     prompt, text ids) replace the null prompt in guidance: `u + s * (c - u)` with u after the
     negative prompt steers away from it; they need guidance (`cfg_scale != 1`).
     """
-    if negative_prompts is not None:
-        if not sampling.guided:
-            raise MarsError("a negative prompt works through guidance: set cfg_scale != 1")
-        if len(negative_prompts) != len(prompts):
-            raise MarsError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+    check_negative_prompts(prompts, negative_prompts, sampling)
     tokens, logits, _, _ = _decode_image(model, prompts, generators, num_tokens, sampling, use_cache,
                                          compile, cuda_graph, progress, return_logits, extra_slots=0,
                                          negative_prompts=negative_prompts)
@@ -430,12 +447,7 @@ def _decode_image(model, prompts, generators, num_tokens, sampling, use_cache, c
     Returns codes (B, N), the stacked logits (or None), and, for a cached run, the cache and the
     slot of the last sampled code (not yet fed), so text can continue in the same cache.
     """
-    if num_tokens < 1:
-        raise MarsError(f"num_tokens must be >= 1, got {num_tokens}")
-    if model.config.image_positions == "2d" and num_tokens > model.config.image_tokens:
-        raise MarsError(f"this model places image codes on a {model.config.image_grid} x {model.config.image_grid} "
-                        f"grid (image_positions 2d): it draws at most {model.config.image_tokens} codes, "
-                        f"not {num_tokens}")
+    check_num_tokens(model, num_tokens)
     vocab, B = model.vocab, len(prompts)
     guided = sampling.guided
     rows = image_rows(model, prompts, guided, negative_prompts)

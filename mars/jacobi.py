@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 from mars.errors import MarsError
 from mars.generate import (
     SampleConfig,
+    check_negative_prompts,
+    check_num_tokens,
     guided_logits,
     image_rows,
     prefill,
@@ -153,17 +155,10 @@ def generate_image_tokens_jacobi(
     check_jacobi_window(window)
     if window == 0:
         raise MarsError("a Jacobi window of 0 drafts nothing: decode with mars.generate.generate_image_tokens")
-    if num_tokens < 1:
-        raise MarsError(f"num_tokens must be >= 1, got {num_tokens}")
+    check_num_tokens(model, num_tokens)
     if len(generators) != len(prompts):
         raise MarsError(f"{len(prompts)} prompts but {len(generators)} generators")
-    if negative_prompts is not None:
-        if not sampling.guided:
-            raise MarsError("a negative prompt works through guidance: set cfg_scale != 1")
-        if len(negative_prompts) != len(prompts):
-            raise MarsError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
-    if model.config.image_positions == "2d" and num_tokens > model.config.image_tokens:
-        raise MarsError(f"this model draws at most {model.config.image_tokens} codes, not {num_tokens}")
+    check_negative_prompts(prompts, negative_prompts, sampling)
     made = [decode_image_jacobi(model, prompt, generator, num_tokens, sampling, window,
                                 None if negative_prompts is None else negative_prompts[b], progress)
             for b, (prompt, generator) in enumerate(zip(prompts, generators))]

@@ -45,10 +45,11 @@ def test_verify_yields_codes_distributed_as_p():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("image_positions", ["1d", "2d"])
 @pytest.mark.parametrize("cpu_step", [True, False])
 @pytest.mark.parametrize("window", [1, 3, 8])
-def test_greedy_jacobi_decoding_is_the_greedy_image(tiny_builders, monkeypatch, cpu_step, window):
-    model = tiny_builders.model()
+def test_greedy_jacobi_decoding_is_the_greedy_image(tiny_builders, monkeypatch, image_positions, cpu_step, window):
+    model = tiny_builders.model(image_positions=image_positions)
     if not cpu_step:
         monkeypatch.setattr(mars.jacobi, "uses_cpu_step", lambda model, cache: False)
     greedy = SampleConfig(temperature=0.0, cfg_scale=2.0)
@@ -111,3 +112,6 @@ def test_bad_settings_are_refused_by_name(tiny_builders):
     with pytest.raises(MarsError, match="negative prompts"):
         generate_image_tokens_jacobi(model, PROMPTS[:2], make_generators([0, 1]), 4, sampling, 2,
                                      negative_prompts=[[1]])
+    with pytest.raises(MarsError, match="at most 16 codes"):
+        generate_image_tokens_jacobi(tiny_builders.model(image_positions="2d"), PROMPTS[:1], make_generators([0]), 17,
+                                     sampling, 2)
