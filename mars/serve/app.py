@@ -72,20 +72,22 @@ def error_response(status: int, message: str, type: str, headers: dict[str, str]
 
 
 def run_batch(pipeline, key: Hashable, rows: list[Any], compile: bool = False, batch_size: int = 8) -> list[Any]:
-    """One batch on the worker thread: ("generate", cfg, top_k, top_p, temperature, rerank, drawing weight) with rows
-    (prompt, seed, negative prompt or "") -> PIL images; ("caption", lang, cfg_scale, plausibility,
-    rerank, refine) with rows PIL images -> strings. `compile`: the decode step runs compiled (each new batch
-    size compiles once, the first time it occurs). `batch_size`: most images drawn at once (the server's
-    max_batch_size), so that with rerank the rows' candidates are drawn together."""
+    """One batch on the worker thread: ("generate", cfg, top_k, top_p, temperature, rerank, drawing weight,
+    Jacobi window) with rows (prompt, seed, negative prompt or "") -> PIL images; ("caption", lang, cfg_scale,
+    plausibility, rerank, refine) with rows PIL images -> strings. `compile`: the decode step runs compiled
+    (each new batch size compiles once, the first time it occurs), except with a Jacobi window, which
+    decodes eagerly. `batch_size`: most images drawn at once (the server's max_batch_size), so that with
+    rerank the rows' candidates are drawn together."""
     if key[0] == "generate":
-        _, cfg_scale, top_k, top_p, temperature, rerank, drawing_weight = key
+        _, cfg_scale, top_k, top_p, temperature, rerank, drawing_weight, jacobi_window = key
         prompts = [prompt for prompt, _, _ in rows]
         seeds = [seed for _, seed, _ in rows]
         negatives = [negative for _, _, negative in rows]
         return pipeline.generate(prompts, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
-                                 temperature=temperature, seed=seeds, batch_size=batch_size, compile=compile,
+                                 temperature=temperature, seed=seeds, batch_size=batch_size,
+                                 compile=compile and not jacobi_window,
                                  negative_prompt=negatives if any(negatives) else None, rerank=rerank,
-                                 rerank_drawing_weight=drawing_weight)
+                                 rerank_drawing_weight=drawing_weight, jacobi_window=jacobi_window)
     if key[0] == "caption":
         _, lang, cfg_scale, plausibility, rerank, refine = key
         return pipeline.caption(rows, lang=lang, cfg_scale=cfg_scale, plausibility=plausibility, rerank=rerank,
@@ -310,13 +312,14 @@ def create_app(pipeline, model_name: str = "mars", max_batch_size: int = 8, max_
         seeds = [seed + i for i in range(body.n)]
         drawing_weight = pipeline.rerank_settings(body.rerank_drawing_weight).drawing_weight
         key = ("generate", chosen["cfg_scale"], chosen["top_k"], chosen["top_p"], chosen["temperature"], body.rerank,
-               drawing_weight)
+               drawing_weight, body.jacobi_window)
         negative = body.negative_prompt or ""
         result = await run_job(request.app.state.batcher, request, key, [(body.prompt, s, negative) for s in seeds])
         encoded = await run_in_threadpool(lambda: [png_base64(img) for img in result.outputs])
         data = [GeneratedImage(b64_json=b64, seed=s, width=img.width, height=img.height)
                 for b64, s, img in zip(encoded, seeds, result.outputs)]
-        settings = GenerationSettings(**chosen, rerank=body.rerank, rerank_drawing_weight=drawing_weight)
+        settings = GenerationSettings(**chosen, rerank=body.rerank, rerank_drawing_weight=drawing_weight,
+                                      jacobi_window=body.jacobi_window)
         return GenerationResponse(created=int(time.time()), model=model_name, prompt=body.prompt,
                                   negative_prompt=body.negative_prompt, seeds=seeds,
                                   settings=settings, data=data, timings=timings(result, arrived))

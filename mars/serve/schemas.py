@@ -60,6 +60,11 @@ class GenerationRequest(_Strict):
                                                 description="With rerank > 1: the weight of the drawing term "
                                                             "log p(codes | prompt) beside the reading term "
                                                             "(0 = reading alone); omitted: the model's.")
+    jacobi_window: int = Field(0, ge=0, le=16, description="Speculative Jacobi decoding with this many drafted "
+                                                           "codes per forward: images of the same distribution "
+                                                           "(not the same images for a seed) from fewer forwards, "
+                                                           "one image at a time; faster single images on a CPU "
+                                                           "(3 for the built-in model); 0 = one code per forward.")
 
 
 class GeneratedImage(BaseModel):
@@ -84,6 +89,7 @@ class GenerationSettings(BaseModel):
     rerank: int = 1
     rerank_drawing_weight: float = Field(0.0, description="The drawing term's weight in judging candidates "
                                                           "(used when rerank > 1).")
+    jacobi_window: int = Field(0, description="Drafted codes per forward (speculative Jacobi decoding; 0 = off).")
 
 
 class GenerationResponse(BaseModel):

@@ -69,7 +69,7 @@ def test_generate_returns_the_pipelines_images_with_their_seeds(client, tiny_pip
     assert out["seeds"] == [7, 8] and [d["seed"] for d in out["data"]] == [7, 8]
     assert out["prompt"] == "a red circle" and out["model"] == "tiny"
     assert out["settings"] == {"cfg_scale": 3.0, "top_k": 50, "top_p": 0.9, "temperature": 0.8, "rerank": 1,
-                               "rerank_drawing_weight": 0.0}  # the tiny model judges by reading alone
+                               "rerank_drawing_weight": 0.0, "jacobi_window": 0}  # the tiny model judges by reading alone
     size = tiny_pipeline.model.config.image_size
     expected = tiny_pipeline.generate(["a red circle"] * 2, cfg_scale=3.0, top_k=50, top_p=0.9, temperature=0.8, seed=7)
     for item, want in zip(out["data"], expected):
@@ -100,7 +100,7 @@ def test_negative_prompt_reaches_the_pipeline_and_batches_beside_plain_requests(
     np.testing.assert_array_equal(pixels(png_image(out["data"][0]["b64_json"])), pixels(want))
     # a batch that mixes requests with and without one: each row keeps its own
     from mars.serve.app import run_batch
-    key = ("generate", 3.0, 0, 1.0, 1.0, 1, 0.0)
+    key = ("generate", 3.0, 0, 1.0, 1.0, 1, 0.0, 0)
     mixed = run_batch(tiny_pipeline, key, [("a red circle", 3, "a green star"), ("a red circle", 3, "")])
     (plain,) = tiny_pipeline.generate("a red circle", cfg_scale=3.0, top_k=0, top_p=1.0, temperature=1.0, seed=3)
     (away,) = tiny_pipeline.generate("a red circle", cfg_scale=3.0, top_k=0, top_p=1.0, temperature=1.0, seed=3,
@@ -289,7 +289,7 @@ def test_openapi_schema_describes_the_api(client):
     request = schema["components"]["schemas"]["GenerationRequest"]
     assert request["required"] == ["prompt"]
     assert {"prompt", "n", "seed", "cfg_scale", "top_k", "top_p", "temperature", "negative_prompt", "rerank",
-            "rerank_drawing_weight"} == set(request["properties"])
+            "rerank_drawing_weight", "jacobi_window"} == set(request["properties"])
     assert "422" in schema["paths"][GEN]["post"]["responses"]
     assert "multipart/form-data" in schema["paths"][CAP]["post"]["requestBody"]["content"]
 
@@ -303,6 +303,9 @@ def test_web_page_and_its_files_are_served_offline(client):
         r = client.get(asset)
         assert r.status_code == 200 and "http://" not in r.text and "https://" not in r.text
     assert "https://" not in page.text and "http://" not in page.text  # no CDN
+    # the page fills a form field from each of the model card's sampling defaults, by id
+    card = client.get("/v1/models").json()["data"][0]
+    assert all(f'id="{name}"' in page.text for name in card["sampling_defaults"])
 
 
 def test_create_app_checks_its_settings(recording):
@@ -332,6 +335,25 @@ def test_a_requests_candidates_are_drawn_together(client, tiny_pipeline, drawn_b
     np.testing.assert_array_equal(pixels(png_image(out["data"][0]["b64_json"])), pixels(want))
 
 
+def test_a_request_asks_for_jacobi_decoding_and_batches_apart(client, tiny_pipeline, monkeypatch):
+    import mars.pipeline
+
+    want = tiny_pipeline.generate(["a red circle"] * 2, seed=4, top_k=20, jacobi_window=3)
+    windows = []
+    decode = mars.pipeline.generate_image_tokens_jacobi
+    monkeypatch.setattr(mars.pipeline, "generate_image_tokens_jacobi",
+                        lambda *a, **k: windows.append(a[5]) or decode(*a, **k))
+    body = {"prompt": "a red circle", "seed": 4, "top_k": 20, "n": 2}
+    out = client.post(GEN, json={**body, "jacobi_window": 3}).json()
+    assert windows == [3] and out["settings"]["jacobi_window"] == 3
+    for got, image in zip(out["data"], want):
+        np.testing.assert_array_equal(pixels(png_image(got["b64_json"])), pixels(image))
+    plain = client.post(GEN, json=body).json()
+    assert windows == [3] and plain["settings"]["jacobi_window"] == 0  # its own batch, one code per forward
+    bad = [client.post(GEN, json={**body, "jacobi_window": w}) for w in (-1, 17, 2.5)]
+    assert all(r.status_code == 422 and "jacobi_window" in r.json()["error"]["message"] for r in bad)
+
+
 def test_a_request_sets_the_drawing_weight_of_rerank(tiny_pipeline, monkeypatch):
     body = {"prompt": "a red circle", "seed": 4, "top_k": 20, "rerank": 4}
     (reading,) = tiny_pipeline.generate("a red circle", seed=4, top_k=20, rerank=4, rerank_drawing_weight=0.0)
@@ -354,7 +376,8 @@ def test_a_request_sets_the_drawing_weight_of_rerank(tiny_pipeline, monkeypatch)
 
 def test_model_card_gives_the_sampling_defaults_the_page_starts_from(client, tiny_pipeline):
     card = client.get("/v1/models").json()["data"][0]
-    assert card["sampling_defaults"] == {**tiny_pipeline.sampling_settings(), "rerank": 1, "rerank_drawing_weight": 0.0}
+    assert card["sampling_defaults"] == {**tiny_pipeline.sampling_settings(), "rerank": 1, "rerank_drawing_weight": 0.0,
+                                         "jacobi_window": 0}
     assert card["max_rerank"] == 8 and card["max_refine"] == 4
 
 

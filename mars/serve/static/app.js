@@ -71,7 +71,7 @@ $("generate-form").addEventListener("submit", async (event) => {
     n: numberField("n") ?? 1,
   };
   // sampling settings left empty take the model's defaults on the server
-  for (const id of ["cfg_scale", "top_k", "top_p", "temperature", "rerank", "rerank_drawing_weight"]) {
+  for (const id of ["cfg_scale", "top_k", "top_p", "temperature", "rerank", "rerank_drawing_weight", "jacobi_window"]) {
     const value = numberField(id);
     if (value !== null) body[id] = value;
   }
