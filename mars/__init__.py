@@ -5,19 +5,19 @@
     images = pipe.generate(["a red circle", "一个蓝色的正方形"], cfg_scale=4.0, seed=0)
 """
 
-from mars.config import SemVIEConfig
-from mars.model.semvie import SemVIE
-from mars.vocab import MultimodalVocab
-
 __version__ = "0.1.0"
 
 __all__ = ["MarsPipeline", "MultimodalVocab", "SemVIE", "SemVIEConfig", "__version__"]
 
+# Imported when first asked for, so that `mars --help` and argument errors do not wait for torch
+# (~2.4 s); the pipeline also pulls in the VQ-GAN, image IO and tqdm.
+_LAZY = {"MarsPipeline": "mars.pipeline", "MultimodalVocab": "mars.vocab", "SemVIE": "mars.model.semvie",
+         "SemVIEConfig": "mars.config"}
+
 
 def __getattr__(name: str):
-    # The pipeline pulls in the VQ-GAN, image IO and tqdm: import it only when it is asked for.
-    if name == "MarsPipeline":
-        from mars.pipeline import MarsPipeline
+    if name in _LAZY:
+        import importlib
 
-        return MarsPipeline
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mars' has no attribute {name!r}")

@@ -42,6 +42,7 @@ from mars.generate import (
     with_given,
 )
 from mars.jacobi import check_jacobi_window, generate_image_tokens_jacobi
+from mars.model.dtypes import DTYPE_NAMES, torch_dtype
 from mars.model.semvie import SemVIE
 from mars.model_dir import DEFAULT_MODEL, GENERATION_CONFIG, VQ_DIR, load_model_text_tokenizer, resolve_model_path
 from mars.rerank import best_candidates, best_caption, check_fits, refine_caption
@@ -50,8 +51,6 @@ from mars.vq import VQModel, load_tokenizer
 
 T = TypeVar("T")
 RERANK_SEED_STRIDE = 1_000_003  # seed of candidate k of an image: its seed + k * this (a prime)
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 ImageInput = Image.Image | str | os.PathLike
 AS_WRITTEN, READING = "as-written", "reading"  # how prompts are restated (`MarsPipeline.model_prompt`)
 PROMPT_ORDERS = (AS_WRITTEN, READING)
@@ -76,9 +75,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise MarsError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    if dtype not in DTYPE_NAMES:
+        raise MarsError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
+    return torch_dtype(dtype)
 
 
 class MarsPipeline:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mars.model.average import average_models
-from mars.model.convert import DTYPES, init_model_dir, parameter_counts
+from mars.model.dtypes import DTYPE_NAMES, torch_dtype
 
 
 def add_commands(subparsers) -> None:
@@ -24,7 +23,7 @@ def add_commands(subparsers) -> None:
                       help="VQ codebook size: image-code rows added to the vocabulary (default 8192)")
     init.add_argument("--image-size", type=int, default=256,
                       help="default generation resolution in pixels; the VQ-GAN downsamples it 16x (default 256)")
-    init.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    init.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                       help="weight dtype of the written model (default: the checkpoint's)")
     init.add_argument("--max-seq-len", type=int, default=None,
                       help="context length recorded in the config (default: the checkpoint's)")
@@ -45,15 +44,19 @@ def add_commands(subparsers) -> None:
 
 
 def run_average(args: argparse.Namespace) -> None:
+    from mars.model.average import average_models
+
     out = average_models(args.models, args.out, args.weights, overwrite=args.overwrite)
     print(f"wrote {out}: the average of {len(args.models)} models")
 
 
 def run_init(args: argparse.Namespace) -> None:
+    from mars.model.convert import init_model_dir, parameter_counts
+
     start = time.time()
     print(f"converting {args.backbone} ...", flush=True)
     model = init_model_dir(args.backbone, args.out, image_vocab_size=args.image_vocab_size, image_size=args.image_size,
-                           dtype=DTYPES[args.dtype] if args.dtype else None, max_seq_len=args.max_seq_len,
+                           dtype=torch_dtype(args.dtype) if args.dtype else None, max_seq_len=args.max_seq_len,
                            overwrite=args.overwrite)
     cfg = model.config
     counts = parameter_counts(model)

@@ -54,8 +54,6 @@ IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "qwen.tiktoken", "vocab.json", "merges.txt", "tokenizer.model")
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,12 +7,15 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from mars.errors import MarsError
+
+if TYPE_CHECKING:  # torch is imported by the handlers, not when `mars` builds its parser
+    import torch
 
 
 def add_commands(subparsers) -> None:
@@ -126,6 +129,8 @@ def _load_images(paths: list[str], resolution: int) -> Iterator[tuple[str, torch
 
 
 def _batches(items: Iterator[tuple[str, torch.Tensor]], size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
+    import torch
+
     names, tensors = [], []
     for name, tensor in items:
         names.append(name)
@@ -191,7 +196,7 @@ def run_encode(args: argparse.Namespace) -> None:
         files += names
     if not files:
         raise MarsError("no usable images to encode")
-    codes = torch.cat(grids).numpy().astype(np.int32)  # (N, h, w)
+    codes = np.concatenate([grid.numpy() for grid in grids]).astype(np.int32)  # (N, h, w)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, codes)
@@ -204,6 +209,8 @@ def run_encode(args: argparse.Namespace) -> None:
 
 def run_decode(args: argparse.Namespace) -> None:
     """Handler of `mars tokenizer decode`."""
+    import torch
+
     from mars.data.images import tensor_to_pil
 
     path = Path(args.codes)
