@@ -34,6 +34,7 @@ import torch
 
 from mars.config import SemVIEConfig, apply_overrides
 from mars.generate import SampleConfig, generate_image_tokens, guide, make_generators, sample
+from mars.model.dtypes import DTYPE_NAMES, torch_dtype
 from mars.model.semvie import SemVIE
 
 # Close to the built-in shapes-demo model: 8 layers of 384, a small BPE text vocabulary and the
@@ -45,7 +46,6 @@ LARGE = dict(num_layers=24, hidden_size=1024, num_heads=16, num_kv_heads=16, hea
              text_vocab_size=151936, image_vocab_size=8192, max_seq_len=1024, text_tokenizer="bytes")
 PROMPT_TOKENS = 16
 CFG = 4.0
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sync(device: torch.device) -> None:
@@ -259,7 +259,7 @@ def bench_size(label: str, config: SemVIEConfig, args, device: torch.device, dty
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=DTYPES, help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--sizes", nargs="+", choices=("small", "large"), default=["small", "large"])
     parser.add_argument("--small", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides of the small config (default: 8 layers x 384, see SMALL)")
@@ -280,7 +280,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     global CLOCK
