@@ -60,6 +60,18 @@ def test_greedy_jacobi_decoding_is_the_greedy_image(tiny_builders, monkeypatch, 
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("num_tokens", [1, 2, 5])
+def test_short_images_and_unguided_decoding(tiny_builders, num_tokens):
+    """Fewer codes than a window (the window shrinks to what is left) and cfg_scale 1 (one row per image)."""
+    model = tiny_builders.model()
+    for cfg_scale in (1.0, 2.0):
+        greedy = SampleConfig(temperature=0.0, cfg_scale=cfg_scale)
+        expected = generate_image_tokens(model, PROMPTS, make_generators([0, 1, 2]), num_tokens, greedy)
+        got = generate_image_tokens_jacobi(model, PROMPTS, make_generators([0, 1, 2]), num_tokens, greedy, 4)
+        assert torch.equal(got, expected)
+
+
+@torch.no_grad()
 def test_each_code_comes_from_its_exact_context_and_images_do_not_depend_on_the_batch(tiny_builders):
     model = tiny_builders.model()
     sampling = SampleConfig(temperature=1.0, top_k=4, cfg_scale=2.0)
