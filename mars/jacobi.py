@@ -26,6 +26,8 @@ many codes. Each image uses only its own generator, so an image does not depend 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tqdm.auto import tqdm
 
@@ -37,7 +39,6 @@ from mars.generate import (
     guided_logits,
     image_rows,
     prefill,
-    top_k_filter,
     top_p_filter,
 )
 from mars.model.cpu_decode import CPUImageStep, uses_cpu_step
@@ -53,34 +54,61 @@ def check_jacobi_window(window: int, compile: bool = False) -> None:
         raise MarsError("speculative Jacobi decoding runs eager window steps: it does not combine with compile")
 
 
-def probabilities(logits: torch.Tensor, sampling: SampleConfig) -> torch.Tensor:
-    """(..., K) logits -> the distribution (..., K) that `mars.generate.sample` draws from:
-    top-k -> temperature -> top-p; temperature 0 = all mass on the argmax. (A tie with the k-th
-    logit is kept here; `sample` breaks it by `torch.topk`.)"""
+@dataclass(frozen=True)
+class Candidates:
+    """Distributions over image codes, kept as the codes they can draw: ids (..., k) and their
+    probabilities (..., k) (the top-k codes, as `mars.generate.sample` draws among them)."""
+
+    ids: torch.Tensor
+    probs: torch.Tensor
+
+    def __getitem__(self, index) -> Candidates:
+        return Candidates(self.ids[index], self.probs[index])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def prob_of(self, codes: torch.Tensor) -> torch.Tensor:
+        """The probability of `codes`: one per distribution (codes (...,) for ids (..., k)), or, for
+        one distribution (ids (k,)), of each of the codes (n,) -> (n,)."""
+        return (self.probs * (self.ids == codes[..., None])).sum(-1)
+
+    def extended(self, places: int) -> Candidates:
+        """The first `places` distributions, the last one repeated past the end."""
+        extra = max(places - len(self), 0)
+        return Candidates(torch.cat([self.ids, self.ids[-1:].expand(extra, -1)])[:places],
+                          torch.cat([self.probs, self.probs[-1:].expand(extra, -1)])[:places])
+
+
+def candidates(logits: torch.Tensor, sampling: SampleConfig) -> Candidates:
+    """(..., K) logits -> the distributions `mars.generate.sample` draws from, filtered in its order:
+    top-k (`torch.topk`) -> temperature -> top-p; temperature 0 = the argmax alone."""
     if sampling.temperature == 0:
-        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    scaled = top_k_filter(logits, sampling.top_k).float() / sampling.temperature
-    return top_p_filter(scaled, sampling.top_p).softmax(dim=-1)
+        ids = logits.argmax(-1, keepdim=True)
+        return Candidates(ids, torch.ones(ids.shape, device=ids.device))
+    k = sampling.top_k if 0 < sampling.top_k < logits.shape[-1] else logits.shape[-1]
+    values, ids = torch.topk(logits, k, dim=-1)  # (..., k), largest first
+    return Candidates(ids, top_p_filter(values.float() / sampling.temperature, sampling.top_p).softmax(dim=-1))
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One id per distribution: probs (..., K) -> (...,) long, by the exponential race `argmax(p / E)`."""
-    uniform = torch.rand(probs.shape, generator=generator, device=probs.device)
-    return (probs / -uniform.log()).argmax(dim=-1)
+def draw(dist: Candidates, generator: torch.Generator) -> torch.Tensor:
+    """One code per distribution -> (...,) long, by the exponential race `argmax(p / E)`."""
+    uniform = torch.rand(dist.probs.shape, generator=generator, device=dist.probs.device)
+    choice = (dist.probs / -uniform.log()).argmax(dim=-1, keepdim=True)
+    return dist.ids.gather(-1, choice).squeeze(-1)
 
 
-def verify(drafts: torch.Tensor, guesses: torch.Tensor, probs: torch.Tensor,
-           generator: torch.Generator) -> torch.Tensor:
-    """The codes a window yields: drafts (L,) drawn from guesses (L, K), the model's probs (L + 1, K)
-    after each of them -> the accepted drafts and one code more, (n + 1,) with n <= L accepted."""
+def verify(drafts: torch.Tensor, guesses: Candidates, probs: Candidates, generator: torch.Generator) -> torch.Tensor:
+    """The codes a window yields: drafts (L,) drawn from guesses (L), the model's distributions
+    (L + 1) after each of them -> the accepted drafts and one code more, (n + 1,) with n <= L accepted."""
     window = drafts.shape[0]
     uniform = torch.rand(window, generator=generator, device=drafts.device)
-    places = torch.arange(window, device=drafts.device)
-    accepted = uniform * guesses[places, drafts] < probs[places, drafts]  # P = min(1, p / q)
+    accepted = uniform * guesses.prob_of(drafts) < probs[:window].prob_of(drafts)  # P = min(1, p / q)
     n = int(accepted.long().cumprod(0).sum())
     if n < window:  # rejected: draw from what p has beyond q (p itself if nothing, a rounding tie)
-        residual = (probs[n] - guesses[n]).clamp(min=0)
-        extra = draw(residual if residual.sum() > 0 else probs[n], generator)
+        p = probs[n]
+        residual = (p.probs - guesses[n].prob_of(p.ids)).clamp(min=0)
+        extra = draw(Candidates(p.ids, residual) if residual.sum() > 0 else p, generator)
     else:
         extra = draw(probs[window], generator)
     return torch.cat([drafts[:n], extra[None]])
@@ -116,18 +144,18 @@ def decode_image_jacobi(model: SemVIE, prompt: list[int], generator: torch.Gener
     device = first.device
     codes = torch.empty(num_tokens, dtype=torch.long, device=device)
     logits = torch.empty(num_tokens, first.shape[-1], device=device)
-    guesses = probabilities(first, sampling)[None]  # (G, K): what the next codes are drafted from
+    guesses = candidates(first[None], sampling)  # what the next codes are drafted from
     codes[0], logits[0] = draw(guesses[0], generator), first
     done, forwards = 1, 0
     with tqdm(total=num_tokens, initial=1, desc="image tokens", disable=not progress, leave=False) as bar:
         while done < num_tokens:
             width = min(window, num_tokens - 1 - done)  # the last code is drawn, never fed
-            guesses = torch.cat([guesses, guesses[-1:].expand(max(width - len(guesses), 0), -1)])[:width]
+            guesses = guesses.extended(width)
             drafts = draw(guesses, generator)  # (width,)
             fed = torch.cat([codes[done - 1 : done], drafts]) + vocab.image_offset  # (width + 1,)
             window_logits = step(fed[None].expand(len(rows), -1), done)  # (R, width + 1, K)
             guided = guided_logits(window_logits, sampling.cfg_scale)[0]  # (width + 1, K)
-            probs = probabilities(guided, sampling)
+            probs = candidates(guided, sampling)
             new = verify(drafts, guesses, probs, generator)  # (n + 1,)
             codes[done : done + len(new)], logits[done : done + len(new)] = new, guided[: len(new)]
             done, forwards = done + len(new), forwards + 1

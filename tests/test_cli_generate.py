@@ -26,7 +26,8 @@ def run(capsys, *argv):
 
 def test_the_command_line_is_built_without_importing_torch():
     """`mars --help` and argument errors answer in a fraction of a second: torch loads in the handlers."""
-    code = "import sys; from mars.cli import build_parser; build_parser(); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    code = ("import sys; from mars.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

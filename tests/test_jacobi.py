@@ -7,8 +7,17 @@ import torch
 
 import mars.jacobi
 from mars.errors import MarsError
-from mars.generate import SampleConfig, generate_image_tokens, guide, image_rows, left_pad, make_generators
-from mars.jacobi import generate_image_tokens_jacobi, probabilities, verify
+from mars.generate import (
+    SampleConfig,
+    generate_image_tokens,
+    guide,
+    image_rows,
+    left_pad,
+    make_generators,
+    sample,
+    top_k_filter,
+)
+from mars.jacobi import Candidates, candidates, generate_image_tokens_jacobi, verify
 from mars.text_tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -26,22 +35,43 @@ def exact_guided_logits(model, prompt, codes, cfg_scale):
     return guide(model.logits(hidden, rows=model.vocab.image_ids).float(), cfg_scale)[0]
 
 
+def reference_probs(logits, sampling):
+    """(..., K) -> the top-k distribution at the sampling's temperature, dense (top_p 1)."""
+    return (top_k_filter(logits, sampling.top_k) / sampling.temperature).softmax(-1)
+
+
 def test_verify_yields_codes_distributed_as_p():
-    """Accepted drafts and residual draws together follow p, whatever q the drafts came from."""
-    p = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.1, 0.1, 0.7]])  # (L + 1, K): one draft
-    q = torch.tensor([[0.1, 0.2, 0.3, 0.4]])  # the guess the draft is drawn from
+    """Accepted drafts and residual draws together follow p, whatever q the drafts came from (q over
+    other codes, listed in another order)."""
+    p = Candidates(torch.tensor([[0, 1, 2], [3, 0, 1]]), torch.tensor([[0.5, 0.3, 0.2], [0.7, 0.2, 0.1]]))  # L + 1 = 2
+    q = Candidates(torch.tensor([[3, 2, 1, 0]]), torch.tensor([[0.4, 0.3, 0.2, 0.1]]))  # the guess of the one draft
     gen = torch.Generator().manual_seed(0)
     n = 8000
-    drafts = torch.multinomial(q.expand(n, -1), 1, replacement=True, generator=gen)  # (n, 1)
+    drafts = q.ids[0, torch.multinomial(q.probs.expand(n, -1), 1, replacement=True, generator=gen)]  # (n, 1)
     firsts, lengths = Counter(), Counter()
     for draft in drafts:
         out = verify(draft, q, p, gen)
         firsts[int(out[0])] += 1
         lengths[len(out)] += 1
     freq = torch.tensor([firsts[k] / n for k in range(4)])
-    torch.testing.assert_close(freq, p[0], atol=0.02, rtol=0)
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.02, rtol=0)
     assert firsts[3] == 0  # p gives code 3 nothing: never emitted, though q drafts it most
-    torch.testing.assert_close(lengths[2] / n, float(torch.minimum(p[0], q[0]).sum()), atol=0.02, rtol=0)
+    torch.testing.assert_close(lengths[2] / n, 0.1 + 0.2 + 0.2, atol=0.02, rtol=0)  # sum of min(p, q)
+
+
+def test_candidates_are_what_sample_draws_among():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4))
+    dist = candidates(logits, SampleConfig(temperature=0.7, top_k=5, top_p=0.8))
+    assert torch.equal(dist.ids, torch.topk(logits, 5).indices)  # largest first, as `sample` takes them
+    kept = dist.probs > 0
+    assert bool(kept[:, 0].all()) and bool((dist.probs.sum(-1) - 1).abs().max() < 1e-6)
+    for row, keep in zip(range(3), kept):  # the kept ones: softmax of logits / T over them alone
+        values = logits[row, dist.ids[row, keep]] / 0.7
+        torch.testing.assert_close(dist.probs[row, keep], values.softmax(-1))
+    drawn = torch.stack([sample(logits, 0.7, 5, 0.8, make_generators([7, 8, 9])) for _ in range(3)])
+    assert all(bool(dist.prob_of(d).gt(0).all()) for d in drawn)
+    greedy = candidates(logits, SampleConfig(temperature=0.0))
+    assert torch.equal(greedy.ids[:, 0], logits.argmax(-1)) and bool((greedy.probs == 1).all())
 
 
 @torch.no_grad()
@@ -95,7 +125,7 @@ def test_sequences_follow_the_models_distribution(tiny_builders):
     prompt, n, draws = PROMPTS[0], 4, 600
     codes = generate_image_tokens_jacobi(model, [prompt] * draws, make_generators(range(draws)), n, sampling, 3)
     seen = Counter(tuple(row.tolist()) for row in codes)
-    first = probabilities(exact_guided_logits(model, prompt, codes[0], 2.0), sampling)[0]
+    first = reference_probs(exact_guided_logits(model, prompt, codes[0], 2.0), sampling)[0]
     exact = {}
     for head in first.nonzero()[:, 0].tolist():
         # every sequence of top-2 codes, its probability as the product of its codes' probabilities
@@ -103,7 +133,7 @@ def test_sequences_follow_the_models_distribution(tiny_builders):
         for _ in range(n - 1):
             grown = []
             for seq, prob in stack:
-                probs = probabilities(exact_guided_logits(model, prompt, torch.tensor(seq + (0,)), 2.0), sampling)[-1]
+                probs = reference_probs(exact_guided_logits(model, prompt, torch.tensor(seq + (0,)), 2.0), sampling)[-1]
                 grown += [(seq + (c,), prob * float(probs[c])) for c in probs.nonzero()[:, 0].tolist()]
             stack = grown
         exact.update(stack)

@@ -69,7 +69,8 @@ def test_generate_returns_the_pipelines_images_with_their_seeds(client, tiny_pip
     assert out["seeds"] == [7, 8] and [d["seed"] for d in out["data"]] == [7, 8]
     assert out["prompt"] == "a red circle" and out["model"] == "tiny"
     assert out["settings"] == {"cfg_scale": 3.0, "top_k": 50, "top_p": 0.9, "temperature": 0.8, "rerank": 1,
-                               "rerank_drawing_weight": 0.0, "jacobi_window": 0}  # the tiny model judges by reading alone
+                               "rerank_drawing_weight": 0.0,  # the tiny model judges by reading alone
+                               "jacobi_window": 0}
     size = tiny_pipeline.model.config.image_size
     expected = tiny_pipeline.generate(["a red circle"] * 2, cfg_scale=3.0, top_k=50, top_p=0.9, temperature=0.8, seed=7)
     for item, want in zip(out["data"], expected):
