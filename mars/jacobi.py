@@ -42,7 +42,7 @@ from mars.generate import (
     top_p_filter,
 )
 from mars.model.cpu_decode import CPUImageStep, uses_cpu_step
-from mars.model.semvie import SemVIE
+from mars.model.semvie import KVCache, SemVIE
 
 
 def check_jacobi_window(window: int, compile: bool = False) -> None:
@@ -118,7 +118,7 @@ class WindowStep:
     """`(ids (R, T), t) -> image logits (R, T, K)`: codes t .. t + T - 1 fed at once after the
     prefill, at slots `slot + t - 1` ..; the CPU step in fp32 on the CPU, else the model's forward."""
 
-    def __init__(self, model: SemVIE, cache, slot: int) -> None:
+    def __init__(self, model: SemVIE, cache: KVCache, slot: int) -> None:
         self.model, self.cache, self.slot = model, cache, slot
         self.cpu_step = CPUImageStep(model, cache, slot) if uses_cpu_step(model, cache) else None
 
