@@ -213,7 +213,7 @@ class MarsPipeline:
         `jacobi_window` > 0 decodes each image by speculative Jacobi decoding with that many drafted
         codes per forward (`mars.jacobi`): images of the same distribution from fewer forwards, one
         image at a time (the speed-up is at batch 1, on a CPU 3 drafts is about best; not with
-        `compile`); 0 = one code per forward.
+        `compile`; on CUDA without CUDA graphs); 0 = one code per forward.
         """
         prompt_list = [self.model_prompt(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
         sampling = SampleConfig(**self.sampling_settings(cfg_scale, top_k, top_p, temperature))
