@@ -4,6 +4,7 @@
     python benchmarks/pipeline_speed.py --model DIR --batch 1 8 --threads 2
     python benchmarks/pipeline_speed.py --rerank 4 --rerank-drawing-weight 0 --no-compile   # best of 4
     python benchmarks/pipeline_speed.py --batch 1 --threads 2 --no-compile --jacobi-window 2 3 4
+    python benchmarks/pipeline_speed.py --threads 2 --no-compile --jacobi-window 3 --shapes-prompts 40
 
 Uses the model's own sampling settings (its generation_config.json). For each batch size, the
 modes run in turn in one process, so a machine whose speed drifts affects them alike: on the CPU
@@ -12,6 +13,11 @@ first the baseline "eager, model step" (the model's own forward for each decode 
 (`compile=True`), and with `--jacobi-window N ..` speculative Jacobi decoding with N drafts per
 forward (`mars.jacobi`; images of the same distribution, not the same images). After one warm-up call each (the compiled one includes compiling, reported
 apart) it prints the best and the median of `--repeats` runs, in wall and CPU seconds per image.
+
+One prompt's time depends on its image (with Jacobi decoding, on how many drafts it accepts):
+`--shapes-prompts N` instead times one image for each of N of the shapes benchmark's prompts
+(every k-th of each language's 300, with the seed the benchmark gives it), the modes alternating
+prompt by prompt, and prints their mean, median and range.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from unittest import mock
 import torch
 
 import mars.generate
+from mars.eval.shapes_eval import shapes_items
 from mars.pipeline import MarsPipeline
 
 PROMPT = "a red circle to the left of a blue square"
@@ -49,6 +56,32 @@ MODES = {  # name -> (compile, context, Jacobi window)
 }
 
 
+def time_shapes_prompts(pipe: MarsPipeline, modes: list[str], count: int) -> None:
+    """One image per benchmark prompt (`count` of them, both languages), modes alternating."""
+    items = [item for lang in ("en", "zh") for item in shapes_items(50, 0, (lang,))]
+    step = max(len(items) // count, 1)
+    chosen = items[::step][:count]
+    for mode in modes:  # warm-up
+        run_mode(pipe, mode, [chosen[0].prompt], chosen[0].seed, 1)
+    walls: dict[str, list[float]] = {m: [] for m in modes}
+    for item in chosen:
+        for mode in modes:
+            walls[mode].append(run_mode(pipe, mode, [item.prompt], item.seed, 1)[0])
+    print("| mode | prompts | mean s / image (wall) | median | min | max |")
+    print("|---|---|---|---|---|---|")
+    for mode, times in walls.items():
+        print(f"| {mode} | {len(times)} | {statistics.mean(times):.3f} | {statistics.median(times):.3f} | "
+              f"{min(times):.3f} | {max(times):.3f} |", flush=True)
+
+
+def run_mode(pipe: MarsPipeline, mode: str, prompts: list[str], seed: int, draw_batch: int, **options):
+    """(wall, CPU) seconds of one `generate` call in `mode`."""
+    compile, context, window = MODES[mode]
+    with context():
+        return timed(lambda: pipe.generate(prompts, seed=seed, batch_size=draw_batch, compile=compile,
+                                           jacobi_window=window, **options))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="shapes-demo", help="model folder or built-in name")
@@ -58,6 +91,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="eager runs only")
     parser.add_argument("--jacobi-window", type=int, nargs="*", default=[], metavar="N",
                         help="also speculative Jacobi decoding with N drafts per forward, for each N")
+    parser.add_argument("--shapes-prompts", type=int, metavar="N",
+                        help="time one image for each of N shapes benchmark prompts instead (batch 1)")
     parser.add_argument("--rerank", type=int, default=1, metavar="N", help="best of N candidates per image")
     parser.add_argument("--rerank-drawing-weight", type=float, metavar="W",
                         help="with --rerank: the drawing term's weight (default: the model's)")
@@ -72,6 +107,9 @@ def main() -> None:
     judging = f", best of {args.rerank} ({pipe.rerank_settings(args.rerank_drawing_weight)})" if args.rerank > 1 else ""
     print(f"{args.model} on {pipe.device}, {args.threads} thread(s), torch {torch.__version__}, "
           f"sampling {pipe.sampling_settings()}{judging}")
+    if args.shapes_prompts:
+        time_shapes_prompts(pipe, modes, args.shapes_prompts)
+        return
     options = {"rerank": args.rerank, "rerank_drawing_weight": args.rerank_drawing_weight}
     print("| batch | mode | best s / image (wall) | median (wall) | best (CPU) | first call s |")
     print("|---|---|---|---|---|---|")
@@ -79,11 +117,8 @@ def main() -> None:
         prompts = [PROMPT] * batch
 
         def run(mode: str, seed: int) -> tuple[float, float]:
-            compile, context, window = MODES[mode]
-            with context():
-                # with --rerank, a call draws its images' candidates together, as `mars generate` does
-                return timed(lambda: pipe.generate(prompts, seed=seed, batch_size=batch * args.rerank, compile=compile,
-                                                   jacobi_window=window, **options))
+            # with --rerank, a call draws its images' candidates together, as `mars generate` does
+            return run_mode(pipe, mode, prompts, seed, batch * args.rerank, **options)
 
         first = {m: run(m, 0)[0] for m in modes}
         runs: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
