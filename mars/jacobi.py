@@ -19,9 +19,11 @@ code is distributed exactly as p given the codes before it: the images are sampl
 distribution as one-code-per-step decoding (not the same images for a seed: the random numbers are
 used differently). With temperature 0 it is Jacobi decoding of the greedy image, code for code.
 
-Each image is decoded on its own (its conditional and unconditional rows): images in a batch
-accept different numbers of codes per forward, and a batch already reads the weights once for
-many codes. Each image uses only its own generator, so an image does not depend on its batch.
+The images of a batch accept different numbers of codes per forward, so each goes at its own
+pace: a forward feeds every image's window at its own codes (on the CPU, rows at different slots
+of one cache; elsewhere one forward per image). Image b draws every random number from its own
+generator, in an order that depends on its own codes alone, so an image does not depend on its
+batch.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 from mars.errors import MarsError
 from mars.generate import (
     SampleConfig,
+    cache_rows,
     check_negative_prompts,
     check_num_tokens,
     guided_logits,
@@ -42,7 +45,7 @@ from mars.generate import (
     top_p_filter,
 )
 from mars.model.cpu_decode import CPUImageStep, uses_cpu_step
-from mars.model.semvie import KVCache, SemVIE
+from mars.model.semvie import SemVIE
 
 
 def check_jacobi_window(window: int, compile: bool = False) -> None:
@@ -115,52 +118,84 @@ def verify(drafts: torch.Tensor, guesses: Candidates, probs: Candidates, generat
 
 
 class WindowStep:
-    """`(ids (R, T), t) -> image logits (R, T, K)`: codes t .. t + T - 1 fed at once after the
-    prefill, at slots `slot + t - 1` ..; the CPU step in fp32 on the CPU, else the model's forward."""
+    """Prefills the prompts, then `(codes (B, T), t (B,)) -> guided image logits (B, T, K)`: image b
+    gets codes t_b .. t_b + T - 1 fed at once (its conditional and unconditional rows alike).
 
-    def __init__(self, model: SemVIE, cache: KVCache, slot: int) -> None:
-        self.model, self.cache, self.slot = model, cache, slot
-        self.cpu_step = CPUImageStep(model, cache, slot) if uses_cpu_step(model, cache) else None
+    An image's rows sit next to each other in one cache. On the CPU in fp32 one `CPUImageStep`
+    feeds every row at its own codes; elsewhere each image's rows run the model's forward on their
+    part of the cache. `first` (B, K) are the guided logits of each image's first code.
+    """
 
-    def __call__(self, ids: torch.Tensor, t: int) -> torch.Tensor:
+    def __init__(self, model: SemVIE, prompts: list[list[int]], sampling: SampleConfig,
+                 negative_prompts: list[list[int]] | None, cache_len: int) -> None:
+        self.model, self.cfg_scale = model, sampling.cfg_scale
+        self.copies = 2 if sampling.guided else 1  # rows per image: [prompt, negative or null prompt]
+        negatives = negative_prompts or [None] * len(prompts)
+        rows = [row for prompt, negative in zip(prompts, negatives)
+                for row in image_rows(model, [prompt], sampling.guided, None if negative is None else [negative])]
+        self.cache, hidden, self.slot = prefill(model, rows, cache_len)
+        self.first = self._guided(model.logits(hidden, rows=model.vocab.image_ids).float())  # (B, K)
+        self.cpu_step = CPUImageStep(model, self.cache, self.slot) if uses_cpu_step(model, self.cache) else None
+
+    def _guided(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B copies, ...) logits, each image's rows together -> (B, ...) guided."""
+        by_image = logits.view(-1, self.copies, *logits.shape[1:])
+        return guided_logits(by_image.transpose(0, 1).reshape(logits.shape), self.cfg_scale)
+
+    def __call__(self, codes: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ids = (codes + self.model.vocab.image_offset).repeat_interleave(self.copies, dim=0)  # (B copies, T)
         if self.cpu_step is not None:
-            return self.cpu_step.window(ids, t)
-        first = self.slot + t - 1
-        positions = torch.arange(first, first + ids.shape[1], device=ids.device)
-        hidden = self.model.forward_hidden(ids, True, positions, self.cache)  # (R, T, C)
-        return self.model.logits(hidden, rows=self.model.vocab.image_ids).float()
+            return self._guided(self.cpu_step.window(ids, t.repeat_interleave(self.copies)))
+        logits = []
+        for b, first_code in enumerate(t.tolist()):
+            rows = slice(b * self.copies, (b + 1) * self.copies)
+            first = self.slot + first_code - 1
+            positions = torch.arange(first, first + ids.shape[1], device=ids.device)
+            hidden = self.model.forward_hidden(ids[rows], True, positions, cache_rows(self.cache, rows))
+            logits.append(self.model.logits(hidden, rows=self.model.vocab.image_ids).float())  # (copies, T, K)
+        return self._guided(torch.cat(logits))
 
 
-def decode_image_jacobi(model: SemVIE, prompt: list[int], generator: torch.Generator, num_tokens: int,
-                        sampling: SampleConfig, window: int, negative_prompt: list[int] | None = None,
-                        progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One image's codes (N,) by speculative Jacobi decoding with `window` drafts per forward;
-    also the guided logits each code was drawn from (N, K) and the number of forwards."""
-    vocab = model.vocab
-    rows = image_rows(model, [prompt], sampling.guided, None if negative_prompt is None else [negative_prompt])
-    cache, hidden, slot = prefill(model, rows, num_tokens - 1)
-    step = WindowStep(model, cache, slot)
-    first = guided_logits(model.logits(hidden, rows=vocab.image_ids).float(), sampling.cfg_scale)[0]  # (K,)
-    device = first.device
-    codes = torch.empty(num_tokens, dtype=torch.long, device=device)
-    logits = torch.empty(num_tokens, first.shape[-1], device=device)
-    guesses = candidates(first[None], sampling)  # what the next codes are drafted from
-    codes[0], logits[0] = draw(guesses[0], generator), first
-    done, forwards = 1, 0
-    with tqdm(total=num_tokens, initial=1, desc="image tokens", disable=not progress, leave=False) as bar:
-        while done < num_tokens:
-            width = min(window, num_tokens - 1 - done)  # the last code is drawn, never fed
-            guesses = guesses.extended(width)
-            drafts = draw(guesses, generator)  # (width,)
-            fed = torch.cat([codes[done - 1 : done], drafts]) + vocab.image_offset  # (width + 1,)
-            window_logits = step(fed[None].expand(len(rows), -1), done)  # (R, width + 1, K)
-            guided = guided_logits(window_logits, sampling.cfg_scale)[0]  # (width + 1, K)
-            probs = candidates(guided, sampling)
-            new = verify(drafts, guesses, probs, generator)  # (n + 1,)
-            codes[done : done + len(new)], logits[done : done + len(new)] = new, guided[: len(new)]
-            done, forwards = done + len(new), forwards + 1
-            guesses = probs[len(new) :] if len(new) <= width else probs[-1:]
-            bar.update(len(new))
+def decode_images_jacobi(model: SemVIE, prompts: list[list[int]], generators: list[torch.Generator],
+                         num_tokens: int, sampling: SampleConfig, window: int,
+                         negative_prompts: list[list[int]] | None = None,
+                         progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Codes (B, N) by speculative Jacobi decoding with `window` drafts per forward, every image at
+    its own code; also the guided logits each code was drawn from (B, N, K) and the number of
+    forwards. Image b draws every random number from generators[b], in an order that depends on
+    its own codes alone."""
+    B, N = len(prompts), num_tokens
+    # a window may reach `window` slots past the last fed code (unused drafts of a nearly done image)
+    step = WindowStep(model, prompts, sampling, negative_prompts, N - 1 + window)
+    device = step.first.device
+    codes = torch.zeros(B, N, dtype=torch.long, device=device)
+    logits = torch.empty(B, N, step.first.shape[-1], device=device)
+    guesses = [candidates(step.first[b : b + 1], sampling) for b in range(B)]  # what each image drafts from
+    for b, generator in enumerate(generators):
+        codes[b, 0], logits[b, 0] = draw(guesses[b][0], generator), step.first[b]
+    done, forwards = [1] * B, 0
+    with tqdm(total=B * N, initial=B, desc="image tokens", disable=not progress, leave=False) as bar:
+        while min(done) < N:
+            widths = [min(window, N - 1 - d) if d < N else 0 for d in done]  # the last code is drawn, never fed
+            drafts = []
+            for b, generator in enumerate(generators):
+                guesses[b] = guesses[b].extended(widths[b])
+                drafts.append(draw(guesses[b], generator) if widths[b] else codes.new_empty(0))
+            # a finished image feeds its last fed code again: its slots stay within the cache
+            t = torch.tensor([min(d, N - 1) for d in done], device=device)  # (B,)
+            padded = torch.stack([torch.cat([d, d.new_zeros(window - len(d))]) for d in drafts])  # (B, window)
+            guided = step(torch.cat([codes.gather(1, t[:, None] - 1), padded], dim=1), t)  # (B, window + 1, K)
+            for b, generator in enumerate(generators):
+                if done[b] == N:
+                    continue
+                probs = candidates(guided[b, : widths[b] + 1], sampling)
+                new = verify(drafts[b], guesses[b], probs, generator)  # (n + 1,)
+                codes[b, done[b] : done[b] + len(new)] = new
+                logits[b, done[b] : done[b] + len(new)] = guided[b, : len(new)]
+                done[b] += len(new)
+                guesses[b] = probs[len(new) :] if len(new) <= widths[b] else probs[-1:]
+                bar.update(len(new))
+            forwards += 1
     return codes, logits, forwards
 
 
@@ -178,7 +213,7 @@ def generate_image_tokens_jacobi(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`mars.generate.generate_image_tokens` by speculative Jacobi decoding with `window` drafted
     codes per forward (>= 1): codes (B, num_tokens), and with `return_logits` the guided logits
-    each code was drawn from (B, num_tokens, K). Each image is decoded on its own, from its own
+    each code was drawn from (B, num_tokens, K). Each image goes at its own pace, from its own
     generator (one per prompt)."""
     check_jacobi_window(window)
     if window == 0:
@@ -187,8 +222,6 @@ def generate_image_tokens_jacobi(
     if len(generators) != len(prompts):
         raise MarsError(f"{len(prompts)} prompts but {len(generators)} generators")
     check_negative_prompts(prompts, negative_prompts, sampling)
-    made = [decode_image_jacobi(model, prompt, generator, num_tokens, sampling, window,
-                                None if negative_prompts is None else negative_prompts[b], progress)
-            for b, (prompt, generator) in enumerate(zip(prompts, generators))]
-    codes = torch.stack([c for c, _, _ in made])
-    return (codes, torch.stack([lg for _, lg, _ in made])) if return_logits else codes
+    codes, logits, _ = decode_images_jacobi(model, prompts, generators, num_tokens, sampling, window,
+                                            negative_prompts, progress)
+    return (codes, logits) if return_logits else codes

@@ -74,7 +74,8 @@ def _visual_layer(block, query_width: int, head_dim: int) -> _VisualLayer:
 
 class CPUImageStep:
     """`(ids (R, 1), t) -> image logits (R, K)` for code t fed at slot `slot + t - 1` of `cache`;
-    `window(ids (R, T), t) -> (R, T, K)` feeds codes t .. t + T - 1 at once (causal among them).
+    `window(ids (R, T), t) -> (R, T, K)` feeds codes t .. t + T - 1 at once (causal among them),
+    with t one int for all rows or one per row ((R,) long: rows at different codes).
 
     Built after the prefill (the cache holds the prompts, their padding and, for 2-D positions,
     each row's `<img>`); writes each step's keys and values into `cache`, as the model does, so
@@ -107,18 +108,33 @@ class CPUImageStep:
     def __call__(self, ids: torch.Tensor, t: int) -> torch.Tensor:
         return self.window(ids, t)[:, 0]
 
+    def _at_slots(self, t: int | torch.Tensor, R: int, T: int):
+        """Where codes t .. t + T - 1 go (t an int, or one per row, (R,)): RoPE tables (R, T, 1, D)
+        each, the attention mask (R, 1, 1, T, keys), the number of slots attended to, and the cache
+        index the new keys and values are written at."""
+        if isinstance(t, int):  # every row at the same slots: slices
+            first = self.slot + t - 1
+            keys = first + T
+            mask = self.mask[..., :keys]  # (R, 1, 1, 1, keys)
+            if T > 1:  # each fed code sees the codes before it, not those after
+                mask = mask.masked_fill(self.slots[first:keys, None] < self.slots[None, :keys], float("-inf"))
+            cos, sin = (table[first:keys].transpose(0, 1)[:, :, None] for table in (self.cos, self.sin))
+            return cos, sin, mask, keys, (slice(None), slice(None), slice(first, keys))
+        fed = self.slot + t[:, None] - 1 + torch.arange(T)  # (R, T): each row's slots
+        rows = torch.arange(R)[:, None]
+        keys = int(fed.max()) + 1
+        later = self.slots[None, None, :keys] > fed[..., None]  # (R, T, keys)
+        mask = self.mask[..., :keys].masked_fill(later[:, None, None], float("-inf"))
+        cos, sin = (table[fed, rows][:, :, None] for table in (self.cos, self.sin))
+        return cos, sin, mask, keys, (rows, slice(None), fed)
+
     @torch.no_grad()
-    def window(self, ids: torch.Tensor, t: int) -> torch.Tensor:
+    def window(self, ids: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         H, Hkv, D, C = self.heads, self.kv_heads, self.head_dim, self.hidden
         R, T = ids.shape
-        first = self.slot + t - 1  # the slot of the first fed code
-        keys = first + T  # the slots this step attends to, its own included
         wf = R * T <= WEIGHT_FIRST_ROWS
-        cos = self.cos[first:keys].transpose(0, 1)[:, :, None]  # (R, T, 1, D)
-        sin = self.sin[first:keys].transpose(0, 1)[:, :, None]
-        mask = self.mask[..., :keys]  # (R, 1, 1, 1, keys)
-        if T > 1:  # each fed code sees the codes before it, not those after
-            mask = mask.masked_fill(self.slots[first:keys, None] < self.slots[None, :keys], float("-inf"))
+        cos, sin, mask, keys, written = self._at_slots(t, R, T)
+        per_row = not isinstance(t, int)
         x = F.embedding(ids.reshape(R * T) - self.text_rows, self.embedding)  # (R T, C)
         for i, layer in enumerate(self.layers):
             qkv = linear(F.rms_norm(x, (C,), eps=self.eps), layer.qkv, layer.qkv_bias, wf)  # (R T, (H + 2Hkv) D)
@@ -126,8 +142,10 @@ class CPUImageStep:
             qk = heads[:, :, : H + Hkv]
             qk = qk * cos + qk.roll(D // 2, dims=-1) * sin  # RoPE, as `apply_rope`
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]  # (R, Hkv, S, D)
-            k_cache[:, :, first:keys] = qk[:, :, H:].transpose(1, 2)
-            v_cache[:, :, first:keys] = heads[:, :, H + Hkv :].transpose(1, 2)
+            new_k, new_v = qk[:, :, H:], heads[:, :, H + Hkv :]  # (R, T, Hkv, D)
+            # indexed by (rows, :, slots) the cache's (R, T) positions come first; by slices, Hkv does
+            k_cache[written] = new_k if per_row else new_k.transpose(1, 2)
+            v_cache[written] = new_v if per_row else new_v.transpose(1, 2)
             # query heads grouped by the key head they share: (R, Hkv, G T, D), rows (g, t)
             q = qk[:, :, :H].reshape(R, T, Hkv, H // Hkv, D).permute(0, 2, 3, 1, 4).reshape(R, Hkv, H // Hkv * T, D)
             scores = q @ k_cache[:, :, :keys].transpose(-1, -2)  # (R, Hkv, G T, keys)

@@ -7,7 +7,16 @@ import torch
 
 import mars.generate
 import mars.model.cpu_decode
-from mars.generate import SampleConfig, cache_window, generate_image_tokens, image_rows, image_step, make_generators, prefill
+from mars.generate import (
+    SampleConfig,
+    cache_rows,
+    cache_window,
+    generate_image_tokens,
+    image_rows,
+    image_step,
+    make_generators,
+    prefill,
+)
 from mars.model.cpu_decode import CPUImageStep
 from mars.text_tokenizer import ByteTokenizer
 
@@ -79,6 +88,30 @@ def test_a_window_of_codes_gives_the_models_logits_for_each(tiny_builders, monke
         expected = model.logits(hidden, rows=model.vocab.image_ids).float()  # (R, T, K)
         torch.testing.assert_close(step.window(ids, t), expected, atol=1e-4, rtol=1e-4)
         t += width
+    for ours, theirs in zip(own_cache.k + own_cache.v, cache.k + cache.v):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("image_positions", ["1d", "2d"])
+def test_rows_at_different_codes_each_get_the_models_logits(tiny_builders, image_positions):
+    """A window with one first code per row (images of a batch that accepted different numbers of
+    drafts): each row as the model's forward of that row alone at its own slots."""
+    model = with_random_norms(tiny_builders.model(image_positions=image_positions))
+    rows = image_rows(model, [TOK.encode(p) for p in PROMPTS], guided=True)
+    cache, _, slot = prefill(model, rows, 12)
+    own_cache = copy.deepcopy(cache)
+    step = CPUImageStep(model, own_cache, slot)
+    gen = torch.Generator().manual_seed(2)
+    for firsts, width in (([1, 4, 2, 6], 3), ([4, 5, 2, 9], 2)):
+        t = torch.tensor(firsts)
+        ids = torch.randint(0, model.config.image_vocab_size, (len(rows), width), generator=gen) + model.vocab.image_offset
+        got = step.window(ids, t)  # (R, T, K)
+        for r, first in enumerate(firsts):
+            positions = torch.arange(slot + first - 1, slot + first - 1 + width)
+            hidden = model.forward_hidden(ids[r : r + 1], True, positions, cache_rows(cache, slice(r, r + 1)))
+            expected = model.logits(hidden, rows=model.vocab.image_ids).float()[0]
+            torch.testing.assert_close(got[r], expected, atol=1e-4, rtol=1e-4)
     for ours, theirs in zip(own_cache.k + own_cache.v, cache.k + cache.v):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
