@@ -57,7 +57,7 @@ def add_commands(subparsers) -> None:
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.add_argument("--jacobi-window", type=int, default=0, metavar="N",
                      help="speculative Jacobi decoding: feed N drafted codes per forward and keep those the model "
-                          "accepts; images of the same distribution from fewer forwards, one image at a time "
+                          "accepts; images of the same distribution from fewer forwards, each image at its own pace "
                           "(fastest at batch 1 on a CPU; 3 for the built-in model; default 0 = off)")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step (pays off on many batches; on CUDA the step "

@@ -211,9 +211,10 @@ class MarsPipeline:
         candidate k of the image with seed s uses seed `s + k * RERANK_SEED_STRIDE`, so candidate 0
         is the image that `rerank=1` makes.
         `jacobi_window` > 0 decodes each image by speculative Jacobi decoding with that many drafted
-        codes per forward (`mars.jacobi`): images of the same distribution from fewer forwards, one
-        image at a time (the speed-up is at batch 1, on a CPU 3 drafts is about best; not with
-        `compile`; on CUDA without CUDA graphs); 0 = one code per forward.
+        codes per forward (`mars.jacobi`): images of the same distribution from fewer forwards, each
+        image of a batch at its own pace (the speed-up is at batch 1: batches of 4-8 are faster one
+        code per forward; on a CPU 3 drafts is about best; not with `compile`; on CUDA without CUDA
+        graphs); 0 = one code per forward.
         """
         prompt_list = [self.model_prompt(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
         sampling = SampleConfig(**self.sampling_settings(cfg_scale, top_k, top_p, temperature))

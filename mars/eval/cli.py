@@ -65,7 +65,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, seed_help: str) -> None:
                         "its score (0 = reading alone; default: the model's)")
     p.add_argument("--jacobi-window", type=int, default=0, metavar="N",
                    help="speculative Jacobi decoding with N drafted codes per forward (images of the same "
-                        "distribution from fewer forwards, one image at a time; default 0 = off)")
+                        "distribution from fewer forwards; for single images, not batches; default 0 = off)")
     p.add_argument("--shard", default=None, metavar="R/W",
                    help="make only images i with i %% W == R (default: torchrun's RANK/WORLD_SIZE, else all)")
 

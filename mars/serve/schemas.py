@@ -63,7 +63,7 @@ class GenerationRequest(_Strict):
     jacobi_window: int = Field(0, ge=0, le=16, description="Speculative Jacobi decoding with this many drafted "
                                                            "codes per forward: images of the same distribution "
                                                            "(not the same images for a seed) from fewer forwards, "
-                                                           "one image at a time; faster single images on a CPU "
+                                                           "each image at its own pace; faster single images on a CPU "
                                                            "(3 for the built-in model); 0 = one code per forward.")
 
 
