@@ -158,21 +158,23 @@ class WindowStep:
 
 def decode_images_jacobi(model: SemVIE, prompts: list[list[int]], generators: list[torch.Generator],
                          num_tokens: int, sampling: SampleConfig, window: int,
-                         negative_prompts: list[list[int]] | None = None,
-                         progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+                         negative_prompts: list[list[int]] | None = None, progress: bool = False,
+                         return_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Codes (B, N) by speculative Jacobi decoding with `window` drafts per forward, every image at
-    its own code; also the guided logits each code was drawn from (B, N, K) and the number of
-    forwards. Image b draws every random number from generators[b], in an order that depends on
+    its own code; also, with `return_logits`, the guided logits each code was drawn from (B, N, K)
+    (else None), and the number of forwards. Image b draws every random number from generators[b], in an order that depends on
     its own codes alone."""
     B, N = len(prompts), num_tokens
     # a window may reach `window` slots past the last fed code (unused drafts of a nearly done image)
     step = WindowStep(model, prompts, sampling, negative_prompts, N - 1 + window)
     device = step.first.device
     codes = torch.zeros(B, N, dtype=torch.long, device=device)
-    logits = torch.empty(B, N, step.first.shape[-1], device=device)
+    logits = torch.empty(B, N, step.first.shape[-1], device=device) if return_logits else None
     guesses = [candidates(step.first[b : b + 1], sampling) for b in range(B)]  # what each image drafts from
     for b, generator in enumerate(generators):
-        codes[b, 0], logits[b, 0] = draw(guesses[b][0], generator), step.first[b]
+        codes[b, 0] = draw(guesses[b][0], generator)
+    if return_logits:
+        logits[:, 0] = step.first
     done, forwards = [1] * B, 0
     with tqdm(total=B * N, initial=B, desc="image tokens", disable=not progress, leave=False) as bar:
         while min(done) < N:
@@ -191,7 +193,8 @@ def decode_images_jacobi(model: SemVIE, prompts: list[list[int]], generators: li
                 probs = candidates(guided[b, : widths[b] + 1], sampling)
                 new = verify(drafts[b], guesses[b], probs, generator)  # (n + 1,)
                 codes[b, done[b] : done[b] + len(new)] = new
-                logits[b, done[b] : done[b] + len(new)] = guided[b, : len(new)]
+                if return_logits:
+                    logits[b, done[b] : done[b] + len(new)] = guided[b, : len(new)]
                 done[b] += len(new)
                 guesses[b] = probs[len(new) :] if len(new) <= widths[b] else probs[-1:]
                 bar.update(len(new))
@@ -223,5 +226,5 @@ def generate_image_tokens_jacobi(
         raise MarsError(f"{len(prompts)} prompts but {len(generators)} generators")
     check_negative_prompts(prompts, negative_prompts, sampling)
     codes, logits, _ = decode_images_jacobi(model, prompts, generators, num_tokens, sampling, window,
-                                            negative_prompts, progress)
+                                            negative_prompts, progress, return_logits)
     return (codes, logits) if return_logits else codes
