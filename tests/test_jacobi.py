@@ -17,7 +17,7 @@ from mars.generate import (
     sample,
     top_k_filter,
 )
-from mars.jacobi import Candidates, candidates, generate_image_tokens_jacobi, verify
+from mars.jacobi import Candidates, candidates, decode_images_jacobi, generate_image_tokens_jacobi, verify
 from mars.text_tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -110,8 +110,9 @@ def test_each_code_comes_from_its_exact_context_and_images_do_not_depend_on_the_
                                                  return_logits=True)
     for b, prompt in enumerate(PROMPTS):
         torch.testing.assert_close(logits[b], exact_guided_logits(model, prompt, codes[b], 2.0), atol=1e-4, rtol=1e-4)
-        alone = generate_image_tokens_jacobi(model, [prompt], make_generators([5 + b]), n, sampling, 4)
+        alone, _, forwards = decode_images_jacobi(model, [prompt], make_generators([5 + b]), n, sampling, 4)
         assert torch.equal(alone[0], codes[b])
+        assert -(-(n - 1) // 5) <= forwards <= n - 1  # each forward yields 1 to window + 1 codes
     drawn = torch.topk(logits, 4, dim=-1).indices
     assert bool((drawn == codes[..., None]).any(-1).all())  # every code is one of its top 4
 
