@@ -11,8 +11,9 @@ modes run in turn in one process, so a machine whose speed drifts affects them a
 first the baseline "eager, model step" (the model's own forward for each decode step, as before
 `mars.model.cpu_decode.CPUImageStep`), then eager (`CPUImageStep` on the CPU) and compiled
 (`compile=True`), and with `--jacobi-window N ..` speculative Jacobi decoding with N drafts per
-forward (`mars.jacobi`; images of the same distribution, not the same images). After one warm-up call each (the compiled one includes compiling, reported
-apart) it prints the best and the median of `--repeats` runs, in wall and CPU seconds per image.
+forward (`mars.jacobi`; images of the same distribution, not the same images). After one warm-up
+call each (the compiled one includes compiling, reported apart) it prints the best and the median
+of `--repeats` runs, in wall and CPU seconds per image.
 
 One prompt's time depends on its image (with Jacobi decoding, on how many drafts it accepts):
 `--shapes-prompts N` instead times one image for each of N of the shapes benchmark's prompts
@@ -26,6 +27,7 @@ import argparse
 import contextlib
 import statistics
 import time
+from collections.abc import Callable
 from unittest import mock
 
 import torch
@@ -49,24 +51,25 @@ def model_step() -> contextlib.AbstractContextManager:
     return mock.patch.object(mars.generate, "uses_cpu_step", lambda model, cache: False)
 
 
-MODES = {  # name -> (compile, context, Jacobi window)
+Mode = tuple[bool, Callable[[], contextlib.AbstractContextManager], int]  # compile, context, Jacobi window
+MODES: dict[str, Mode] = {
     "eager, model step": (False, model_step, 0),
     "eager": (False, contextlib.nullcontext, 0),
     "compiled": (True, contextlib.nullcontext, 0),
 }
 
 
-def time_shapes_prompts(pipe: MarsPipeline, modes: list[str], count: int) -> None:
+def time_shapes_prompts(pipe: MarsPipeline, modes: dict[str, Mode], count: int) -> None:
     """One image per benchmark prompt (`count` of them, both languages), modes alternating."""
     items = [item for lang in ("en", "zh") for item in shapes_items(50, 0, (lang,))]
     step = max(len(items) // count, 1)
     chosen = items[::step][:count]
-    for mode in modes:  # warm-up
+    for mode in modes.values():  # warm-up
         run_mode(pipe, mode, [chosen[0].prompt], chosen[0].seed, 1)
-    walls: dict[str, list[float]] = {m: [] for m in modes}
+    walls: dict[str, list[float]] = {name: [] for name in modes}
     for item in chosen:
-        for mode in modes:
-            walls[mode].append(run_mode(pipe, mode, [item.prompt], item.seed, 1)[0])
+        for name, mode in modes.items():
+            walls[name].append(run_mode(pipe, mode, [item.prompt], item.seed, 1)[0])
     print("| mode | prompts | mean s / image (wall) | median | min | max |")
     print("|---|---|---|---|---|---|")
     for mode, times in walls.items():
@@ -74,9 +77,9 @@ def time_shapes_prompts(pipe: MarsPipeline, modes: list[str], count: int) -> Non
               f"{min(times):.3f} | {max(times):.3f} |", flush=True)
 
 
-def run_mode(pipe: MarsPipeline, mode: str, prompts: list[str], seed: int, draw_batch: int, **options):
+def run_mode(pipe: MarsPipeline, mode: Mode, prompts: list[str], seed: int, draw_batch: int, **options):
     """(wall, CPU) seconds of one `generate` call in `mode`."""
-    compile, context, window = MODES[mode]
+    compile, context, window = mode
     with context():
         return timed(lambda: pipe.generate(prompts, seed=seed, batch_size=draw_batch, compile=compile,
                                            jacobi_window=window, **options))
@@ -99,11 +102,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = MarsPipeline.from_pretrained(args.model)
-    for window in args.jacobi_window:
-        MODES[f"eager, Jacobi window {window}"] = (False, contextlib.nullcontext, window)
-    modes = [m for m in MODES if not (args.no_compile and MODES[m][0])]
-    if pipe.device.type != "cpu":
-        modes.remove("eager, model step")
+    jacobi = {f"eager, Jacobi window {window}": (False, contextlib.nullcontext, window)
+              for window in args.jacobi_window}
+    modes = {name: mode for name, mode in (MODES | jacobi).items()
+             if not (args.no_compile and mode[0]) and (pipe.device.type == "cpu" or name != "eager, model step")}
     judging = f", best of {args.rerank} ({pipe.rerank_settings(args.rerank_drawing_weight)})" if args.rerank > 1 else ""
     print(f"{args.model} on {pipe.device}, {args.threads} thread(s), torch {torch.__version__}, "
           f"sampling {pipe.sampling_settings()}{judging}")
@@ -116,9 +118,9 @@ def main() -> None:
     for batch in args.batch:
         prompts = [PROMPT] * batch
 
-        def run(mode: str, seed: int) -> tuple[float, float]:
+        def run(name: str, seed: int) -> tuple[float, float]:
             # with --rerank, a call draws its images' candidates together, as `mars generate` does
-            return run_mode(pipe, mode, prompts, seed, batch * args.rerank, **options)
+            return run_mode(pipe, modes[name], prompts, seed, batch * args.rerank, **options)
 
         first = {m: run(m, 0)[0] for m in modes}
         runs: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}

@@ -162,15 +162,16 @@ def decode_images_jacobi(model: SemVIE, prompts: list[list[int]], generators: li
                          return_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Codes (B, N) by speculative Jacobi decoding with `window` drafts per forward, every image at
     its own code; also, with `return_logits`, the guided logits each code was drawn from (B, N, K)
-    (else None), and the number of forwards. Image b draws every random number from generators[b], in an order that depends on
-    its own codes alone."""
+    (else None), and the number of forwards. Image b draws every random number from generators[b],
+    in an order that depends on its own codes alone."""
     B, N = len(prompts), num_tokens
     # a window may reach `window` slots past the last fed code (unused drafts of a nearly done image)
     step = WindowStep(model, prompts, sampling, negative_prompts, N - 1 + window)
     device = step.first.device
     codes = torch.zeros(B, N, dtype=torch.long, device=device)
     logits = torch.empty(B, N, step.first.shape[-1], device=device) if return_logits else None
-    guesses = [candidates(step.first[b : b + 1], sampling) for b in range(B)]  # what each image drafts from
+    first = candidates(step.first, sampling)
+    guesses = [first[b : b + 1] for b in range(B)]  # what each image's next codes are drafted from
     for b, generator in enumerate(generators):
         codes[b, 0] = draw(guesses[b][0], generator)
     if return_logits:

@@ -68,7 +68,7 @@ def test_candidates_are_what_sample_draws_among():
     for row, keep in zip(range(3), kept):  # the kept ones: softmax of logits / T over them alone
         values = logits[row, dist.ids[row, keep]] / 0.7
         torch.testing.assert_close(dist.probs[row, keep], values.softmax(-1))
-    drawn = torch.stack([sample(logits, 0.7, 5, 0.8, make_generators([7, 8, 9])) for _ in range(3)])
+    drawn = torch.stack([sample(logits, 0.7, 5, 0.8, make_generators(range(3 * r, 3 * r + 3))) for r in range(50)])
     assert all(bool(dist.prob_of(d).gt(0).all()) for d in drawn)
     greedy = candidates(logits, SampleConfig(temperature=0.0))
     assert torch.equal(greedy.ids[:, 0], logits.argmax(-1)) and bool((greedy.probs == 1).all())

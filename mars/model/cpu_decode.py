@@ -9,8 +9,8 @@ head) with less work per step:
 - the RMS norms' scales are folded into the products after them, the attention scale into the
   query rows, and the gate and up projections are stacked into one product;
 - RoPE tables and the padding mask are made once for every slot of the cache, not per step;
-- attention of one query per row is written out (two batched products and a softmax), which costs
-  a fraction of SDPA's general kernel at this size;
+- attention of a few queries per row (one code, or a window of them: `window`) is written out
+  (two batched products and a softmax), which costs a fraction of SDPA's general kernel at this size;
 - each product is one `mm` / `addmm` (bias and residual included) in the layout that is faster for
   few rows on this CPU (`WEIGHT_FIRST_ROWS`).
 
