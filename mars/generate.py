@@ -606,6 +606,12 @@ def caption_prefix(model: SemVIE, codes: torch.Tensor, instruction: list[int]) -
     return [vocab.boi_id, *ids, vocab.eoi_id, *instruction]
 
 
+def check_text_after_image(text_sampling: SampleConfig) -> None:
+    """Refuse guided text after a generated image: joint generation continues the prompt's rows alone."""
+    if text_sampling.guided:
+        raise MarsError("the text after a generated image is not guided: text_sampling needs cfg_scale 1")
+
+
 @torch.inference_mode()
 def generate_image_and_text(
     model: SemVIE,
@@ -626,8 +632,7 @@ def generate_image_and_text(
     unconditional rows are dropped once the image is done; the text continues from the prompt's rows.
     """
     _check_text_settings(model, eos_id, vocab_limit, max_new_tokens)
-    if text_sampling.guided:
-        raise MarsError("the text after a generated image is not guided: text_sampling needs cfg_scale 1")
+    check_text_after_image(text_sampling)
     vocab, B = model.vocab, len(prompts)
     # slots beyond the image: c_N and </img> are fed, then up to max_new_tokens - 1 text tokens
     codes, _, cache, slot = _decode_image(model, prompts, generators, num_tokens, sampling, True, compile,
@@ -646,6 +651,7 @@ __all__ = [
     "CaptionConfig",
     "SampleConfig",
     "caption_prefix",
+    "check_text_after_image",
     "generate_image_and_text",
     "generate_image_tokens",
     "generate_text",

@@ -37,8 +37,11 @@ from mars.errors import MarsError
 from mars.generate import (
     SampleConfig,
     cache_rows,
+    caption_prefix,
     check_negative_prompts,
     check_num_tokens,
+    check_text_after_image,
+    generate_text,
     guided_logits,
     image_rows,
     prefill,
@@ -229,3 +232,26 @@ def generate_image_tokens_jacobi(
     codes, logits, _ = decode_images_jacobi(model, prompts, generators, num_tokens, sampling, window,
                                             negative_prompts, progress, return_logits)
     return (codes, logits) if return_logits else codes
+
+
+@torch.inference_mode()
+def generate_image_and_text_jacobi(
+    model: SemVIE,
+    prompts: list[list[int]],
+    generators: list[torch.Generator],
+    num_tokens: int,
+    eos_id: int,
+    vocab_limit: int,
+    window: int,
+    max_new_tokens: int = 64,
+    sampling: SampleConfig = SampleConfig(),
+    text_sampling: SampleConfig = SampleConfig(temperature=0.0, cfg_scale=1.0),
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """`mars.generate.generate_image_and_text` with the image by speculative Jacobi decoding: codes
+    (B, num_tokens), then the text the model writes after `prompt <img> codes </img>` (one prefill
+    of that sequence, then one token per step), from the same generators."""
+    check_text_after_image(text_sampling)
+    codes = generate_image_tokens_jacobi(model, prompts, generators, num_tokens, sampling, window, progress)
+    prefixes = [list(prompt) + caption_prefix(model, codes[b], []) for b, prompt in enumerate(prompts)]
+    return codes, generate_text(model, prefixes, generators, eos_id, vocab_limit, max_new_tokens, text_sampling)

@@ -41,7 +41,7 @@ from mars.generate import (
     make_generators,
     with_given,
 )
-from mars.jacobi import check_jacobi_window, generate_image_tokens_jacobi
+from mars.jacobi import check_jacobi_window, generate_image_and_text_jacobi, generate_image_tokens_jacobi
 from mars.model.dtypes import DTYPE_NAMES, torch_dtype
 from mars.model.semvie import SemVIE
 from mars.model_dir import DEFAULT_MODEL, GENERATION_CONFIG, VQ_DIR, load_model_text_tokenizer, resolve_model_path
@@ -288,8 +288,11 @@ class MarsPipeline:
         text_temperature: float = 0.0,
         max_new_tokens: int = 64,
         image_size: int | None = None,
+        jacobi_window: int = 0,
     ) -> tuple[Image.Image, str]:
-        """Joint generation: an image for `prompt`, then the text the model writes after `</img>`."""
+        """Joint generation: an image for `prompt`, then the text the model writes after `</img>`.
+        `jacobi_window` > 0 draws the image by speculative Jacobi decoding (as in `generate`)."""
+        check_jacobi_window(jacobi_window)
         settings = self.sampling_settings(cfg_scale, top_k, top_p, temperature)
         sampling = SampleConfig(**settings)
         text_sampling = SampleConfig(temperature=text_temperature, top_k=settings["top_k"], top_p=settings["top_p"],
@@ -297,9 +300,13 @@ class MarsPipeline:
         grid = self._grid(image_size)
         _check_count("max_new_tokens", max_new_tokens)
         ids = self.encode_prompts([self.model_prompt(prompt)], grid * grid + max_new_tokens)
-        codes, texts = generate_image_and_text(
-            self.model, ids, make_generators([seed], self.device), grid * grid, self.tokenizer.eos_id,
-            self.tokenizer.vocab_size, max_new_tokens, sampling, text_sampling)
+        generators, eos, limit = make_generators([seed], self.device), self.tokenizer.eos_id, self.tokenizer.vocab_size
+        if jacobi_window:
+            codes, texts = generate_image_and_text_jacobi(self.model, ids, generators, grid * grid, eos, limit,
+                                                          jacobi_window, max_new_tokens, sampling, text_sampling)
+        else:
+            codes, texts = generate_image_and_text(self.model, ids, generators, grid * grid, eos, limit,
+                                                   max_new_tokens, sampling, text_sampling)
         return self.decode_codes(codes.view(-1, grid, grid))[0], self.tokenizer.decode(texts[0]).strip()
 
     @torch.inference_mode()

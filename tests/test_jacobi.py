@@ -9,6 +9,7 @@ import mars.jacobi
 from mars.errors import MarsError
 from mars.generate import (
     SampleConfig,
+    generate_image_and_text,
     generate_image_tokens,
     guide,
     image_rows,
@@ -17,7 +18,14 @@ from mars.generate import (
     sample,
     top_k_filter,
 )
-from mars.jacobi import Candidates, candidates, decode_images_jacobi, generate_image_tokens_jacobi, verify
+from mars.jacobi import (
+    Candidates,
+    candidates,
+    decode_images_jacobi,
+    generate_image_and_text_jacobi,
+    generate_image_tokens_jacobi,
+    verify,
+)
 from mars.text_tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -100,6 +108,22 @@ def test_short_images_and_unguided_decoding(tiny_builders, num_tokens):
         got = generate_image_tokens_jacobi(model, PROMPTS, make_generators([0, 1, 2]), num_tokens, greedy, 4)
         assert torch.equal(got, expected)
 
+
+
+@torch.no_grad()
+def test_joint_generation_with_a_window_is_the_same_image_and_text(tiny_builders):
+    """Greedy image and text: the image by Jacobi decoding, then the text from a prefill of the
+    whole sequence, equal code for code and token for token to the one-sequence decoding."""
+    model = tiny_builders.model()
+    greedy = SampleConfig(temperature=0.0, cfg_scale=2.0)
+    n, eos, limit = model.config.image_tokens, TOK.eos_id, TOK.vocab_size
+    expected = generate_image_and_text(model, PROMPTS, make_generators([0, 1, 2]), n, eos, limit, 8, greedy)
+    got = generate_image_and_text_jacobi(model, PROMPTS, make_generators([0, 1, 2]), n, eos, limit, 3, 8, greedy)
+    assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+    assert any(len(text) > 0 for text in got[1])
+    with pytest.raises(MarsError, match="not guided"):
+        generate_image_and_text_jacobi(model, PROMPTS, make_generators([0, 1, 2]), n, eos, limit, 3, 8, greedy,
+                                       text_sampling=SampleConfig(temperature=0.0, cfg_scale=2.0))
 
 @torch.no_grad()
 def test_each_code_comes_from_its_exact_context_and_images_do_not_depend_on_the_batch(tiny_builders):

@@ -71,6 +71,14 @@ def test_generate_with_text_gives_an_image_and_text(pipe):
     assert np.abs(pixels([image])[0] - pixels([same])[0]).max() <= 1
 
 
+def test_generate_with_text_by_jacobi_decoding(pipe):
+    image, text = pipe.generate_with_text("a red circle", seed=3, max_new_tokens=6, jacobi_window=3)
+    (same,) = pipe.generate("a red circle", seed=3, jacobi_window=3)
+    assert np.abs(pixels([image])[0] - pixels([same])[0]).max() <= 1 and isinstance(text, str)
+    with pytest.raises(MarsError, match="Jacobi window"):
+        pipe.generate_with_text("a red circle", jacobi_window=-1)
+
+
 def test_save_pretrained_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "copy")
     again = MarsPipeline.from_pretrained(tmp_path / "copy", device="cpu")
