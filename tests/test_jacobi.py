@@ -109,7 +109,6 @@ def test_short_images_and_unguided_decoding(tiny_builders, num_tokens):
         assert torch.equal(got, expected)
 
 
-
 @torch.no_grad()
 def test_joint_generation_with_a_window_is_the_same_image_and_text(tiny_builders):
     """Greedy image and text: the image by Jacobi decoding, then the text from a prefill of the

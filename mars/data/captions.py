@@ -372,7 +372,7 @@ def caption_pair(index: int, en: str, zh: str) -> str:
     so a language model trained on pairs carries that content in its hidden states. One trained on
     single captions does not: in MARS-Shapes a colour word helps to predict no later word, and such
     a model's states after its first layer hardly differ between "a red circle" and "a blue circle"
-    (docs/shapes-demo-experiments.md), which leaves a frozen language expert with nothing for the visual expert
-    to read.
+    (docs/shapes-demo-experiments.md), which leaves a frozen language expert with nothing for the
+    visual expert to read.
     """
     return f"{en} {zh}" if index % 2 == 0 else f"{zh} {en}"

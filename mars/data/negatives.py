@@ -20,7 +20,8 @@ it is the caller's job to choose words that do not occur inside other words (for
 
 Not every swap changes the meaning: in "a red circle and a red square" exchanging the shapes says
 the same thing. A list of groups is a property of the data; in MARS-Shapes such cases are a few
-percent of the two-object captions (docs/shapes-demo-experiments.md measures what the term gives anyway).
+percent of the two-object captions (docs/shapes-demo-experiments.md measures what the term gives
+anyway).
 """
 
 from __future__ import annotations
