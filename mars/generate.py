@@ -606,8 +606,12 @@ def caption_prefix(model: SemVIE, codes: torch.Tensor, instruction: list[int]) -
     return [vocab.boi_id, *ids, vocab.eoi_id, *instruction]
 
 
-def check_text_after_image(text_sampling: SampleConfig) -> None:
-    """Refuse guided text after a generated image: joint generation continues the prompt's rows alone."""
+def check_text_after_image(model: SemVIE, eos_id: int, vocab_limit: int, max_new_tokens: int,
+                           text_sampling: SampleConfig) -> None:
+    """Refuse, before any image is drawn, text settings joint generation cannot use: a tokenizer
+    that does not fit the model, no new tokens, or guided text (the text continues the prompt's
+    rows alone)."""
+    _check_text_settings(model, eos_id, vocab_limit, max_new_tokens)
     if text_sampling.guided:
         raise MarsError("the text after a generated image is not guided: text_sampling needs cfg_scale 1")
 
@@ -631,8 +635,7 @@ def generate_image_and_text(
     Returns the codes (B, N) and the text ids after `</img>` per prompt. With guidance, the
     unconditional rows are dropped once the image is done; the text continues from the prompt's rows.
     """
-    _check_text_settings(model, eos_id, vocab_limit, max_new_tokens)
-    check_text_after_image(text_sampling)
+    check_text_after_image(model, eos_id, vocab_limit, max_new_tokens, text_sampling)
     vocab, B = model.vocab, len(prompts)
     # slots beyond the image: c_N and </img> are fed, then up to max_new_tokens - 1 text tokens
     codes, _, cache, slot = _decode_image(model, prompts, generators, num_tokens, sampling, True, compile,

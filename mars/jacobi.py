@@ -251,7 +251,7 @@ def generate_image_and_text_jacobi(
     """`mars.generate.generate_image_and_text` with the image by speculative Jacobi decoding: codes
     (B, num_tokens), then the text the model writes after `prompt <img> codes </img>` (one prefill
     of that sequence, then one token per step), from the same generators."""
-    check_text_after_image(text_sampling)
+    check_text_after_image(model, eos_id, vocab_limit, max_new_tokens, text_sampling)
     codes = generate_image_tokens_jacobi(model, prompts, generators, num_tokens, sampling, window, progress)
     prefixes = [list(prompt) + caption_prefix(model, codes[b], []) for b, prompt in enumerate(prompts)]
     return codes, generate_text(model, prefixes, generators, eos_id, vocab_limit, max_new_tokens, text_sampling)

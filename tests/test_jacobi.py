@@ -120,9 +120,20 @@ def test_joint_generation_with_a_window_is_the_same_image_and_text(tiny_builders
     got = generate_image_and_text_jacobi(model, PROMPTS, make_generators([0, 1, 2]), n, eos, limit, 3, 8, greedy)
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
     assert any(len(text) > 0 for text in got[1])
+
+
+def test_joint_generation_refuses_bad_text_settings_before_drawing(tiny_builders, monkeypatch):
+    model = tiny_builders.model()
+    monkeypatch.setattr(mars.jacobi, "generate_image_tokens_jacobi", lambda *args, **kwargs: pytest.fail("drew"))
+    n, eos, limit, greedy = model.config.image_tokens, TOK.eos_id, TOK.vocab_size, SampleConfig(temperature=0.0)
+    generators = make_generators([0, 1, 2])
     with pytest.raises(MarsError, match="not guided"):
-        generate_image_and_text_jacobi(model, PROMPTS, make_generators([0, 1, 2]), n, eos, limit, 3, 8, greedy,
+        generate_image_and_text_jacobi(model, PROMPTS, generators, n, eos, limit, 3, 8, greedy,
                                        text_sampling=SampleConfig(temperature=0.0, cfg_scale=2.0))
+    with pytest.raises(MarsError, match="max_new_tokens"):
+        generate_image_and_text_jacobi(model, PROMPTS, generators, n, eos, limit, 3, 0, greedy)
+    with pytest.raises(MarsError, match="does not fit"):
+        generate_image_and_text_jacobi(model, PROMPTS, generators, n, eos, model.vocab.text_size + 1, 3, 8, greedy)
 
 @torch.no_grad()
 def test_each_code_comes_from_its_exact_context_and_images_do_not_depend_on_the_batch(tiny_builders):
