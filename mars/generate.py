@@ -33,7 +33,7 @@ import copy
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -629,22 +629,27 @@ def generate_image_and_text(
     text_sampling: SampleConfig = SampleConfig(temperature=0.0, cfg_scale=1.0),
     compile: bool = False,
     progress: bool = False,
+    instruction: Sequence[int] = (),
 ) -> tuple[torch.Tensor, list[list[int]]]:
-    """Joint generation: `prompt <img> c_1..c_N </img>` then text in the same sequence and cache.
+    """Joint generation: `prompt <img> c_1..c_N </img> instruction` then text in the same sequence
+    and cache.
 
-    Returns the codes (B, N) and the text ids after `</img>` per prompt. With guidance, the
-    unconditional rows are dropped once the image is done; the text continues from the prompt's rows.
+    `instruction` (text ids, default none) is read after `</img>` before the model writes, e.g.
+    the caption instruction, so the text says what the image shows. Returns the codes (B, N) and
+    the text ids written after it per prompt. With guidance, the unconditional rows are dropped
+    once the image is done; the text continues from the prompt's rows.
     """
     check_text_after_image(model, eos_id, vocab_limit, max_new_tokens, text_sampling)
     vocab, B = model.vocab, len(prompts)
-    # slots beyond the image: c_N and </img> are fed, then up to max_new_tokens - 1 text tokens
+    # slots beyond the image: c_N, </img> and the instruction are fed, then up to max_new_tokens - 1 text tokens
     codes, _, cache, slot = _decode_image(model, prompts, generators, num_tokens, sampling, True, compile,
-                                          compile, progress, False, extra_slots=max_new_tokens + 1)
+                                          compile, progress, False, extra_slots=len(instruction) + max_new_tokens + 1)
     cache = keep_rows(cache, B)
-    tail = torch.stack([codes[:, -1] + vocab.image_offset, torch.full_like(codes[:, -1], vocab.eoi_id)], dim=1)
-    positions = torch.arange(slot, slot + 2, device=codes.device)
-    hidden = model.forward_hidden(tail, True, positions, cache)[:, -1]  # c_N and </img> are visual
-    texts = _decode_text(model, cache, hidden, slot + 2, generators, text_sampling, eos_id, vocab_limit,
+    read = torch.tensor([vocab.eoi_id, *instruction], device=codes.device).expand(B, -1)  # (B, 1 + len(instruction))
+    tail = torch.cat([codes[:, -1:] + vocab.image_offset, read], dim=1)
+    positions = torch.arange(slot, slot + tail.shape[1], device=codes.device)
+    hidden = model.forward_hidden(tail, model.image_mask(tail), positions, cache)[:, -1]
+    texts = _decode_text(model, cache, hidden, slot + tail.shape[1], generators, text_sampling, eos_id, vocab_limit,
                          max_new_tokens)
     return codes, texts
 

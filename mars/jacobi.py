@@ -28,6 +28,7 @@ batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -247,11 +248,12 @@ def generate_image_and_text_jacobi(
     sampling: SampleConfig = SampleConfig(),
     text_sampling: SampleConfig = SampleConfig(temperature=0.0, cfg_scale=1.0),
     progress: bool = False,
+    instruction: Sequence[int] = (),
 ) -> tuple[torch.Tensor, list[list[int]]]:
     """`mars.generate.generate_image_and_text` with the image by speculative Jacobi decoding: codes
-    (B, num_tokens), then the text the model writes after `prompt <img> codes </img>` (one prefill
-    of that sequence, then one token per step), from the same generators."""
+    (B, num_tokens), then the text the model writes after `prompt <img> codes </img> instruction`
+    (one prefill of that sequence, then one token per step), from the same generators."""
     check_text_after_image(model, eos_id, vocab_limit, max_new_tokens, text_sampling)
     codes = generate_image_tokens_jacobi(model, prompts, generators, num_tokens, sampling, window, progress)
-    prefixes = [list(prompt) + caption_prefix(model, codes[b], []) for b, prompt in enumerate(prompts)]
+    prefixes = [list(prompt) + caption_prefix(model, codes[b], list(instruction)) for b, prompt in enumerate(prompts)]
     return codes, generate_text(model, prefixes, generators, eos_id, vocab_limit, max_new_tokens, text_sampling)

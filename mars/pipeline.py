@@ -289,9 +289,14 @@ class MarsPipeline:
         max_new_tokens: int = 64,
         image_size: int | None = None,
         jacobi_window: int = 0,
+        instruction: str | None = None,
     ) -> tuple[Image.Image, str]:
         """Joint generation: an image for `prompt`, then the text the model writes after `</img>`.
-        `jacobi_window` > 0 draws the image by speculative Jacobi decoding (as in `generate`)."""
+
+        `instruction` (default none) is read after `</img>` before the model writes: with the
+        caption instruction of the prompt's language (`CAPTION_INSTRUCTIONS[lang]`), the text is the
+        model's caption of the image it drew. `jacobi_window` > 0 draws the image by speculative
+        Jacobi decoding (as in `generate`)."""
         check_jacobi_window(jacobi_window)
         settings = self.sampling_settings(cfg_scale, top_k, top_p, temperature)
         sampling = SampleConfig(**settings)
@@ -299,14 +304,17 @@ class MarsPipeline:
                                      cfg_scale=1.0)
         grid = self._grid(image_size)
         _check_count("max_new_tokens", max_new_tokens)
-        ids = self.encode_prompts([self.model_prompt(prompt)], grid * grid + max_new_tokens)
+        read = ([] if instruction is None else  # room for the image, the text and a prompt of one token
+                self._encode_text(instruction, self._prompt_limit(grid * grid + max_new_tokens + 1), "instruction"))
+        ids = self.encode_prompts([self.model_prompt(prompt)], grid * grid + len(read) + max_new_tokens)
         generators, eos, limit = make_generators([seed], self.device), self.tokenizer.eos_id, self.tokenizer.vocab_size
         if jacobi_window:
             codes, texts = generate_image_and_text_jacobi(self.model, ids, generators, grid * grid, eos, limit,
-                                                          jacobi_window, max_new_tokens, sampling, text_sampling)
+                                                          jacobi_window, max_new_tokens, sampling, text_sampling,
+                                                          instruction=read)
         else:
             codes, texts = generate_image_and_text(self.model, ids, generators, grid * grid, eos, limit,
-                                                   max_new_tokens, sampling, text_sampling)
+                                                   max_new_tokens, sampling, text_sampling, instruction=read)
         return self.decode_codes(codes.view(-1, grid, grid))[0], self.tokenizer.decode(texts[0]).strip()
 
     @torch.inference_mode()

@@ -387,6 +387,25 @@ def test_joint_generation_writes_image_then_text(tiny_model):
         assert len(texts[b]) > 0
 
 
+
+def test_joint_generation_reads_an_instruction_before_writing(tiny_model):
+    """With an instruction, the text is what the model writes after `</img> instruction`, the
+    instruction's tokens read by the language expert in the same sequence."""
+    prompts, instruction = encode(PROMPTS[:2]), TOK.encode("Describe the image.")
+    vocab, eos, limit = tiny_model.vocab, TOK.eos_id, TOK.vocab_size
+    codes, texts = generate_image_and_text(tiny_model, prompts, make_generators([0, 1]), 16, eos, limit,
+                                           max_new_tokens=8, sampling=SampleConfig(cfg_scale=3.0),
+                                           instruction=instruction)
+    assert torch.equal(codes, generate_image_tokens(tiny_model, prompts, make_generators([0, 1]), 16,
+                                                    SampleConfig(cfg_scale=3.0)))
+    for b, prompt in enumerate(prompts):
+        prefix = prompt + caption_prefix(tiny_model, codes[b], instruction)
+        assert texts[b] == greedy_text_reference(tiny_model, prefix, eos, limit, 8)
+    without = generate_image_and_text(tiny_model, prompts, make_generators([0, 1]), 16, eos, limit,
+                                      max_new_tokens=8, sampling=SampleConfig(cfg_scale=3.0))[1]
+    assert texts != without  # the instruction is read, not ignored
+
+
 # --- compiled decoding and CUDA (off by default: `-m slow`, `-m gpu`) --------------------------
 
 

@@ -120,6 +120,12 @@ def test_joint_generation_with_a_window_is_the_same_image_and_text(tiny_builders
     got = generate_image_and_text_jacobi(model, PROMPTS, make_generators([0, 1, 2]), n, eos, limit, 3, 8, greedy)
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
     assert any(len(text) > 0 for text in got[1])
+    instruction = TOK.encode("Describe the image.")
+    expected = generate_image_and_text(model, PROMPTS, make_generators([0, 1, 2]), n, eos, limit, 8, greedy,
+                                       instruction=instruction)
+    got = generate_image_and_text_jacobi(model, PROMPTS, make_generators([0, 1, 2]), n, eos, limit, 3, 8, greedy,
+                                         instruction=instruction)
+    assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
 
 
 def test_joint_generation_refuses_bad_text_settings_before_drawing(tiny_builders, monkeypatch):

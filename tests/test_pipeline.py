@@ -9,7 +9,15 @@ from PIL import Image
 
 from mars import MarsPipeline
 from mars.errors import MarsError
-from mars.generate import CAPTION_INSTRUCTIONS, CaptionConfig, SampleConfig, caption_prefix, generate_text
+from mars.generate import (
+    CAPTION_INSTRUCTIONS,
+    CaptionConfig,
+    SampleConfig,
+    caption_prefix,
+    generate_image_and_text,
+    generate_text,
+    make_generators,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +77,24 @@ def test_generate_with_text_gives_an_image_and_text(pipe):
     assert image.size == (64, 64) and isinstance(text, str)
     (same,) = pipe.generate("a red circle", seed=3)
     assert np.abs(pixels([image])[0] - pixels([same])[0]).max() <= 1
+
+
+def test_generate_with_text_reads_an_instruction(pipe):
+    """The text is what joint generation writes after `</img>` and the instruction's tokens."""
+    image, text = pipe.generate_with_text("a red circle", seed=3, max_new_tokens=6,
+                                          instruction=CAPTION_INSTRUCTIONS["en"])
+    settings = pipe.sampling_settings()
+    ids = pipe.encode_prompts(["a red circle"], pipe.image_tokens(None))
+    _, texts = generate_image_and_text(pipe.model, ids, make_generators([3]), pipe.image_tokens(None),
+                                       pipe.tokenizer.eos_id, pipe.tokenizer.vocab_size, 6, SampleConfig(**settings),
+                                       SampleConfig(temperature=0.0, top_k=settings["top_k"], top_p=settings["top_p"],
+                                                    cfg_scale=1.0),
+                                       instruction=pipe.tokenizer.encode(CAPTION_INSTRUCTIONS["en"]))
+    assert text == pipe.tokenizer.decode(texts[0]).strip()
+    with pytest.raises(MarsError, match="instruction is empty"):
+        pipe.generate_with_text("a red circle", instruction=" ")
+    with pytest.raises(MarsError, match="instruction is too long"):
+        pipe.generate_with_text("a red circle", instruction="describe " * 200)
 
 
 def test_generate_with_text_by_jacobi_decoding(pipe):
