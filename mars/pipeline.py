@@ -293,10 +293,10 @@ class MarsPipeline:
     ) -> tuple[Image.Image, str]:
         """Joint generation: an image for `prompt`, then the text the model writes after `</img>`.
 
-        `instruction` (default none) is read after `</img>` before the model writes: with the
-        caption instruction of the prompt's language (`CAPTION_INSTRUCTIONS[lang]`), the text is the
-        model's caption of the image it drew. `jacobi_window` > 0 draws the image by speculative
-        Jacobi decoding (as in `generate`)."""
+        `instruction` (default none) is read after `</img>` before the model writes, e.g. the
+        caption instruction of the prompt's language (`CAPTION_INSTRUCTIONS[lang]`), so the text is
+        about the image it drew (how well depends on the model's training: README). `jacobi_window`
+        > 0 draws the image by speculative Jacobi decoding (as in `generate`)."""
         check_jacobi_window(jacobi_window)
         settings = self.sampling_settings(cfg_scale, top_k, top_p, temperature)
         sampling = SampleConfig(**settings)
