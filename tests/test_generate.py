@@ -387,7 +387,6 @@ def test_joint_generation_writes_image_then_text(tiny_model):
         assert len(texts[b]) > 0
 
 
-
 def test_joint_generation_reads_an_instruction_before_writing(tiny_model):
     """With an instruction, the text is what the model writes after `</img> instruction`, the
     instruction's tokens read by the language expert in the same sequence."""

@@ -141,6 +141,7 @@ def test_joint_generation_refuses_bad_text_settings_before_drawing(tiny_builders
     with pytest.raises(MarsError, match="does not fit"):
         generate_image_and_text_jacobi(model, PROMPTS, generators, n, eos, model.vocab.text_size + 1, 3, 8, greedy)
 
+
 @torch.no_grad()
 def test_each_code_comes_from_its_exact_context_and_images_do_not_depend_on_the_batch(tiny_builders):
     model = tiny_builders.model()

@@ -81,8 +81,8 @@ def test_generate_with_text_gives_an_image_and_text(pipe):
 
 def test_generate_with_text_reads_an_instruction(pipe):
     """The text is what joint generation writes after `</img>` and the instruction's tokens."""
-    image, text = pipe.generate_with_text("a red circle", seed=3, max_new_tokens=6,
-                                          instruction=CAPTION_INSTRUCTIONS["en"])
+    _, text = pipe.generate_with_text("a red circle", seed=3, max_new_tokens=6, instruction=CAPTION_INSTRUCTIONS["en"])
+    assert text != pipe.generate_with_text("a red circle", seed=3, max_new_tokens=6)[1]  # the instruction is read
     settings = pipe.sampling_settings()
     ids = pipe.encode_prompts(["a red circle"], pipe.image_tokens(None))
     _, texts = generate_image_and_text(pipe.model, ids, make_generators([3]), pipe.image_tokens(None),
